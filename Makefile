@@ -1,0 +1,26 @@
+# Two entry points on a fresh machine: `make demo` and `make test`. Both build .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TEST_WORKERS ?= 2
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml setup.py requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fused-ft demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n $(TEST_WORKERS) tests
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only -p no:xdist
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,123 @@
+"""Argument checks shared by every optimizer, so that all errors read the same way.
+
+Every message names the argument and the offending value (``Invalid lr: -0.1 (must be >= 0)``);
+tests match these messages by regex. Checks never mutate anything, so a failed check leaves the
+optimizer exactly as it was.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+__all__ = ["Rule", "check_group", "check_params", "scalar_value"]
+
+
+def scalar_value(value: Any) -> float:
+    """A hyperparameter as a Python float (a 1-element tensor lr is read once, here)."""
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().reshape(()).cpu())
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one hyperparameter accepts.
+
+    ``low``/``high`` bound the value (``high_open`` makes the upper bound exclusive, as for betas);
+    ``kind`` is ``"number"``, ``"bool"``, ``"optional_bool"``, ``"pair"`` (two numbers, e.g. betas) or
+    ``"optional_number"`` (None allowed, e.g. LAMB's max_grad_norm); ``tensor_ok`` allows a
+    1-element tensor (torch accepts a tensor lr).
+    """
+
+    kind: str = "number"
+    low: float | None = None
+    high: float | None = None
+    high_open: bool = False
+    tensor_ok: bool = False
+
+    def check(self, name: str, value: Any) -> None:
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise TypeError(f"Invalid {name}: {value!r} (must be a bool)")
+            return
+        if self.kind == "optional_bool":
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"Invalid {name}: {value!r} (must be None or a bool)")
+            return
+        if self.kind == "optional_number" and value is None:
+            return
+        if self.kind == "pair":
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise ValueError(f"Invalid {name}: {value!r} (must be a pair of numbers)")
+            for i, v in enumerate(value):
+                self._check_number(f"{name}[{i}]", v)
+            return
+        self._check_number(name, value)
+
+    def _check_number(self, name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if not self.tensor_ok:
+                raise TypeError(f"Invalid {name}: {value!r} (must be a float, not a Tensor)")
+            if value.numel() != 1:
+                raise ValueError(f"Invalid {name}: tensor with {value.numel()} elements (must be 1-element)")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"Invalid {name}: {value!r} (must be a number)")
+        x = scalar_value(value)
+        shown = repr(value) if isinstance(value, torch.Tensor) else value  # f-strings print 0-dim tensors as floats
+        if math.isnan(x):
+            raise ValueError(f"Invalid {name}: {shown} (must not be NaN)")
+        if self.low is not None and x < self.low:
+            raise ValueError(f"Invalid {name}: {shown} (must be >= {self.low:g})")
+        if self.high is not None and (x >= self.high if self.high_open else x > self.high):
+            op = "<" if self.high_open else "<="
+            raise ValueError(f"Invalid {name}: {shown} (must be {op} {self.high:g})")
+
+
+NONNEG = Rule(low=0.0)
+LR = Rule(low=0.0, tensor_ok=True)
+BOOL = Rule(kind="bool")
+OPTIONAL_BOOL = Rule(kind="optional_bool")
+BETAS = Rule(kind="pair", low=0.0, high=1.0, high_open=True)
+ANY_NUMBER = Rule()
+
+
+def check_group(
+    group: Mapping[str, Any],
+    rules: Mapping[str, Rule],
+    cross_checks: Sequence[Callable[[Mapping[str, Any]], None]] = (),
+) -> None:
+    """Check every hyperparameter of a param group (or of the defaults) against its rule."""
+    for name, rule in rules.items():
+        if name in group:
+            rule.check(name, group[name])
+    for cross in cross_checks:
+        cross(group)
+
+
+def check_params(params: Iterable[torch.Tensor], seen: set[int], group_index: int) -> None:
+    """Refuse what torch.optim would silently accept or fail on later in ``step()``.
+
+    ``seen`` holds the ids of parameters already in earlier groups; it is only read here, the
+    caller adds to it once the whole group passed, so a refused group leaves nothing behind.
+    """
+    params = list(params)
+    if not params:
+        raise ValueError(f"Invalid params: group {group_index} is an empty parameter list")
+    ids: set[int] = set()
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"Invalid params: group {group_index} item {i} is {type(p).__name__}, not a Tensor")
+        if not (p.is_floating_point()):
+            raise TypeError(
+                f"Invalid params: group {group_index} item {i} has dtype {p.dtype} "
+                "(only floating-point parameters can be optimized)"
+            )
+        if id(p) in seen or id(p) in ids:
+            raise ValueError(
+                f"Invalid params: group {group_index} item {i} (shape {tuple(p.shape)}) "
+                "appears in more than one place; each parameter may belong to one group once"
+            )
+        ids.add(id(p))

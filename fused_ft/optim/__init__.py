@@ -1,0 +1,7 @@
+"""fused_ft's optimizers: one module per family (class, functional, reference implementation)."""
+from fused_ft.optim.adamw import AdamW
+from fused_ft.optim.lamb import LAMB
+from fused_ft.optim.lars import LARS
+from fused_ft.optim.sgd import SGD
+
+__all__ = ["SGD", "AdamW", "LARS", "LAMB"]

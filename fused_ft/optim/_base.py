@@ -1,0 +1,197 @@
+"""What every fused_ft optimizer shares: frozen groups, two-phase steps, backend dispatch.
+
+A step runs in two phases. The plan phase checks every group (hyperparameters, gradients,
+backend) and touches nothing; only when all groups pass does the update phase create state and
+change parameters. So a step that raises leaves parameters and state exactly as they were.
+
+Frozen groups (``frozen=True``) are skipped before anything else: no launch, no state (zero
+bytes, not zero-filled tensors), no gradient needed. Turning ``frozen`` off later (gradual
+unfreezing) creates their state lazily on the next step, as for a new parameter.
+
+Parameters in bf16/fp16 keep their optimizer state in fp32 and every backend does its math in
+fp32, storing the parameter once (the "fp32 math, one final store" rule of optimi/apex).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+
+import torch
+from torch.optim import Optimizer
+
+from fused_ft import _dispatch
+from fused_ft._validation import BOOL, OPTIONAL_BOOL, Rule, check_group, check_params
+
+__all__ = ["FusedOptimizer", "GroupPlan", "LOW_PRECISION", "state_dtype", "new_state"]
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# Arguments that select torch's own implementations; shared by every optimizer's rules.
+IMPLEMENTATION_RULES: Mapping[str, Rule] = {
+    "frozen": BOOL,
+    "foreach": OPTIONAL_BOOL,
+    "fused": OPTIONAL_BOOL,
+    "differentiable": BOOL,
+    "capturable": BOOL,
+}
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """Optimizer state is fp32 for low-precision parameters, the parameter's dtype otherwise."""
+    return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
+
+
+def new_state(param: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+
+
+def check_implementation_flags(group: Mapping[str, Any]) -> None:
+    """torch's implementation switches, accepted where they mean something for fused_ft."""
+    if group.get("differentiable"):
+        raise ValueError(
+            "Invalid differentiable: True (fused_ft updates parameters in place outside autograd; "
+            "use the torch.optim optimizer for differentiable=True)"
+        )
+    if group.get("capturable"):
+        raise ValueError(
+            "Invalid capturable: True (fused_ft does not support CUDA graph capture yet; "
+            "use torch.optim with capturable=True)"
+        )
+    if group.get("fused") and group.get("foreach"):
+        raise ValueError("Invalid fused=True with foreach=True: choose one")
+
+
+@dataclass
+class GroupPlan:
+    """One param group's share of a step, on one device, checked and ready to run."""
+
+    group: dict
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    backend: str
+    update: Callable[..., None]
+
+
+class FusedOptimizer(Optimizer):
+    """Base of fused_ft.SGD, AdamW, LARS and LAMB (see those for the math)."""
+
+    _NAME: ClassVar[str]  # the key into fused_ft.specs.OPTIMIZERS and the backend modules
+    _RULES: ClassVar[Mapping[str, Rule]]
+    _CROSS_CHECKS: ClassVar[Sequence[Callable[[Mapping[str, Any]], None]]] = ()
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], *, backend: str = "auto") -> None:
+        self.backend = _dispatch.check_backend_name(backend)
+        defaults = {**defaults, "frozen": False}
+        self._check_hyperparameters(defaults)
+        if isinstance(params, torch.Tensor):
+            raise TypeError(
+                f"Invalid params: a single Tensor of shape {tuple(params.shape)} "
+                "(pass an iterable of Tensors or of param-group dicts)"
+            )
+        params = list(params)
+        if not params:
+            raise ValueError("Invalid params: empty parameter list")
+        super().__init__(params, defaults)
+
+    # -- groups ---------------------------------------------------------------------------------
+    def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
+        check_group(group, {**IMPLEMENTATION_RULES, **self._RULES}, (check_implementation_flags, *self._CROSS_CHECKS))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as torch.optim does; the whole group is checked before anything is added."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"Invalid param_group: {type(param_group).__name__} (must be a dict)")
+        params = param_group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set) or params is None:
+            raise TypeError(f"Invalid params: {type(params).__name__} (must be an ordered iterable of Tensors)")
+        params = list(params)
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        check_params(tensors, seen, len(self.param_groups))
+        self._check_hyperparameters({**self.defaults, **param_group})
+        super().add_param_group({**param_group, "params": params})
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults, state and groups; the backend choice travels too
+        return {**super().__getstate__(), "backend": self.backend}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # called by unpickling (with "backend") and by load_state_dict (without: keep ours)
+        state = dict(state)
+        self.backend = state.pop("backend", getattr(self, "backend", "auto"))
+        super().__setstate__(state)
+        # State dicts from torch.optim/timm lack fused_ft's own keys (frozen, ...): use the defaults.
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts loaded state to the parameter's dtype; fused_ft keeps low-precision params' state in fp32.
+        for p, p_state in self.state.items():
+            if p.dtype in LOW_PRECISION:
+                for key, value in p_state.items():
+                    if torch.is_tensor(value) and value.is_floating_point() and key != "step":
+                        p_state[key] = value.float()
+
+    # -- step -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform a single optimization step.
+
+        Args:
+            closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plans = [plan for index, group in enumerate(self.param_groups) if not group["frozen"]
+                 for plan in self._plan_group(index, group)]
+        self._before_updates(plans)
+        for plan in plans:
+            self._update_group(plan)
+        return loss
+
+    def _plan_group(self, index: int, group: dict) -> list[GroupPlan]:
+        self._check_hyperparameters(group)
+        by_device: dict[torch.device, tuple[list, list]] = {}
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            where = f"group {index} param {i} (shape {tuple(p.shape)})"
+            if g.is_sparse:
+                raise ValueError(
+                    f"Invalid grad: {where} has a sparse gradient; fused_ft optimizers need dense "
+                    "gradients (torch.optim.SparseAdam handles sparse ones)"
+                )
+            if g.shape != p.shape or g.device != p.device or not g.is_floating_point():
+                raise ValueError(
+                    f"Invalid grad: {where} has a gradient of shape {tuple(g.shape)}, dtype {g.dtype} "
+                    f"on {g.device}; it must be a floating-point tensor shaped and placed like its parameter"
+                )
+            params, grads = by_device.setdefault(p.device, ([], []))
+            params.append(p)
+            grads.append(g)
+        if not by_device:
+            by_device[torch.device("cpu")] = ([], [])  # groups without grads still tick (LAMB's step)
+        plans = []
+        for device, (params, grads) in by_device.items():
+            name, update = _dispatch.resolve(self.backend, self._NAME, device, group)
+            if group.get("fused") and name == "reference":
+                raise _dispatch.BackendUnavailableError(
+                    f"fused=True needs a fused kernel backend, but group {index} on {device} would run "
+                    f"the reference backend (backend={self.backend!r}); install the C++ extension or "
+                    "triton, or pass fused=None"
+                )
+            plans.append(GroupPlan(group, params, grads, name, update))
+        return plans
+
+    def _before_updates(self, plans: list[GroupPlan]) -> None:
+        """Hook for work that spans groups (LAMB's global gradient clipping)."""
+
+    def _update_group(self, plan: GroupPlan) -> None:
+        raise NotImplementedError

@@ -1,0 +1,243 @@
+"""LAMB (You et al. 2020), NVLamb variant with global gradient clipping: timm.optim.Lamb semantics.
+
+Compared with SGD (freeze-embed) in the paper's Table 5. Gradients are first divided by
+``max(1, ||g||_global / max_grad_norm)`` over every (non-frozen) group; the trust ratio applies
+per tensor where weight decay is non-zero or ``always_adapt`` is set.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from fused_ft._validation import BETAS, BOOL, LR, NONNEG, Rule, scalar_value
+from fused_ft.optim import _fp32
+from fused_ft.optim._base import FusedOptimizer, GroupPlan, new_state
+
+__all__ = ["LAMB", "lamb", "lamb_trust_ratio"]
+
+
+def _check_max_grad_norm(group) -> None:
+    value = group.get("max_grad_norm")
+    if value is not None and value <= 0:
+        raise ValueError(f"Invalid max_grad_norm: {value} (must be > 0, or None to disable clipping)")
+
+
+def _check_corrected_decay(group) -> None:
+    if group.get("corrected_weight_decay") and scalar_value(group["lr"]) <= 0:
+        raise ValueError(
+            f"Invalid corrected_weight_decay=True with lr={group['lr']} (needs the peak lr > 0, used as max lr)"
+        )
+
+
+class LAMB(FusedOptimizer):
+    r"""LAMB: a drop-in for ``timm.optim.Lamb``.
+
+    With :math:`c = \max(1, \|g\|_{\text{global}}/\text{max\_grad\_norm})` and :math:`g \leftarrow g / c`,
+    for each tensor at group step :math:`t`:
+
+    .. math::
+        m &\leftarrow \beta_1 m + \beta_3 g \quad (\beta_3 = 1-\beta_1 \text{ if grad\_averaging, else } 1) \\
+        v &\leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        u &= \frac{m / (1-\beta_1^t)}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon} + \lambda\theta
+            \quad (\text{or } \theta \leftarrow \theta(1 - \gamma\lambda) \text{ if decoupled\_decay}) \\
+        r &= \|\theta\| / \|u\| \text{ (1 if either is 0; } \min(r, 1) \text{ if trust\_clip)} \\
+        \theta &\leftarrow \theta - \gamma\, r\, u
+
+    Bias correction uses the group's step count (``group["step"]``, as timm stores it).
+
+    Args:
+        params: iterable of parameters or of param-group dicts; a group may set ``frozen=True``.
+        lr (float or Tensor): learning rate :math:`\gamma` (default: 1e-3).
+        bias_correction (bool): divide by :math:`1-\beta^t` (default: True).
+        betas (tuple[float, float]): :math:`(\beta_1, \beta_2)` (default: (0.9, 0.999)).
+        eps (float): :math:`\epsilon` (default: 1e-6).
+        weight_decay (float): :math:`\lambda` (default: 0.01).
+        grad_averaging (bool): :math:`\beta_3 = 1-\beta_1` rather than 1 (default: True).
+        max_grad_norm (float, optional): global gradient clipping norm; None disables (default: 1.0).
+        trust_clip (bool): clip the trust ratio at 1 (LAMBC) (default: False).
+        always_adapt (bool): apply the trust ratio also where weight decay is 0 (default: False).
+        caution (bool): cautious update mask (reference backend only) (default: False).
+        decoupled_decay (bool): decoupled weight decay (default: False).
+        corrected_weight_decay (bool): scale decoupled decay by ``lr**2 / max_lr`` (default: False).
+        foreach (bool, optional): accepted for compatibility with timm.
+        backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
+
+    Example:
+        >>> import torch, fused_ft
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fused_ft.LAMB(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 4)).sum().backward()
+        >>> opt.step()
+    """
+
+    _NAME = "lamb"
+    _RULES = {
+        "lr": LR, "bias_correction": BOOL, "betas": BETAS, "eps": NONNEG, "weight_decay": NONNEG,
+        "grad_averaging": BOOL, "max_grad_norm": Rule(kind="optional_number", low=0.0), "trust_clip": BOOL,
+        "always_adapt": BOOL, "caution": BOOL, "decoupled_decay": BOOL, "corrected_weight_decay": BOOL,
+    }
+    _CROSS_CHECKS = (_check_max_grad_norm, _check_corrected_decay)
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | torch.Tensor = 1e-3,
+        bias_correction: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        grad_averaging: bool = True,
+        max_grad_norm: float | None = 1.0,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+        caution: bool = False,
+        decoupled_decay: bool = False,
+        corrected_weight_decay: bool = False,
+        foreach: bool | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
+            grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, trust_clip=trust_clip,
+            always_adapt=always_adapt, caution=caution, decoupled_decay=decoupled_decay,
+            corrected_weight_decay=corrected_weight_decay, foreach=foreach,
+        )
+        # checked before the snapshot is taken, so a bad lr reads "Invalid lr", not a float() error
+        self._check_hyperparameters(defaults)
+        # timm's key: the constructor lr, the max lr of corrected weight decay (lr**2 / max_lr)
+        defaults["max_lr_snapshot"] = scalar_value(lr)
+        self._clip_divisor: torch.Tensor | None = None
+        super().__init__(params, defaults, backend=backend)
+
+    def _before_updates(self, plans: list[GroupPlan]) -> None:
+        # timm reads max_grad_norm from the defaults and clips over all groups together
+        self._clip_divisor = global_clip_divisor(
+            [g for plan in plans for g in plan.grads], self.defaults["max_grad_norm"]
+        )
+        # every non-frozen group ticks once per step, with or without gradients, as in timm
+        for group in {id(plan.group): plan.group for plan in plans}.values():
+            if "step" not in group:
+                group["step"] = torch.tensor(0.0, dtype=torch.float32)
+            group["step"].add_(1)
+
+    def _update_group(self, plan: GroupPlan) -> None:
+        group = plan.group
+        if not plan.params:
+            return
+        exp_avgs, exp_avg_sqs = [], []
+        for p in plan.params:
+            state = self.state[p]
+            if not state:
+                state["exp_avg"] = new_state(p)
+                state["exp_avg_sq"] = new_state(p)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+        beta1, beta2 = group["betas"]
+        step = group["step"].item()
+        bias_correction1, bias_correction2 = (
+            (1 - beta1**step, 1 - beta2**step) if group["bias_correction"] else (1.0, 1.0)
+        )
+        corrected = group["decoupled_decay"] and group["corrected_weight_decay"]
+        lamb(
+            plan.params, plan.grads, exp_avgs, exp_avg_sqs, update=plan.update,
+            clip_divisor=self._clip_divisor, lr=group["lr"], beta1=beta1, beta2=beta2,
+            beta3=1 - beta1 if group["grad_averaging"] else 1.0,
+            bias_correction1=bias_correction1, bias_correction2=bias_correction2, eps=group["eps"],
+            weight_decay=group["weight_decay"], decoupled_decay=group["decoupled_decay"],
+            max_lr=group["max_lr_snapshot"] if corrected else None, trust_clip=group["trust_clip"],
+            always_adapt=group["always_adapt"], caution=group["caution"],
+        )
+
+
+def global_clip_divisor(grads: list[torch.Tensor], max_grad_norm: float | None) -> torch.Tensor | None:
+    """``max(1, ||grads||_2 / max_grad_norm)`` over all gradients (fp32), or None when clipping is off."""
+    if max_grad_norm is None or not grads:
+        return None
+    norms = torch._foreach_norm(_fp32.upcast(grads))
+    return (torch.linalg.vector_norm(torch.stack(norms)) / max_grad_norm).clamp_(min=1.0)
+
+
+def lamb_trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, *, trust_clip: bool) -> torch.Tensor:
+    """Per-tensor LAMB ratios from stacked weight and update norms (1 where either norm is 0)."""
+    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+    return torch.clamp(ratio, max=1.0) if trust_clip else ratio
+
+
+@torch.no_grad()
+def lamb(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    *,
+    clip_divisor: torch.Tensor | None,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_decay: bool,
+    max_lr: float | None,
+    trust_clip: bool,
+    always_adapt: bool,
+    caution: bool = False,
+    update: Any = None,
+) -> None:
+    """Functional LAMB over one group's tensors; see :class:`LAMB`. ``clip_divisor`` is
+    :func:`global_clip_divisor` over all groups (None: no clipping)."""
+    lr = scalar_value(lr)
+    # the decoupled decay factor, resolved here once so that no backend restates timm's rule
+    decay = 0.0
+    if weight_decay != 0 and decoupled_decay:
+        decay = (lr if max_lr is None else lr**2 / max_lr) * weight_decay
+    (update or _reference_lamb)(
+        params, grads, exp_avgs, exp_avg_sqs, clip_divisor=clip_divisor, lr=lr, beta1=float(beta1),
+        beta2=float(beta2), beta3=float(beta3), bias_correction1=float(bias_correction1),
+        bias_correction2=float(bias_correction2), eps=float(eps),
+        weight_decay=0.0 if decoupled_decay else float(weight_decay), decoupled_decay_factor=decay,
+        adapt=weight_decay != 0 or always_adapt, trust_clip=trust_clip, caution=caution,
+    )
+
+
+def _reference_lamb(
+    params, grads, exp_avgs, exp_avg_sqs, *, clip_divisor, lr, beta1, beta2, beta3, bias_correction1,
+    bias_correction2, eps, weight_decay, decoupled_decay_factor, adapt, trust_clip, caution,
+):
+    if not params:
+        return
+    work = _fp32.upcast(params)
+    g = _fp32.upcast(grads)
+    if clip_divisor is not None:
+        g = [x / clip_divisor for x in g]  # new tensors: p.grad stays untouched
+    if beta3 == 1 - beta1:
+        torch._foreach_lerp_(exp_avgs, g, beta3)
+    else:
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, g, alpha=beta3)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2**0.5)
+    torch._foreach_add_(denom, eps)
+    updates = torch._foreach_div(exp_avgs, bias_correction1)
+    torch._foreach_div_(updates, denom)
+    if caution:
+        for u, grad in zip(updates, g):
+            mask = (u * grad > 0).to(grad.dtype)
+            u.mul_(mask / mask.mean().clamp_(min=1e-3))
+    if decoupled_decay_factor != 0:
+        torch._foreach_add_(work, work, alpha=-decoupled_decay_factor)
+    elif weight_decay != 0:
+        torch._foreach_add_(updates, work, alpha=weight_decay)
+    if adapt:
+        ratios = lamb_trust_ratio(
+            torch.stack(torch._foreach_norm(work)), torch.stack(torch._foreach_norm(updates)), trust_clip=trust_clip
+        )
+        torch._foreach_mul_(updates, list(ratios.unbind(0)))
+    torch._foreach_add_(work, updates, alpha=-lr)
+    _fp32.store(params, work)

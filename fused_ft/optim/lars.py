@@ -1,0 +1,151 @@
+"""LARS / LARC (You et al. 2017): SGD with a layer-wise trust ratio; timm.optim.Lars semantics.
+
+Compared with SGD (freeze-embed) in the paper's Table 5. The trust ratio is computed per tensor
+and only where weight decay is non-zero or ``always_adapt`` is set: timm's rule, which leaves
+biases and norms (usually put in a no-weight-decay group) unadapted.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG
+from fused_ft.optim import _fp32
+from fused_ft.optim._base import FusedOptimizer, GroupPlan
+from fused_ft.optim.sgd import _check_nesterov
+
+__all__ = ["LARS", "lars", "lars_trust_ratio"]
+
+
+class LARS(FusedOptimizer):
+    r"""LARS / LARC: a drop-in for ``timm.optim.Lars``.
+
+    For each parameter tensor :math:`\theta` with gradient :math:`g`, where adaptation applies
+    (``weight_decay != 0`` or ``always_adapt``):
+
+    .. math::
+        r &= \eta \frac{\|\theta\|}{\|g\| + \lambda\|\theta\| + \epsilon}
+            \text{ (1 if } \|\theta\| = 0 \text{ or } \|g\| = 0\text{)},
+            \quad r \leftarrow \min(r/\gamma, 1) \text{ if trust\_clip} \\
+        g &\leftarrow r\,(g + \lambda\theta)
+
+    then the SGD momentum update of :class:`fused_ft.SGD` with learning rate :math:`\gamma`.
+
+    Args:
+        params: iterable of parameters or of param-group dicts; a group may set ``frozen=True``.
+        lr (float or Tensor): learning rate :math:`\gamma` (default: 1.0).
+        momentum (float): momentum factor (default: 0).
+        dampening (float): dampening for momentum (default: 0).
+        weight_decay (float): weight decay :math:`\lambda` (default: 0).
+        nesterov (bool): Nesterov momentum (default: False).
+        trust_coeff (float): trust coefficient :math:`\eta` (default: 0.001).
+        eps (float): :math:`\epsilon` in the trust-ratio denominator (default: 1e-8).
+        trust_clip (bool): LARC clipping of the ratio (default: False).
+        always_adapt (bool): adapt also where weight decay is 0 (default: False).
+        foreach (bool, optional): accepted for compatibility with timm.
+        backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
+
+    Example:
+        >>> import torch, fused_ft
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fused_ft.LARS(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        >>> model(torch.randn(8, 4)).sum().backward()
+        >>> opt.step()
+    """
+
+    _NAME = "lars"
+    _RULES = {
+        "lr": LR, "momentum": NONNEG, "dampening": ANY_NUMBER, "weight_decay": NONNEG, "nesterov": BOOL,
+        "trust_coeff": NONNEG, "eps": NONNEG, "trust_clip": BOOL, "always_adapt": BOOL,
+    }
+    _CROSS_CHECKS = (_check_nesterov,)
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | torch.Tensor = 1.0,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        trust_coeff: float = 0.001,
+        eps: float = 1e-8,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+        foreach: bool | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt, foreach=foreach,
+        )
+        super().__init__(params, defaults, backend=backend)
+
+    def _update_group(self, plan: GroupPlan) -> None:
+        group = plan.group
+        has_momentum = group["momentum"] != 0
+        buffers = [self.state[p].get("momentum_buffer") for p in plan.params] if has_momentum else []
+        lars(
+            plan.params, plan.grads, buffers, update=plan.update,
+            **{k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coeff",
+                                     "eps", "trust_clip", "always_adapt")},
+        )
+        for p, buf in zip(plan.params, buffers):
+            self.state[p]["momentum_buffer"] = buf
+
+
+@torch.no_grad()
+def lars(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor | None],
+    *,
+    lr: float | torch.Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    trust_coeff: float,
+    eps: float,
+    trust_clip: bool,
+    always_adapt: bool,
+    update: Any = None,
+) -> None:
+    """Functional LARS over lists of tensors; see :class:`LARS`."""
+    (update or _reference_lars)(
+        params, grads, momentum_buffers, lr=float(lr), momentum=float(momentum), dampening=float(dampening),
+        weight_decay=float(weight_decay), nesterov=nesterov, trust_coeff=float(trust_coeff), eps=float(eps),
+        trust_clip=trust_clip, always_adapt=always_adapt,
+    )
+
+
+def lars_trust_ratio(w_norm, g_norm, *, trust_coeff, weight_decay, eps, trust_clip, lr):
+    """Per-tensor LARS ratios from stacked weight and gradient norms (1 where either norm is 0)."""
+    ratio = trust_coeff * w_norm / (g_norm + w_norm * weight_decay + eps)
+    ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+    return torch.clamp(ratio / lr, max=1.0) if trust_clip else ratio
+
+
+def _reference_lars(
+    params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps,
+    trust_clip, always_adapt,
+):
+    if not params:
+        return
+    work = _fp32.upcast(params)
+    g = _fp32.upcast(grads)
+    if weight_decay != 0 or always_adapt:
+        ratios = lars_trust_ratio(
+            torch.stack(torch._foreach_norm(work)), torch.stack(torch._foreach_norm(g)),
+            trust_coeff=trust_coeff, weight_decay=weight_decay, eps=eps, trust_clip=trust_clip, lr=lr,
+        )
+        g = torch._foreach_add(g, work, alpha=weight_decay)  # a new list: p.grad stays untouched
+        torch._foreach_mul_(g, list(ratios.unbind(0)))
+    from fused_ft.optim.sgd import _reference_sgd
+
+    # what remains is exactly SGD's momentum update, with no further weight decay
+    _reference_sgd(work, g, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening, weight_decay=0.0,
+                   nesterov=nesterov, maximize=False)
+    _fp32.store(params, work)

@@ -1,0 +1,149 @@
+"""SGD with momentum, dampening, Nesterov, weight decay and maximize (torch.optim.SGD semantics).
+
+The paper's main optimizer (Kumar et al., "How to Fine-Tune Vision Models with SGD", Appendix A):
+momentum 0.9, no weight decay, no dampening, no Nesterov; "SGD (no momentum)" is ``momentum=0``,
+which keeps no state at all.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG, Rule
+from fused_ft.optim import _fp32
+from fused_ft.optim._base import FusedOptimizer, GroupPlan
+
+__all__ = ["SGD", "sgd"]
+
+
+def _check_nesterov(group) -> None:
+    if group.get("nesterov") and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(
+            f"Invalid nesterov=True with momentum={group['momentum']}, dampening={group['dampening']} "
+            "(Nesterov momentum requires a momentum > 0 and zero dampening)"
+        )
+
+
+class SGD(FusedOptimizer):
+    r"""Stochastic gradient descent, optionally with momentum: a drop-in for ``torch.optim.SGD``.
+
+    For each parameter :math:`\theta` with gradient :math:`g` (negated when ``maximize``):
+
+    .. math::
+        g &\leftarrow g + \lambda\theta \\
+        b &\leftarrow g \text{ on the first step, else } \mu b + (1-\tau) g \\
+        g &\leftarrow g + \mu b \text{ if nesterov, else } b \\
+        \theta &\leftarrow \theta - \gamma g
+
+    Args:
+        params: iterable of parameters or of param-group dicts; a group may set ``frozen=True``.
+        lr (float or Tensor): learning rate :math:`\gamma` (default: 1e-3).
+        momentum (float): momentum factor :math:`\mu` (default: 0; the paper uses 0.9).
+        dampening (float): dampening :math:`\tau` for momentum (default: 0).
+        weight_decay (float): L2 penalty :math:`\lambda` (default: 0).
+        nesterov (bool): Nesterov momentum; needs momentum > 0 and dampening 0 (default: False).
+        maximize (bool): maximize the objective instead of minimizing it (default: False).
+        foreach (bool, optional): accepted for compatibility; every fused_ft backend is multi-tensor.
+        differentiable (bool): must be False (fused_ft updates outside autograd).
+        fused (bool, optional): True demands a fused kernel backend (``triton`` or ``cpu``).
+        backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
+
+    Example:
+        >>> import torch, fused_ft
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = fused_ft.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> model(torch.randn(8, 4)).sum().backward()
+        >>> opt.step()
+    """
+
+    _NAME = "sgd"
+    _RULES = {
+        "lr": LR,
+        "momentum": NONNEG,
+        "dampening": ANY_NUMBER,
+        "weight_decay": Rule(low=0.0, tensor_ok=True),
+        "nesterov": BOOL,
+        "maximize": BOOL,
+    }
+    _CROSS_CHECKS = (_check_nesterov,)
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float | torch.Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float | torch.Tensor = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
+        )
+        super().__init__(params, defaults, backend=backend)
+
+    def _update_group(self, plan: GroupPlan) -> None:
+        group = plan.group
+        has_momentum = group["momentum"] != 0
+        buffers = [self.state[p].get("momentum_buffer") for p in plan.params] if has_momentum else []
+        sgd(
+            plan.params, plan.grads, buffers, update=plan.update,
+            **{k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")},
+        )
+        for p, buf in zip(plan.params, buffers):
+            self.state[p]["momentum_buffer"] = buf
+
+
+@torch.no_grad()
+def sgd(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor | None],
+    *,
+    lr: float | torch.Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float | torch.Tensor,
+    nesterov: bool,
+    maximize: bool,
+    update: Any = None,
+) -> None:
+    """Functional SGD over lists of tensors; see :class:`SGD`.
+
+    ``momentum_buffers`` holds one entry per parameter (empty when momentum is 0); ``None``
+    entries are replaced by new buffers. ``update`` is a backend implementation (default: reference).
+    """
+    (update or _reference_sgd)(
+        params, grads, momentum_buffers, lr=float(lr), momentum=float(momentum), dampening=float(dampening),
+        weight_decay=float(weight_decay), nesterov=nesterov, maximize=maximize,
+    )
+
+
+def _reference_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    if not params:
+        return
+    work = _fp32.upcast(params)
+    g = _fp32.upcast(grads)
+    if maximize:
+        g = torch._foreach_neg(g)
+    if weight_decay != 0:
+        g = torch._foreach_add(g, work, alpha=weight_decay)  # a new list: p.grad stays untouched
+    if momentum != 0:
+        existing = [i for i, b in enumerate(momentum_buffers) if b is not None]
+        if existing:
+            bufs = [momentum_buffers[i] for i in existing]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, [g[i] for i in existing], alpha=1 - dampening)
+        for i, b in enumerate(momentum_buffers):
+            if b is None:  # torch.optim starts the buffer at the first gradient, undampened
+                momentum_buffers[i] = torch.clone(g[i]).detach()
+        g = torch._foreach_add(g, momentum_buffers, alpha=momentum) if nesterov else list(momentum_buffers)
+    torch._foreach_add_(work, g, alpha=-lr)
+    _fp32.store(params, work)
