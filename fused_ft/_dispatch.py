@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -59,11 +60,18 @@ class _Backend:
         module = importlib.import_module(self.module.format(opt=optimizer))
         return getattr(module, self.attr.format(opt=optimizer))
 
-    def unsupported_reason(self, optimizer: str, options: Mapping[str, Any]) -> str | None:
-        """None when this backend implements every option of the group, else what it lacks."""
+    def unsupported_reason(
+        self, optimizer: str, options: Mapping[str, Any], dtypes: frozenset[torch.dtype]
+    ) -> str | None:
+        """None when this backend implements every option of the group and its dtypes, else what it lacks."""
         module = importlib.import_module(self.module.format(opt=optimizer))
         check = getattr(module, "unsupported_reason", None)
-        return check(optimizer, options) if check is not None else None
+        return check(optimizer, options, dtypes) if check is not None else None
+
+    def helper(self, optimizer: str, name: str) -> Callable[..., Any]:
+        """A backend's companion function, e.g. LAMB's global clipping: ``<attr>_<name>``."""
+        module = importlib.import_module(self.module.format(opt=optimizer))
+        return getattr(module, f"{self.attr.format(opt=optimizer)}_{name}")
 
 
 _REGISTRY = {
@@ -73,6 +81,16 @@ _REGISTRY = {
 }
 # auto's preference per device type: fastest first; reference always closes the list.
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+_WARNED: set = set()
+
+
+def _warn_once(name: str, device: torch.device, reason: str) -> None:
+    """auto's preferred kernels are missing on this machine: say so once, not every step."""
+    if (name, device.type) not in _WARNED:
+        _WARNED.add((name, device.type))
+        warnings.warn(f"{reason}; falling back to backend='reference'", UserWarning, stacklevel=4)
 
 
 def check_backend_name(backend: Any) -> str:
@@ -89,18 +107,31 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [n for n in names if _REGISTRY[n].unavailable_reason(device) is None]
 
 
+def helper(backend: str, optimizer: str, name: str) -> Callable[..., Any]:
+    """A resolved backend's companion function (``backend`` is a concrete name, not ``auto``)."""
+    return _REGISTRY[backend].helper(optimizer, name)
+
+
 def resolve(
-    backend: str, optimizer: str, device: torch.device, options: Mapping[str, Any]
+    backend: str,
+    optimizer: str,
+    device: torch.device,
+    options: Mapping[str, Any],
+    dtypes: frozenset[torch.dtype] = frozenset(),
 ) -> tuple[str, Callable[..., None]]:
-    """The backend name and update function for one param group on ``device``."""
+    """The backend name and update function for one param group's tensors on ``device``."""
     if backend != "auto":
         chosen = _REGISTRY[backend]
-        reason = chosen.unavailable_reason(device) or chosen.unsupported_reason(optimizer, options)
+        reason = chosen.unavailable_reason(device) or chosen.unsupported_reason(optimizer, options, dtypes)
         if reason is not None:
             raise BackendUnavailableError(reason)
         return backend, chosen.implementation(optimizer)
     for name in _AUTO_ORDER.get(device.type, ("reference",)):
         candidate = _REGISTRY[name]
-        if candidate.unavailable_reason(device) is None and candidate.unsupported_reason(optimizer, options) is None:
+        reason = candidate.unavailable_reason(device)
+        if reason is not None:
+            _warn_once(name, device, reason)
+            continue
+        if candidate.unsupported_reason(optimizer, options, dtypes) is None:
             return name, candidate.implementation(optimizer)
     raise AssertionError("the reference backend runs everywhere")

@@ -63,6 +63,29 @@ def assert_close_report(actual, expected, *, rtol: float, atol: float, what: str
         raise AssertionError(f"{what}: {int(bad.sum())}/{a.numel()} elements differ (rtol={rtol}, atol={atol}): {rows}")
 
 
+def assert_close_tensorwise(actual, expected, *, rtol: float, what: str = "tensor") -> None:
+    """max|actual - expected| <= rtol * max|expected|: relative to the tensor's scale.
+
+    For comparing two implementations that sum or fuse in a different order: their differences are
+    rounding-sized at the tensor's scale, which an elementwise relative check inflates near zero.
+    """
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    a, e = actual.detach().double().reshape(-1), expected.detach().double().reshape(-1)
+    assert torch.isfinite(e).all() and torch.isfinite(a).all(), f"{what}: non-finite values"
+    allowed = rtol * max(e.abs().max().item(), 1e-30)
+    bad = (a - e).abs() > allowed
+    if bad.any():
+        idx = bad.nonzero().reshape(-1)[:5].tolist()
+        rows = ", ".join(f"[{i}] {a[i].item():.9g} vs {e[i].item():.9g}" for i in idx)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{a.numel()} elements differ by more than {rtol} x max|expected| "
+            f"= {allowed:.3g}: {rows}"
+        )
+
+
 def assert_params_close(model_a, model_b, *, rtol: float, atol: float) -> None:
     for (name, a), (_, b) in zip(model_a.named_parameters(), model_b.named_parameters()):
         assert_close_report(a, b, rtol=rtol, atol=atol, what=name)

@@ -1,6 +1,5 @@
 """Bad input: a clear ValueError/TypeError naming the argument and value, and nothing half-changed."""
 import copy
-import os
 
 import pytest
 import torch
@@ -85,7 +84,7 @@ def _with_grads(params):
 
 @pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 @pytest.mark.parametrize("fault", ["sparse-grad", "string-hyperparameter-later", "negative-lr-later", "bad-backend-later"])
-def test_failed_step_changes_nothing(opt_name, fault):
+def test_failed_step_changes_nothing(opt_name, fault, monkeypatch):
     spec = OPTIMIZERS[opt_name]
     params = _params(4)
     opt = spec.cls([{"params": params[:2]}, {"params": params[2:], "lr": 0.01}], **next(iter(spec.variants.values())))
@@ -104,7 +103,7 @@ def test_failed_step_changes_nothing(opt_name, fault):
         expected = (ValueError, r"Invalid lr: -0\.5")
     else:
         opt.backend = "triton"
-        os.environ.pop("TRITON_INTERPRET", None)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         expected = (fused_ft.BackendUnavailableError, r"backend='triton' needs CUDA tensors.*TRITON_INTERPRET=1")
     snapshot = _snapshot(opt, params)
     with pytest.raises(expected[0], match=expected[1]):

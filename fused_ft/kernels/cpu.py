@@ -1,5 +1,16 @@
-"""The ``cpu`` backend: thin wrappers over the C++ extension ``fused_ft._C`` built from csrc/."""
+"""The ``cpu`` backend: thin wrappers over the C++ extension ``fused_ft._C`` built from csrc/.
+
+Each function has the signature of the reference implementation it replaces; the C++ side does
+one parallel, vectorized pass (two, tensor by tensor, for LARS and LAMB) over the whole list.
+"""
 from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from fused_ft.kernels._layout import flat_slots, new_momentum_buffers, unsupported_dtypes
 
 try:
     from fused_ft import _C  # type: ignore[attr-defined]
@@ -9,6 +20,8 @@ except ImportError as exc:  # no compiler at install time, or an ABI mismatch wi
     _C = None
     _IMPORT_ERROR = str(exc)
 
+__all__ = ["sgd", "adamw", "lars", "lamb", "lamb_clip", "unavailable_reason", "unsupported_reason"]
+
 
 def unavailable_reason() -> str | None:
     if _C is None:
@@ -17,3 +30,68 @@ def unavailable_reason() -> str | None:
             "install a C++ compiler and reinstall: pip install --no-build-isolation -e ."
         )
     return None
+
+
+def unsupported_reason(optimizer: str, options: Mapping[str, Any], dtypes: frozenset) -> str | None:
+    reason = unsupported_dtypes("cpu", dtypes)
+    if reason:
+        return reason
+    if optimizer == "lamb" and options.get("caution"):
+        return "LAMB caution=True is implemented by backend='reference' only"
+    return None
+
+
+def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    has_momentum = momentum != 0
+    new = new_momentum_buffers(params, momentum_buffers) if has_momentum else []
+    slots = [params, grads] + ([momentum_buffers] if has_momentum else [])
+    with flat_slots(slots, written=(0, 2) if has_momentum else (0,)) as s:
+        _C.sgd_(s[0], s[1], s[2] if has_momentum else [], new, lr, momentum, dampening, weight_decay, nesterov,
+                maximize)
+
+
+def adamw(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+    amsgrad, maximize,
+):
+    if not params:
+        return
+    torch._foreach_add_(state_steps, 1)
+    steps = [s.item() for s in state_steps]
+    step_sizes = [lr / (1 - beta1**t) for t in steps]
+    bc2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
+    slots = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
+    with flat_slots(slots, written=(0, 2, 3, 4) if amsgrad else (0, 2, 3)) as s:
+        _C.adamw_(s[0], s[1], s[2], s[3], s[4] if amsgrad else [], step_sizes, bc2_sqrt, lr, beta1, beta2, eps,
+                  weight_decay, amsgrad, maximize)
+
+
+def lars(
+    params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps,
+    trust_clip, always_adapt,
+):
+    has_momentum = momentum != 0
+    new = new_momentum_buffers(params, momentum_buffers) if has_momentum else []
+    slots = [params, grads] + ([momentum_buffers] if has_momentum else [])
+    with flat_slots(slots, written=(0, 2) if has_momentum else (0,)) as s:
+        _C.lars_(s[0], s[1], s[2] if has_momentum else [], new, lr, momentum, dampening, weight_decay, nesterov,
+                 trust_coeff, eps, trust_clip, weight_decay != 0 or always_adapt)
+
+
+def lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> float | None:
+    """``max(1, ||grads||_2 / max_grad_norm)`` over all gradients, or None when clipping is off."""
+    if max_grad_norm is None or not grads:
+        return None
+    with flat_slots([grads], written=()) as s:
+        return max(1.0, math.sqrt(_C.sum_squares(s[0])) / max_grad_norm)
+
+
+def lamb(
+    params, grads, exp_avgs, exp_avg_sqs, *, clip, lr, beta1, beta2, beta3, bias_correction1, bias_correction2, eps,
+    weight_decay, decoupled_decay_factor, adapt, trust_clip, caution,
+):
+    if caution:
+        raise AssertionError("dispatch routes caution=True to the reference backend")
+    with flat_slots([params, grads, exp_avgs, exp_avg_sqs], written=(0, 2, 3)) as s:
+        _C.lamb_(*s, 1.0 if clip is None else clip, lr, beta1, beta2, beta3, bias_correction1, bias_correction2, eps,
+                 weight_decay, 1.0 - decoupled_decay_factor, adapt, trust_clip)

@@ -180,7 +180,8 @@ class FusedOptimizer(Optimizer):
             by_device[torch.device("cpu")] = ([], [])  # groups without grads still tick (LAMB's step)
         plans = []
         for device, (params, grads) in by_device.items():
-            name, update = _dispatch.resolve(self.backend, self._NAME, device, group)
+            dtypes = frozenset(t.dtype for t in params + grads)
+            name, update = _dispatch.resolve(self.backend, self._NAME, device, group, dtypes)
             if group.get("fused") and name == "reference":
                 raise _dispatch.BackendUnavailableError(
                     f"fused=True needs a fused kernel backend, but group {index} on {device} would run "

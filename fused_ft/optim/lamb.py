@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import torch
 
+from fused_ft import _dispatch
 from fused_ft._validation import BETAS, BOOL, LR, NONNEG, Rule, scalar_value
 from fused_ft.optim import _fp32
 from fused_ft.optim._base import FusedOptimizer, GroupPlan, new_state
@@ -108,14 +109,17 @@ class LAMB(FusedOptimizer):
         self._check_hyperparameters(defaults)
         # timm's key: the constructor lr, the max lr of corrected weight decay (lr**2 / max_lr)
         defaults["max_lr_snapshot"] = scalar_value(lr)
-        self._clip_divisor: torch.Tensor | None = None
+        self._clips: dict[str, Any] = {}
         super().__init__(params, defaults, backend=backend)
 
     def _before_updates(self, plans: list[GroupPlan]) -> None:
-        # timm reads max_grad_norm from the defaults and clips over all groups together
-        self._clip_divisor = global_clip_divisor(
-            [g for plan in plans for g in plan.grads], self.defaults["max_grad_norm"]
-        )
+        # timm reads max_grad_norm from the defaults and clips over all groups together; each backend
+        # computes the clip in its own form (the reference: a divisor tensor; triton: partial sums on the device)
+        grads = [g for plan in plans for g in plan.grads]
+        self._clips = {
+            name: _dispatch.helper(name, self._NAME, "clip")(grads, self.defaults["max_grad_norm"])
+            for name in {plan.backend for plan in plans}
+        }
         # every non-frozen group ticks once per step, with or without gradients, as in timm
         for group in {id(plan.group): plan.group for plan in plans}.values():
             if "step" not in group:
@@ -142,7 +146,7 @@ class LAMB(FusedOptimizer):
         corrected = group["decoupled_decay"] and group["corrected_weight_decay"]
         lamb(
             plan.params, plan.grads, exp_avgs, exp_avg_sqs, update=plan.update,
-            clip_divisor=self._clip_divisor, lr=group["lr"], beta1=beta1, beta2=beta2,
+            clip=self._clips[plan.backend], lr=group["lr"], beta1=beta1, beta2=beta2,
             beta3=1 - beta1 if group["grad_averaging"] else 1.0,
             bias_correction1=bias_correction1, bias_correction2=bias_correction2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled_decay=group["decoupled_decay"],
@@ -151,7 +155,7 @@ class LAMB(FusedOptimizer):
         )
 
 
-def global_clip_divisor(grads: list[torch.Tensor], max_grad_norm: float | None) -> torch.Tensor | None:
+def _reference_lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> torch.Tensor | None:
     """``max(1, ||grads||_2 / max_grad_norm)`` over all gradients (fp32), or None when clipping is off."""
     if max_grad_norm is None or not grads:
         return None
@@ -172,7 +176,7 @@ def lamb(
     exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor],
     *,
-    clip_divisor: torch.Tensor | None,
+    clip: Any,
     lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
@@ -188,15 +192,18 @@ def lamb(
     caution: bool = False,
     update: Any = None,
 ) -> None:
-    """Functional LAMB over one group's tensors; see :class:`LAMB`. ``clip_divisor`` is
-    :func:`global_clip_divisor` over all groups (None: no clipping)."""
+    """Functional LAMB over one group's tensors; see :class:`LAMB`.
+
+    ``clip`` is the global gradient clipping over all groups as the backend's ``<backend>_lamb_clip``
+    computed it (None: no clipping); for the reference backend, the divisor tensor.
+    """
     lr = scalar_value(lr)
     # the decoupled decay factor, resolved here once so that no backend restates timm's rule
     decay = 0.0
     if weight_decay != 0 and decoupled_decay:
         decay = (lr if max_lr is None else lr**2 / max_lr) * weight_decay
     (update or _reference_lamb)(
-        params, grads, exp_avgs, exp_avg_sqs, clip_divisor=clip_divisor, lr=lr, beta1=float(beta1),
+        params, grads, exp_avgs, exp_avg_sqs, clip=clip, lr=lr, beta1=float(beta1),
         beta2=float(beta2), beta3=float(beta3), bias_correction1=float(bias_correction1),
         bias_correction2=float(bias_correction2), eps=float(eps),
         weight_decay=0.0 if decoupled_decay else float(weight_decay), decoupled_decay_factor=decay,
@@ -205,15 +212,15 @@ def lamb(
 
 
 def _reference_lamb(
-    params, grads, exp_avgs, exp_avg_sqs, *, clip_divisor, lr, beta1, beta2, beta3, bias_correction1,
+    params, grads, exp_avgs, exp_avg_sqs, *, clip, lr, beta1, beta2, beta3, bias_correction1,
     bias_correction2, eps, weight_decay, decoupled_decay_factor, adapt, trust_clip, caution,
 ):
     if not params:
         return
     work = _fp32.upcast(params)
     g = _fp32.upcast(grads)
-    if clip_divisor is not None:
-        g = [x / clip_divisor for x in g]  # new tensors: p.grad stays untouched
+    if clip is not None:
+        g = [x / clip for x in g]  # new tensors: p.grad stays untouched
     if beta3 == 1 - beta1:
         torch._foreach_lerp_(exp_avgs, g, beta3)
     else:

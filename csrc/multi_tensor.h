@@ -1,0 +1,144 @@
+// Shared engine of fused_ft's CPU kernels: work split over every tensor of a group, parallel
+// loops, fp32 vector loads and stores from any storage dtype.
+//
+// A group's tensors are cut into chunks of at most kChunk elements that never cross a tensor;
+// chunks run in parallel (at::parallel_for, torch's OpenMP pool). Inside a chunk the math runs
+// on at::vec::Vectorized<float> with a scalar tail. All math is fp32: bf16/fp16 values are
+// widened on load and rounded to nearest-even once on store (c10's conversions, as torch's copy_).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <vector>
+
+namespace fused_ft {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kChunk = 1 << 15;  // 128 KiB per fp32 stream: several streams stay in L2
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;
+  int64_t end;
+};
+
+// Chunks of the tensors listed in `which` (all tensors when empty). Proportional to the number
+// of chunks, not of elements: no per-step allocation grows with the parameter size.
+inline std::vector<Chunk> make_chunks(const std::vector<at::Tensor>& tensors, int64_t chunk = kChunk) {
+  std::vector<Chunk> chunks;
+  for (int64_t t = 0; t < static_cast<int64_t>(tensors.size()); ++t) {
+    const int64_t n = tensors[t].numel();
+    for (int64_t b = 0; b < n; b += chunk) chunks.push_back({t, b, std::min(n, b + chunk)});
+  }
+  return chunks;
+}
+
+inline std::vector<Chunk> chunks_of(int64_t tensor, int64_t numel, int64_t chunk = kChunk) {
+  std::vector<Chunk> chunks;
+  for (int64_t b = 0; b < numel; b += chunk) chunks.push_back({tensor, b, std::min(numel, b + chunk)});
+  return chunks;
+}
+
+template <typename F>
+inline void parallel_chunks(const std::vector<Chunk>& chunks, const F& f) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) f(chunks[i], i);
+  });
+}
+
+// fp32 loads and stores of one vector (or one element) from any storage type.
+template <typename T>
+inline Vec load_vec(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    float tmp[Vec::size()];
+    for (int k = 0; k < Vec::size(); ++k) tmp[k] = static_cast<float>(p[k]);
+    return Vec::loadu(tmp);
+  }
+}
+
+template <typename T>
+inline void store_vec(T* p, const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p);
+  } else {
+    float tmp[Vec::size()];
+    v.store(tmp);
+    for (int k = 0; k < Vec::size(); ++k) p[k] = T(tmp[k]);
+  }
+}
+
+template <typename T>
+inline float load_one(const T* p) { return static_cast<float>(*p); }
+template <typename T>
+inline void store_one(T* p, float v) { *p = T(v); }
+
+// Math written once for both widths: V is Vec or float.
+template <typename V>
+inline V splat(float x) { return V(x); }
+inline Vec vsqrt(const Vec& v) { return v.sqrt(); }
+inline float vsqrt(float v) { return std::sqrt(v); }
+inline Vec vmax(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
+inline float vmax(float a, float b) { return std::max(a, b); }
+inline float hsum(const Vec& v) {
+  float tmp[Vec::size()];
+  v.store(tmp);
+  float s = 0;
+  for (int k = 0; k < Vec::size(); ++k) s += tmp[k];
+  return s;
+}
+
+// Run body(i, tag) over [begin, end): tag is a Vec (vector step) or a float (scalar tail), so a
+// generic lambda picks load/store overloads and math width from it.
+template <typename Body>
+inline void vector_loop(int64_t begin, int64_t end, const Body& body) {
+  int64_t i = begin;
+  for (; i + Vec::size() <= end; i += Vec::size()) body(i, Vec());
+  for (; i < end; ++i) body(i, 0.0f);
+}
+
+template <typename T, typename V>
+inline V ld(const T* p, V) {
+  if constexpr (std::is_same_v<V, Vec>) return load_vec(p); else return load_one(p);
+}
+template <typename T, typename V>
+inline void st(T* p, const V& v) {
+  if constexpr (std::is_same_v<V, Vec>) store_vec(p, v); else store_one(p, v);
+}
+
+// Dispatch one tensor's (param, grad) storage types: float, bfloat16, half.
+template <typename F>
+inline void dispatch_pg(const at::Tensor& p, const at::Tensor& g, const F& f) {
+  auto with_grad = [&](auto p_tag) {
+    using P = decltype(p_tag);
+    switch (g.scalar_type()) {
+      case at::kFloat: return f(P(), float());
+      case at::kBFloat16: return f(P(), c10::BFloat16());
+      case at::kHalf: return f(P(), c10::Half());
+      default: TORCH_CHECK(false, "fused_ft cpu kernels: unsupported grad dtype ", g.scalar_type());
+    }
+  };
+  switch (p.scalar_type()) {
+    case at::kFloat: return with_grad(float());
+    case at::kBFloat16: return with_grad(c10::BFloat16());
+    case at::kHalf: return with_grad(c10::Half());
+    default: TORCH_CHECK(false, "fused_ft cpu kernels: unsupported param dtype ", p.scalar_type());
+  }
+}
+
+inline void check_lists(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, const char* what) {
+  TORCH_CHECK(a.size() == b.size(), "fused_ft: ", what, " list has ", b.size(), " tensors, expected ", a.size());
+}
+
+// Per-tensor sums of squares over chunks, reduced in chunk order (deterministic).
+struct SumSq {
+  double a = 0, b = 0;
+};
+
+}  // namespace fused_ft

@@ -1,0 +1,66 @@
+"""Memory layout rules shared by the kernel backends.
+
+Kernels walk each tensor as ``numel`` consecutive elements from its data pointer. That is valid
+when every tensor of a column (param, grad, state of one parameter) is dense and all are laid out
+alike; other columns go through contiguous copies that are written back afterwards.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+from fused_ft.optim._base import new_state
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Elements fill exactly ``numel`` consecutive slots (any dimension order)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def flat_ok(column: Sequence[torch.Tensor]) -> bool:
+    first = column[0]
+    if all(t.is_contiguous() for t in column):
+        return True
+    return all(t.stride() == first.stride() for t in column) and dense(first)
+
+
+@contextmanager
+def flat_slots(slots: Sequence[Sequence[torch.Tensor]], written: Sequence[int]) -> Iterator[list[list[torch.Tensor]]]:
+    """``slots`` with each non-flat column replaced by contiguous copies, copied back into the
+    ``written`` slots on exit."""
+    out = [list(slot) for slot in slots]
+    copied = []
+    for j in range(len(out[0]) if out else 0):
+        column = [slot[j] for slot in out]
+        if not flat_ok(column):
+            for s, t in enumerate(column):
+                out[s][j] = t.contiguous()
+            copied.append(j)
+    yield out
+    for j in copied:
+        for s in written:
+            slots[s][j].copy_(out[s][j])
+
+
+def new_momentum_buffers(params: Sequence[torch.Tensor], momentum_buffers: list) -> list[bool]:
+    """Create missing buffers as zeros; return which are new (kernels give them b = g on this step)."""
+    new = [b is None for b in momentum_buffers]
+    for i, is_new in enumerate(new):
+        if is_new:
+            momentum_buffers[i] = new_state(params[i])
+    return new
+
+
+def unsupported_dtypes(backend: str, dtypes) -> str | None:
+    supported = (torch.float32, torch.float16, torch.bfloat16)
+    odd = sorted(str(d) for d in dtypes if d not in supported)
+    if odd:
+        return f"backend={backend!r} supports float32, float16 and bfloat16 tensors, not {', '.join(odd)}; use 'reference'"
+    return None

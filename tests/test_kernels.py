@@ -1,0 +1,266 @@
+"""The kernel backends (triton, in Triton's CPU interpreter, and cpu, the C++ extension) against
+the reference backend.
+
+Gradients are shared: each step the reference model's gradients are copied into the kernel
+model, so the comparison measures the kernels, not the chaotic growth of 1e-7 differences
+through separate forward passes.
+"""
+import pytest
+import timm
+import torch
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+import fused_ft
+from fused_ft.kernels import cpu as CPU
+from fused_ft.kernels import triton_launch as TL
+from fused_ft.optim import adamw as adamw_mod
+from fused_ft.optim import lamb as lamb_mod
+from fused_ft.optim import lars as lars_mod
+from fused_ft.optim import sgd as sgd_mod
+from fused_ft.specs import OPTIMIZERS, UPDATES
+from tests.helpers import assert_close_tensorwise
+from tests.strategies import build, grads_like, tensor_lists
+
+KERNEL_BACKENDS = ["triton", "cpu"]
+MODULES = {"triton": TL, "cpu": CPU}
+FP32 = 1e-6  # relative to each tensor's scale (see assert_close_tensorwise)
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return FP32 if dtype == torch.float32 else torch.finfo(dtype).eps  # one unit in the last place
+STEPS = 20
+
+
+def _pair(opt_name, kwargs, model_name, backend, seed=0):
+    torch.manual_seed(seed)
+    ref_model = timm.create_model(model_name, pretrained=False, num_classes=4)
+    tri_model = timm.create_model(model_name, pretrained=False, num_classes=4)
+    tri_model.load_state_dict(ref_model.state_dict())
+    spec = OPTIMIZERS[opt_name]
+
+    def groups(model):
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        rest = [p for p in model.parameters() if p.ndim <= 1]
+        return [{"params": decay}, {"params": rest, "lr": kwargs["lr"] * 0.5, "weight_decay": 0.0}]
+
+    return (ref_model, spec.cls(groups(ref_model), **kwargs, backend="reference"),
+            tri_model, spec.cls(groups(tri_model), **kwargs, backend=backend))
+
+
+def _train_shared_grads(ref_model, ref, tri_model, tri, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(2, 3, 160, 160, generator=g), torch.randint(0, 4, (2,), generator=g)
+        ref.zero_grad()
+        torch.nn.functional.cross_entropy(ref_model(x), y).backward()
+        for p, q in zip(ref_model.parameters(), tri_model.parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+        ref.step()
+        tri.step()
+
+
+def _assert_models_close(ref_model, tri_model):
+    for (name, p), q in zip(ref_model.named_parameters(), tri_model.parameters()):
+        assert_close_tensorwise(q, p, rtol=FP32, what=name)
+
+
+def _assert_state_close(tri, ref):
+    pairs = zip((p for g in tri.param_groups for p in g["params"]), (p for g in ref.param_groups for p in g["params"]))
+    for i, (a, b) in enumerate(pairs):
+        assert tri.state.get(a, {}).keys() == ref.state.get(b, {}).keys(), f"param {i}"
+        for key, value in ref.state.get(b, {}).items():
+            assert_close_tensorwise(tri.state[a][key], value, rtol=FP32, what=f"param {i} state[{key!r}]")
+
+
+UPDATE_CASES = [
+    pytest.param(u.optimizer, dict(u.kwargs), model, id=f"{u.name}-{model}")
+    for u in UPDATES.values() for model in ("test_vit", "test_resnet")
+]
+VARIANT_CASES = [
+    pytest.param(spec.name, dict(kw), "test_resnet", id=f"{spec.name}-{variant}")
+    for spec in OPTIMIZERS.values() for variant, kw in spec.variants.items()
+]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("opt_name,kwargs,model_name", UPDATE_CASES + VARIANT_CASES)
+def test_kernels_match_reference_on_timm_models(opt_name, kwargs, model_name, backend):
+    ref_model, ref, tri_model, tri = _pair(opt_name, kwargs, model_name, backend)
+    _train_shared_grads(ref_model, ref, tri_model, tri, STEPS)
+    _assert_models_close(ref_model, tri_model)
+    _assert_state_close(tri, ref)
+
+
+def _count_step(opt):
+    before = dict(TL.launches())
+    opt.step()
+    return sum(TL.launches().values()) - sum(before.values())
+
+
+@pytest.mark.parametrize("update", list(UPDATES))
+def test_launch_count_and_compiled_variants_are_bounded(update, monkeypatch):
+    """test_vit2 has 120 parameter tensors; launches per step must not depend on that number."""
+    monkeypatch.setattr(TL, "_execute", lambda kernel, grid, args, constexprs: None)  # count, don't run
+    u = UPDATES[update]
+    model = timm.create_model("test_vit2", pretrained=False)
+    params = list(model.parameters())
+    assert len(params) >= 100
+    embed = list(model.patch_embed.parameters())
+    rest = [p for n, p in model.named_parameters() if not n.startswith("patch_embed.")]
+    opt = OPTIMIZERS[u.optimizer].cls([{"params": rest}, {"params": embed, "frozen": True}],
+                                      **u.kwargs, backend="triton")
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS)
+    bound = 3 if u.optimizer in ("lars", "lamb") else 1
+    variants = []
+    for _ in range(STEPS):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        assert _count_step(opt) <= bound
+        schedule.step()
+        variants.append(TL.compiled_variants())
+    assert len(set(variants)) == 1, f"recompiled during a cosine schedule: {variants}"
+
+
+def test_frozen_group_costs_no_launch_and_real_step_counts_match():
+    model = timm.create_model("test_vit2", pretrained=False)
+    params = list(model.parameters())
+    frozen = fused_ft.AdamW([{"params": params, "frozen": True}], backend="triton")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    assert _count_step(frozen) == 0
+    live = fused_ft.SGD(params, lr=0.1, momentum=0.9, backend="triton")
+    assert _count_step(live) == 1  # executed for real: 120 tensors, one launch
+    assert all(live.state[p]["momentum_buffer"].dtype == torch.float32 for p in params)
+
+
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("update", list(UPDATES))
+@pytest.mark.parametrize("param_dtype", [torch.float32] + LOW_PRECISION)
+# no shrinking: each example runs 20 interpreted steps, so shrinking a failure would take an hour
+@settings(max_examples=4, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(specs=tensor_lists(max_tensors=6), seed=st.integers(0, 2**16))
+def test_kernels_match_reference_on_odd_tensor_lists(update, param_dtype, backend, specs, seed):
+    """Triton's block size is 32 here, so the sizes 1-70 drawn span ragged multi-block tensors."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TL, "BLOCK_OVERRIDE", 32)
+        _odd_lists_case(update, param_dtype, backend, specs, seed)
+
+
+def _odd_lists_case(update, param_dtype, backend, specs, seed):
+    u = UPDATES[update]
+    params = {b: build(specs, seed, dtype=param_dtype) for b in ("reference", backend)}
+    opts = {b: OPTIMIZERS[u.optimizer].cls(params[b], **u.kwargs, backend=b) for b in params}
+    for step in range(STEPS):
+        grads = [g.to(param_dtype) for g in grads_like(params["reference"], seed + step)]
+        for b in params:
+            for p, g in zip(params[b], grads):
+                p.grad = g.clone()
+            opts[b].step()
+    for i, (p, q) in enumerate(zip(params[backend], params["reference"])):
+        assert p.dtype == param_dtype and p.stride() == q.stride()
+        assert_close_tensorwise(p, q, rtol=_tol(param_dtype), what=f"param {i} {tuple(p.shape)}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_gradients_in_any_dtype_through_the_functional_api(param_dtype, grad_dtype, backend):
+    torch.manual_seed(0)
+    shapes = [(33,), (7, 5), (), (0,), (100,)]
+    base = [torch.randn(s).to(param_dtype) for s in shapes]
+    grads = [torch.randn(s).to(grad_dtype) for s in shapes]
+    fp32_state = lambda: [torch.zeros(s) for s in shapes]  # noqa: E731
+    calls = {
+        "sgd": lambda ps, impl: sgd_mod.sgd(ps, grads, [None] * len(ps), lr=0.1, momentum=0.9, dampening=0.0,
+                                            weight_decay=0.01, nesterov=True, maximize=False, update=impl),
+        "adamw": lambda ps, impl: adamw_mod.adamw(ps, grads, fp32_state(), fp32_state(), [],
+                                                  [torch.tensor(0.0) for _ in ps], lr=0.01, beta1=0.9, beta2=0.99,
+                                                  eps=1e-8, weight_decay=0.01, amsgrad=False, maximize=True,
+                                                  update=impl),
+        "lars": lambda ps, impl: lars_mod.lars(ps, grads, [None] * len(ps), lr=0.5, momentum=0.9, dampening=0.0,
+                                               weight_decay=1e-4, nesterov=False, trust_coeff=1e-3, eps=1e-8,
+                                               trust_clip=True, always_adapt=False, update=impl),
+        "lamb": lambda ps, impl: lamb_mod.lamb(ps, grads, fp32_state(), fp32_state(), clip=None, lr=0.01,
+                                               beta1=0.9, beta2=0.999, beta3=0.1, bias_correction1=0.1,
+                                               bias_correction2=0.001, eps=1e-6, weight_decay=0.01,
+                                               decoupled_decay=False, max_lr=None, trust_clip=False,
+                                               always_adapt=False, update=impl),
+    }
+    for name, call in calls.items():
+        ref, tri = [b.clone() for b in base], [b.clone() for b in base]
+        call(ref, None)
+        call(tri, getattr(MODULES[backend], name))
+        for i, (p, q) in enumerate(zip(tri, ref)):
+            assert_close_tensorwise(p, q, rtol=_tol(param_dtype), what=f"{name} param {i}")
+        assert any(not torch.equal(p, b) for p, b in zip(tri, base) if p.numel())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_hundreds_of_tiny_tensors_and_one_large_one(backend, monkeypatch):
+    """200 tensors of 1-3 elements plus one of 70,001 elements (for triton: 18 blocks of 4,096,
+    reduced 4 partials at a time, so the per-tensor norm loop runs several times)."""
+    monkeypatch.setattr(TL, "BLOCK_OVERRIDE", 4096)
+    monkeypatch.setattr(TL, "RBLOCK", 4)
+    torch.manual_seed(0)
+    shapes = [(1 + i % 3,) for i in range(200)] + [(70_001,)]
+    for update in ("lamb", "lars", "adamw"):
+        u = UPDATES[update]
+        base = [torch.randn(s) for s in shapes]
+        params = {b: [t.clone().requires_grad_() for t in base] for b in ("reference", backend)}
+        opts = {b: OPTIMIZERS[u.optimizer].cls(params[b], **u.kwargs, backend=b) for b in params}
+        for step in range(2):
+            grads = [torch.randn(s) for s in shapes]
+            for b in params:
+                for p, g in zip(params[b], grads):
+                    p.grad = g.clone()
+                opts[b].step()
+        for i, (p, q) in enumerate(zip(params[backend], params["reference"])):
+            assert_close_tensorwise(p, q, rtol=FP32, what=f"{update} param {i}")
+
+
+def test_triton_outside_the_interpreter_needs_cuda(monkeypatch):
+    q = torch.randn(4, requires_grad=True)
+    q.grad = torch.randn(4)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(fused_ft.BackendUnavailableError, match=r"needs CUDA tensors, but the parameters are on cpu"):
+        fused_ft.SGD([q], lr=0.1, backend="triton").step()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_backends_refuse_float64_and_caution(backend):
+    p = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    p.grad = torch.randn(4, dtype=torch.float64)
+    with pytest.raises(fused_ft.BackendUnavailableError, match=rf"backend='{backend}' supports float32.*float64"):
+        fused_ft.SGD([p], lr=0.1, backend=backend).step()
+    q = torch.randn(4, requires_grad=True)
+    q.grad = torch.randn(4)
+    with pytest.raises(fused_ft.BackendUnavailableError, match=r"caution=True is implemented by backend='reference'"):
+        fused_ft.LAMB([q], caution=True, backend=backend).step()
+    # auto routes what a kernel backend cannot run to the reference backend instead
+    opt = fused_ft.LAMB([q], caution=True)
+    opt.step()
+    assert q in opt.state
+
+
+def test_cpu_backend_without_the_extension_says_how_to_fix_it(monkeypatch):
+    monkeypatch.setattr(CPU, "_C", None)
+    monkeypatch.setattr(fused_ft._dispatch, "_WARNED", set())  # the warning is once per process
+    monkeypatch.setattr(CPU, "_IMPORT_ERROR", "No module named 'fused_ft._C'")
+    q = torch.randn(4, requires_grad=True)
+    q.grad = torch.randn(4)
+    with pytest.raises(fused_ft.BackendUnavailableError, match=r"needs the C\+\+ extension.*pip install --no-build-isolation"):
+        fused_ft.SGD([q], lr=0.1, backend="cpu").step()
+    with pytest.warns(UserWarning, match=r"backend='cpu' .*falling back to backend='reference'"):
+        fused_ft.SGD([q], lr=0.1).step()  # auto: one clear warning, then the reference backend
+
+
+def test_auto_picks_the_cpu_kernels_for_cpu_tensors():
+    assert fused_ft.available_backends("cpu")[0] == "cpu"
+    q = torch.randn(4, requires_grad=True)
+    q.grad = torch.randn(4)
+    opt = fused_ft.SGD([q], lr=0.1)
+    assert [plan.backend for plan in opt._plan_group(0, opt.param_groups[0])] == ["cpu"]
