@@ -60,17 +60,17 @@ def _train_shared_grads(ref_model, ref, tri_model, tri, steps, seed=0):
         tri.step()
 
 
-def _assert_models_close(ref_model, tri_model):
+def _assert_models_close(ref_model, tri_model, tol=FP32):
     for (name, p), q in zip(ref_model.named_parameters(), tri_model.parameters()):
-        assert_close_tensorwise(q, p, rtol=FP32, what=name)
+        assert_close_tensorwise(q, p, rtol=tol, what=name)
 
 
-def _assert_state_close(tri, ref):
+def _assert_state_close(tri, ref, tol=FP32):
     pairs = zip((p for g in tri.param_groups for p in g["params"]), (p for g in ref.param_groups for p in g["params"]))
     for i, (a, b) in enumerate(pairs):
         assert tri.state.get(a, {}).keys() == ref.state.get(b, {}).keys(), f"param {i}"
         for key, value in ref.state.get(b, {}).items():
-            assert_close_tensorwise(tri.state[a][key], value, rtol=FP32, what=f"param {i} state[{key!r}]")
+            assert_close_tensorwise(tri.state[a][key], value, rtol=tol, what=f"param {i} state[{key!r}]")
 
 
 UPDATE_CASES = [
@@ -88,8 +88,10 @@ VARIANT_CASES = [
 def test_kernels_match_reference_on_timm_models(opt_name, kwargs, model_name, backend):
     ref_model, ref, tri_model, tri = _pair(opt_name, kwargs, model_name, backend)
     _train_shared_grads(ref_model, ref, tri_model, tri, STEPS)
-    _assert_models_close(ref_model, tri_model)
-    _assert_state_close(tri, ref)
+    # LARS/LAMB scale by a trust ratio from a reduction summed in another order: the registry's 1e-5
+    tol = FP32 if opt_name in ("sgd", "adamw") else OPTIMIZERS[opt_name].reference_rtol
+    _assert_models_close(ref_model, tri_model, tol)
+    _assert_state_close(tri, ref, tol)
 
 
 def _count_step(opt):
