@@ -7,6 +7,16 @@ from fused_ft.specs import OPTIMIZERS
 from fused_ft.utils import optimizer_state_bytes
 from tests.helpers import assert_params_close, batches, make_model, train_step, twin
 
+
+@pytest.fixture(autouse=True)
+def _auto_means_reference(monkeypatch):
+    """These tests check drop-in behaviour bit for bit against torch/timm, so ``auto`` runs the
+    reference backend here; the kernel backends' numerics are compared in test_kernels.py."""
+    from fused_ft import _dispatch
+
+    monkeypatch.setitem(_dispatch._AUTO_ORDER, "cpu", ("reference",))
+
+
 MODEL = "vit_tiny_patch16_224"
 
 

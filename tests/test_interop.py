@@ -9,6 +9,16 @@ import fused_ft
 from fused_ft.specs import OPTIMIZERS
 from tests.helpers import assert_params_close, assert_state_close, batches, make_model, train_step, twin, two_groups
 
+
+@pytest.fixture(autouse=True)
+def _auto_means_reference(monkeypatch):
+    """These tests check drop-in behaviour bit for bit against torch/timm, so ``auto`` runs the
+    reference backend here; the kernel backends' numerics are compared in test_kernels.py."""
+    from fused_ft import _dispatch
+
+    monkeypatch.setitem(_dispatch._AUTO_ORDER, "cpu", ("reference",))
+
+
 MODEL = "vit_tiny_patch16_224"
 PLAIN = {name: next(iter(spec.variants.values())) for name, spec in OPTIMIZERS.items()}
 EXACT = dict(rtol=1e-6, atol=1e-8)
