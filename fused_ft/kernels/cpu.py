@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
-from fused_ft.kernels._layout import flat_slots, new_momentum_buffers, unsupported_dtypes
+from fused_ft.kernels._layout import flat_slots, new_momentum_buffers, kernel_unsupported_reason
 
 try:
     from fused_ft import _C  # type: ignore[attr-defined]
@@ -33,12 +33,7 @@ def unavailable_reason() -> str | None:
 
 
 def unsupported_reason(optimizer: str, options: Mapping[str, Any], dtypes: frozenset) -> str | None:
-    reason = unsupported_dtypes("cpu", dtypes)
-    if reason:
-        return reason
-    if optimizer == "lamb" and options.get("caution"):
-        return "LAMB caution=True is implemented by backend='reference' only"
-    return None
+    return kernel_unsupported_reason("cpu", optimizer, options, dtypes)
 
 
 def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):

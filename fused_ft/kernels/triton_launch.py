@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from fused_ft.kernels import triton_kernels as K
-from fused_ft.kernels._layout import flat_slots, new_momentum_buffers, unsupported_dtypes
+from fused_ft.kernels._layout import flat_slots, new_momentum_buffers, kernel_unsupported_reason
 
 __all__ = ["sgd", "adamw", "lars", "lamb", "lamb_clip", "launches", "compiled_variants", "unsupported_reason"]
 
@@ -51,12 +51,7 @@ def _block(device: torch.device) -> int:
 
 
 def unsupported_reason(optimizer: str, options: Mapping[str, Any], dtypes: frozenset) -> str | None:
-    reason = unsupported_dtypes("triton", dtypes)
-    if reason:
-        return reason
-    if optimizer == "lamb" and options.get("caution"):
-        return "LAMB caution=True is implemented by backend='reference' only"
-    return None
+    return kernel_unsupported_reason("triton", optimizer, options, dtypes)
 
 
 def _spec(arg: Any) -> Any:
