@@ -6,7 +6,7 @@
 
 namespace fused_ft {
 
-SumSq sum_squares_chunked(const at::Tensor& a, const at::Tensor* b, int64_t tensor);
+SumSq sum_squares_chunked(const at::Tensor& a, const at::Tensor& b, int64_t tensor);
 
 void lars_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> bufs,
            std::vector<bool> new_buffer, double lr, double momentum, double dampening, double weight_decay,
@@ -19,7 +19,7 @@ void lars_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::v
     const auto& g = grads[t];
     float ratio = 1.f;
     if (adapt) {
-      const SumSq s = sum_squares_chunked(p, &g, t);
+      const SumSq s = sum_squares_chunked(p, g, t);
       const double w_norm = std::sqrt(s.a), g_norm = std::sqrt(s.b);
       if (w_norm > 0 && g_norm > 0) ratio = trust_coeff * w_norm / (g_norm + w_norm * weight_decay + eps);
       if (trust_clip) ratio = std::min<double>(ratio / lr, 1.0);
@@ -36,13 +36,9 @@ void lars_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::v
         float* bp = has_momentum ? bufs[t].data_ptr<float>() : nullptr;
         vector_loop(c.begin, c.end, [&](int64_t i, auto w) {
           using V = decltype(w);
-          V x = ld(pp + i, w);
+          const V x = ld(pp + i, w);
           V d = (ld(gp + i, w) + splat<V>(f_wd) * x) * splat<V>(ratio);
-          if (has_momentum) {
-            V b = splat<V>(keep) * ld(bp + i, w) + splat<V>(scale) * d;
-            st(bp + i, b);
-            d = nesterov ? d + splat<V>(f_mom) * b : b;
-          }
+          if (has_momentum) d = momentum_direction(bp, i, d, keep, scale, f_mom, nesterov);
           st(pp + i, x - splat<V>(f_lr) * d);
         });
       });

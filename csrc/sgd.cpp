@@ -28,11 +28,7 @@ void sgd_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::ve
         using V = decltype(w);
         V x = ld(pp + i, w);
         V d = ld(gp + i, w) * splat<V>(sign) + splat<V>(f_wd) * x;
-        if (has_momentum) {
-          V b = splat<V>(keep) * ld(bp + i, w) + splat<V>(scale) * d;
-          st(bp + i, b);
-          d = nesterov ? d + splat<V>(f_mom) * b : b;
-        }
+        if (has_momentum) d = momentum_direction(bp, i, d, keep, scale, f_mom, nesterov);
         st(pp + i, x - splat<V>(f_lr) * d);
       });
     });
