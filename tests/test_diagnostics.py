@@ -1,0 +1,115 @@
+"""Layer-gradient diagnostics (issue 5): Eq. 3.1 against a hand computation, the verdict, the CLI."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from fused_ft import cli, diagnostics
+from fused_ft.diagnostics import LayerGradNorm, layer_grad_norms, verdict
+
+
+class LinearChain(nn.Module):
+    """x -> embed -> block -> head, all linear without bias, so every gradient has a closed form."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(4, 6, bias=False)
+        self.block = nn.Linear(6, 5, bias=False)
+        self.head = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        return self.head(self.block(self.embed(x)))
+
+
+def _squared_error(out, y):
+    return 0.5 * (out - y).pow(2).sum()
+
+
+def test_layer_grad_norms_match_hand_computation():
+    model = LinearChain()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(7, 4, generator=g), torch.randn(7, 3, generator=g)) for _ in range(3)]
+    rows = layer_grad_norms(model, data, _squared_error, names=["embed"])
+    W1, W2, W3 = (m.weight.detach().double() for m in (model.embed, model.block, model.head))
+    expected = {"embedding": [], "block": [], "head": []}
+    for x, y in data:
+        x, y = x.double(), y.double()
+        h1 = x @ W1.T
+        h2 = h1 @ W2.T
+        r = h2 @ W3.T - y  # dL/dout for L = 0.5 ||out - y||^2
+        expected["head"].append(torch.linalg.norm(r.T @ h2))
+        expected["block"].append(torch.linalg.norm((r @ W3).T @ h1))
+        expected["embedding"].append(torch.linalg.norm((r @ W3 @ W2).T @ x))
+    by_name = {r.layer: r for r in rows}
+    assert [r.role for r in rows] == ["embedding", "middle", "head"]
+    for name, weight in (("embedding", W1), ("block", W2), ("head", W3)):
+        G = float(torch.stack(expected[name]).mean())
+        row = by_name[name]
+        assert row.grad_norm == pytest.approx(G, rel=1e-5)
+        assert row.param_norm == pytest.approx(float(torch.linalg.norm(weight)), rel=1e-6)
+        assert row.grad_over_param_norm == pytest.approx(G / float(torch.linalg.norm(weight)), rel=1e-5)
+        assert row.grad_over_sqrt_params == pytest.approx(G / math.sqrt(weight.numel()), rel=1e-5)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # left as found
+
+
+def test_frozen_params_are_measured_and_restored():
+    model = LinearChain()
+    model.embed.weight.requires_grad_(False)
+    rows = layer_grad_norms(model, [(torch.randn(2, 4), torch.randn(2, 3))], _squared_error, names=["embed"])
+    assert rows[0].grad_norm > 0 and not model.embed.weight.requires_grad
+
+
+def _row(role, g, i=0):
+    return LayerGradNorm(i, f"l{i}", role, 10, g, 1.0, g, g / math.sqrt(10))
+
+
+def test_verdict_threshold():
+    middle = [_row("middle", v, i) for i, v in enumerate([1.0, 2.0, 3.0], start=1)]
+    assert verdict([_row("embedding", 6.0)] + middle).recommend_freeze_embed  # 6 / median 2 = 3x
+    v = verdict([_row("embedding", 5.9)] + middle)
+    assert not v.recommend_freeze_embed and v.embedding_ratio == pytest.approx(2.95)
+    assert "not needed" in str(v) and "2.95x" in str(v)
+    with pytest.raises(ValueError, match="Invalid rows"):
+        verdict(middle)
+
+
+def test_grad_norms_cli_writes_csv_png_and_verdict(tmp_path, capsys):
+    rc = cli.main(["grad-norms", "--model", "vit_tiny_patch16_224", "--image-size", "32", "--num-classes", "5",
+                   "--batches", "2", "--batch-size", "4", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "verdict: embedding gradient norm =" in out
+    with (tmp_path / "grad_norms.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["role"] == "embedding" and rows[0]["layer"] == "embedding" and rows[-1]["role"] == "head"
+    assert [r["layer"] for r in rows[1:-2]] == [f"blocks.{i}" for i in range(12)]
+    # the same numbers as the Python API on the same seeded model and batches
+    from fused_ft.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", 5, image_size=32)
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 5, (4,), generator=gen)) for _ in range(2)]
+    api = layer_grad_norms(model, data)
+    assert [float(r["grad_norm"]) for r in rows] == pytest.approx([r.grad_norm for r in api], rel=1e-6)
+    png = (tmp_path / "grad_norms.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+@pytest.mark.parametrize("model", ["clip-vit-b16", "vit_tiny_patch16_224"])
+def test_pretrained_offline_fails_in_one_line(model, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no download attempt, as on a machine without network
+    proc = subprocess.run([sys.executable, "-m", "fused_ft.cli", "grad-norms", "--model", model, "--pretrained",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Could not fetch pretrained weights" in lines[0] and "--checkpoint PATH" in lines[0]
