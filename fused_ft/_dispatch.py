@@ -48,6 +48,10 @@ class _Backend:
             except ImportError as exc:
                 return f"backend='triton' needs the triton package ({exc}); pip install triton"
             return None
+        if self.name == "meta":
+            from fused_ft.kernels import meta
+
+            return meta.unavailable_reason(device)
         if self.name == "cpu":
             if device.type != "cpu":
                 return f"backend='cpu' runs on CPU tensors, but the parameters are on {device}; use backend='auto'"
@@ -78,9 +82,11 @@ _REGISTRY = {
     "reference": _Backend("reference", "fused_ft.optim.{opt}", "_reference_{opt}"),
     "triton": _Backend("triton", "fused_ft.kernels.triton_launch", "{opt}"),
     "cpu": _Backend("cpu", "fused_ft.kernels.cpu", "{opt}"),
+    # not in BACKENDS: only auto picks it, for meta tensors (fused_ft.memory's simulated mode)
+    "meta": _Backend("meta", "fused_ft.kernels.meta", "{opt}"),
 }
 # auto's preference per device type: fastest first; reference always closes the list.
-_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}
+_AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference"), "meta": ("meta",)}
 
 
 _WARNED: set = set()
@@ -104,7 +110,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     device = torch.device(device)
     order = _AUTO_ORDER.get(device.type, ("reference",))
     names = list(dict.fromkeys(order + ("triton", "cpu", "reference")))
-    return [n for n in names if _REGISTRY[n].unavailable_reason(device) is None]
+    return [n for n in names if n in BACKENDS and _REGISTRY[n].unavailable_reason(device) is None]
 
 
 def helper(backend: str, optimizer: str, name: str) -> Callable[..., Any]:

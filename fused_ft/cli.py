@@ -78,6 +78,24 @@ def _input_size(model) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def _csv_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _memory(args: argparse.Namespace) -> None:
+    from fused_ft import memory_report
+    from fused_ft.methods import method
+
+    for name in args.methods:
+        method(name)  # an unknown method fails before any profiling
+    rows = memory_report.run_table(args.models, args.methods, batch_size=args.batch_size,
+                                   step_in_backward=args.step_in_backward, grad_checkpointing=args.grad_checkpointing)
+    print(memory_report.render(rows, args.format))
+    if args.plot:
+        memory_report.plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fused-ft", description="fused_ft: fine-tune vision models with SGD")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     grad.add_argument("--seed", type=int, default=0)
     grad.add_argument("--out", default="grad-norms", help="directory for grad_norms.csv and grad_norms.png")
 
+    from fused_ft.memory_report import DEFAULT_METHODS, DEFAULT_MODELS
+
+    mem = commands.add_parser("memory", help="memory of a training step per method (paper Table 4), simulated")
+    mem.add_argument("--models", type=_csv_list, default=list(DEFAULT_MODELS),
+                     help="comma-separated aliases or timm/open_clip names")
+    mem.add_argument("--methods", type=_csv_list, default=list(DEFAULT_METHODS), help="comma-separated methods")
+    mem.add_argument("--batch-size", type=int, default=1)
+    mem.add_argument("--step-in-backward", action="store_true", help="update during backward, free gradients")
+    mem.add_argument("--grad-checkpointing", action="store_true")
+    mem.add_argument("--format", default="table", choices=["table", "md", "csv", "json"])
+    mem.add_argument("--plot", default=None, help="write a stacked-bar PNG here")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -99,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             demo.main()
         elif args.command == "grad-norms":
             _grad_norms(args)
+        elif args.command == "memory":
+            _memory(args)
     except USER_ERRORS as exc:
         print(f"fused-ft {args.command}: error: {exc}", file=sys.stderr)
         return 2

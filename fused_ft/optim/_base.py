@@ -8,6 +8,11 @@ Frozen groups (``frozen=True``) are skipped before anything else: no launch, no 
 bytes, not zero-filled tensors), no gradient needed. Turning ``frozen`` off later (gradual
 unfreezing) creates their state lazily on the next step, as for a new parameter.
 
+With ``step_in_backward=True`` each parameter is updated by a post-accumulate-grad hook as soon as
+its gradient is complete, and the gradient is freed right away: only a few gradients are alive at
+once (the idea of torch's "optimizer step in backward" recipe). ``step()`` is then a no-op kept for
+schedulers; closures, GradScaler and gradient accumulation across backward passes cannot work.
+
 Parameters in bf16/fp16 keep their optimizer state in fp32 and every backend does its math in
 fp32, storing the parameter once (the "fp32 math, one final store" rule of optimi/apex).
 """
@@ -79,8 +84,20 @@ class FusedOptimizer(Optimizer):
     _RULES: ClassVar[Mapping[str, Rule]]
     _CROSS_CHECKS: ClassVar[Sequence[Callable[[Mapping[str, Any]], None]]] = ()
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], *, backend: str = "auto") -> None:
+    def __init__(
+        self, params: Iterable, defaults: dict[str, Any], *, backend: str = "auto", step_in_backward: bool = False
+    ) -> None:
         self.backend = _dispatch.check_backend_name(backend)
+        if not isinstance(step_in_backward, bool):
+            raise TypeError(f"Invalid step_in_backward: {step_in_backward!r} (must be a bool)")
+        self.step_in_backward = step_in_backward
+        self._hooks: list = []
+        self._round_seen: dict[int, set[int]] = {}
+        if step_in_backward:
+            self._check_step_in_backward(defaults)
+            # GradScaler then passes its scale to step(), which refuses it (see step()) instead of
+            # letting scaled gradients update the weights during backward
+            self._step_supports_amp_scaling = True
         defaults = {**defaults, "frozen": False}
         self._check_hyperparameters(defaults)
         if isinstance(params, torch.Tensor):
@@ -112,6 +129,42 @@ class FusedOptimizer(Optimizer):
         check_params(tensors, seen, len(self.param_groups))
         self._check_hyperparameters({**self.defaults, **param_group})
         super().add_param_group({**param_group, "params": params})
+        if getattr(self, "step_in_backward", False):
+            group = self.param_groups[-1]
+            self._hooks += [p.register_post_accumulate_grad_hook(self._make_hook(group))
+                            for p in group["params"] if p.requires_grad]
+
+    # -- step in backward -----------------------------------------------------------------------
+    def _check_step_in_backward(self, defaults: Mapping[str, Any]) -> None:
+        """Refuse options that need every gradient before any update (LAMB's global clipping)."""
+
+    def _make_hook(self, group: dict) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            if group["frozen"] or p.grad is None:
+                return
+            index = next(i for i, g in enumerate(self.param_groups) if g is group)
+            with torch.no_grad():
+                plans = self._plan_group(index, group, [p])
+                self._before_updates(plans)
+                for plan in plans:
+                    self._update_group(plan)
+            p.grad = None  # freed now: this is where the memory goes
+
+        return hook
+
+    def _starts_round(self, group: dict, params: list[torch.Tensor]) -> bool:
+        """In step-in-backward mode: does updating ``params`` start a new step of ``group``?
+
+        A step of a group is one backward pass; it starts when a parameter of the group is updated
+        a second time (or for the first time ever).
+        """
+        seen = self._round_seen.setdefault(id(group), set())
+        ids = {id(p) for p in params}
+        new_round = not seen or bool(seen & ids)
+        if new_round:
+            seen.clear()
+        seen |= ids
+        return new_round
 
     def __getstate__(self) -> dict[str, Any]:
         # torch pickles only defaults, state and groups; the backend choice travels too
@@ -144,6 +197,19 @@ class FusedOptimizer(Optimizer):
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
         """
+        if self.step_in_backward:
+            if closure is not None:
+                raise ValueError(
+                    "Invalid closure: step_in_backward=True updates parameters during backward, so step() "
+                    "cannot re-evaluate the model; call loss.backward() yourself and drop the closure"
+                )
+            if getattr(self, "grad_scale", None) is not None:
+                raise ValueError(
+                    "Invalid use with torch.amp.GradScaler: step_in_backward=True applies gradients during "
+                    "backward, before GradScaler can unscale or skip them; use bf16 autocast (no scaler) or "
+                    "step_in_backward=False"
+                )
+            return None  # every update already ran during backward
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -155,10 +221,10 @@ class FusedOptimizer(Optimizer):
             self._update_group(plan)
         return loss
 
-    def _plan_group(self, index: int, group: dict) -> list[GroupPlan]:
+    def _plan_group(self, index: int, group: dict, params: list[torch.Tensor] | None = None) -> list[GroupPlan]:
         self._check_hyperparameters(group)
         by_device: dict[torch.device, tuple[list, list]] = {}
-        for i, p in enumerate(group["params"]):
+        for i, p in enumerate(group["params"] if params is None else params):
             g = p.grad
             if g is None:
                 continue

@@ -42,6 +42,8 @@ class AdamW(FusedOptimizer):
         differentiable (bool): must be False.
         fused (bool, optional): True demands a fused kernel backend (``triton`` or ``cpu``).
         backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
+        step_in_backward (bool): update each parameter during backward, as soon as its gradient
+            is complete, and free the gradient (see :mod:`fused_ft.optim._base`) (default: False).
 
     Example:
         >>> import torch, fused_ft
@@ -69,6 +71,7 @@ class AdamW(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        step_in_backward: bool = False,
     ) -> None:
         if isinstance(betas, (tuple, list)) and all(isinstance(b, torch.Tensor) for b in betas):
             betas = tuple(scalar_value(b) for b in betas)  # torch accepts 1-element tensors and stores floats
@@ -77,7 +80,7 @@ class AdamW(FusedOptimizer):
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True,  # the key torch.optim.AdamW stores, so state dicts look the same
         )
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward)
 
     def _update_group(self, plan: GroupPlan) -> None:
         group = plan.group

@@ -63,6 +63,8 @@ class LAMB(FusedOptimizer):
         corrected_weight_decay (bool): scale decoupled decay by ``lr**2 / max_lr`` (default: False).
         foreach (bool, optional): accepted for compatibility with timm.
         backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
+        step_in_backward (bool): update each parameter during backward, as soon as its gradient
+            is complete, and free the gradient (see :mod:`fused_ft.optim._base`) (default: False).
 
     Example:
         >>> import torch, fused_ft
@@ -98,6 +100,7 @@ class LAMB(FusedOptimizer):
         foreach: bool | None = None,
         *,
         backend: str = "auto",
+        step_in_backward: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -110,7 +113,14 @@ class LAMB(FusedOptimizer):
         # timm's key: the constructor lr, the max lr of corrected weight decay (lr**2 / max_lr)
         defaults["max_lr_snapshot"] = scalar_value(lr)
         self._clips: dict[str, Any] = {}
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward)
+
+    def _check_step_in_backward(self, defaults) -> None:
+        if defaults.get("max_grad_norm") is not None:
+            raise ValueError(
+                f"Invalid step_in_backward=True with max_grad_norm={defaults['max_grad_norm']} (global gradient "
+                "clipping needs every gradient before the first update); pass max_grad_norm=None"
+            )
 
     def _before_updates(self, plans: list[GroupPlan]) -> None:
         # timm reads max_grad_norm from the defaults and clips over all groups together; each backend
@@ -120,8 +130,12 @@ class LAMB(FusedOptimizer):
             name: _dispatch.helper(name, self._NAME, "clip")(grads, self.defaults["max_grad_norm"])
             for name in {plan.backend for plan in plans}
         }
-        # every non-frozen group ticks once per step, with or without gradients, as in timm
-        for group in {id(plan.group): plan.group for plan in plans}.values():
+        # every non-frozen group ticks once per step, with or without gradients, as in timm; in
+        # step-in-backward mode once per backward pass, at its first updated parameter
+        for plan in {id(plan.group): plan for plan in plans}.values():
+            group = plan.group
+            if self.step_in_backward and not self._starts_round(group, plan.params):
+                continue
             if "step" not in group:
                 group["step"] = torch.tensor(0.0, dtype=torch.float32)
             group["step"].add_(1)

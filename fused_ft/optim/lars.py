@@ -45,6 +45,8 @@ class LARS(FusedOptimizer):
         always_adapt (bool): adapt also where weight decay is 0 (default: False).
         foreach (bool, optional): accepted for compatibility with timm.
         backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
+        step_in_backward (bool): update each parameter during backward, as soon as its gradient
+            is complete, and free the gradient (see :mod:`fused_ft.optim._base`) (default: False).
 
     Example:
         >>> import torch, fused_ft
@@ -76,12 +78,13 @@ class LARS(FusedOptimizer):
         foreach: bool | None = None,
         *,
         backend: str = "auto",
+        step_in_backward: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt, foreach=foreach,
         )
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward)
 
     def _update_group(self, plan: GroupPlan) -> None:
         group = plan.group

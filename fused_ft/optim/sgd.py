@@ -48,6 +48,8 @@ class SGD(FusedOptimizer):
         differentiable (bool): must be False (fused_ft updates outside autograd).
         fused (bool, optional): True demands a fused kernel backend (``triton`` or ``cpu``).
         backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
+        step_in_backward (bool): update each parameter during backward, as soon as its gradient
+            is complete, and free the gradient (see :mod:`fused_ft.optim._base`) (default: False).
 
     Example:
         >>> import torch, fused_ft
@@ -82,12 +84,13 @@ class SGD(FusedOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        step_in_backward: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
         )
-        super().__init__(params, defaults, backend=backend)
+        super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward)
 
     def _update_group(self, plan: GroupPlan) -> None:
         group = plan.group

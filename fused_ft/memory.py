@@ -1,0 +1,321 @@
+"""Memory of one training step, by category: the paper's Table 4 on any machine.
+
+:func:`profile_memory` runs a full training step (forward, backward, optimizer step, zero_grad) of
+a model and a :data:`fused_ft.METHODS` method, after one warm-up step (optimizer state exists, as in
+any step after the first), and reports bytes for parameters, gradients, optimizer state,
+activations/temporaries and the peak.
+
+Two modes:
+
+- ``simulated`` (any machine): the model is built on the meta device and every tensor the step
+  creates is tracked by a ``TorchDispatchMode`` that counts storage bytes as they are allocated and
+  freed (weak references on the storages), so ViT-H/14 profiles on a laptop in seconds. The
+  optimizer step runs the fused kernels' memory model (:mod:`fused_ft.kernels.meta`: in place, no
+  temporaries), which is what a GPU step with the Triton backend allocates. Attention is simulated
+  as a fused (flash) kernel, as GPUs and CPUs run it: on meta tensors torch would otherwise take the
+  math path and count the softmax matrices (86 MB too many for ViT-S/16 at batch 8, measured).
+- ``measured`` (CUDA): the same step on the device, peak from ``torch.cuda.max_memory_allocated``.
+"""
+from __future__ import annotations
+
+import functools
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fused_ft.methods import create_optimizer, method as get_method
+
+__all__ = ["MemoryProfile", "profile_memory", "CATEGORIES"]
+
+# the parts of the peak, in the order of the table and plot
+CATEGORIES = ("parameters", "gradients_at_peak", "optimizer_state", "activations")
+
+
+@dataclass
+class MemoryProfile:
+    """Bytes of one training step.
+
+    ``parameters``, ``optimizer_state`` and ``gradients`` (the most gradient memory alive at any
+    moment: 4 B per trainable fp32 parameter, unless the step runs in backward) are what the step
+    holds; ``gradients_at_peak + activations + parameters + optimizer_state == peak`` breaks the peak
+    down, activations meaning everything else alive then (activations, temporaries, inputs, buffers).
+    """
+
+    model: str
+    method: str
+    mode: str
+    batch_size: int
+    image_size: int
+    step_in_backward: bool
+    grad_checkpointing: bool
+    num_params: int
+    trainable_params: int
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    peak: int
+    gradients_at_peak: int
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _LiveStorages(TorchDispatchMode):
+    """Counts the bytes of every storage alive, and classifies what is alive at the peak.
+
+    Storages are keyed by their Python object (torch keeps one per storage while it lives), freed
+    through a weak-reference callback. At each local maximum (the first free after a new peak) the
+    live set is classified by ``classify(keys)``.
+    """
+
+    def __init__(self, classify) -> None:
+        super().__init__()
+        self.classify = classify
+        self.live: dict[int, int] = {}
+        self.refs: dict[int, weakref.ref] = {}
+        self.total = 0
+        self.peak = 0
+        self.peak_categories: dict[str, int] = {}
+        self.grad_max = 0
+        self._dirty = False
+
+    def track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key in self.live:
+            return
+        self.live[key] = storage.nbytes()
+        self.refs[key] = weakref.ref(storage, lambda _, k=key: self._free(k))
+        self.total += self.live[key]
+        if self.total > self.peak:
+            self.peak = self.total
+            self._dirty = True
+
+    def _free(self, key: int) -> None:
+        if self._dirty:
+            self.snapshot()
+        self.refs.pop(key, None)
+        self.total -= self.live.pop(key, 0)
+
+    def snapshot(self) -> None:
+        self._dirty = False
+        self.peak_categories = self.classify(self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """State tensors proportional to the parameters (not the per-parameter step counters on the CPU)."""
+    return [v for s in optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and k != "step"]
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return id(t.untyped_storage())
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(name: str, num_classes: int, image_size: int | None) -> nn.Module:
+    """Meta models hold no memory, so a table of many methods builds each model once."""
+    from fused_ft.models import create_model
+
+    return create_model(name, num_classes, image_size=image_size, device="meta")
+
+
+def _build(model_or_name: nn.Module | str, num_classes: int, image_size: int | None, device):
+    from fused_ft.models import create_model
+
+    if isinstance(model_or_name, nn.Module):
+        return model_or_name, type(model_or_name).__name__
+    if device.type == "meta":
+        return _meta_model(model_or_name, num_classes, image_size), model_or_name
+    return create_model(model_or_name, num_classes, image_size=image_size, device=device), model_or_name
+
+
+def _input_size(model: nn.Module, image_size: int | None) -> int:
+    if image_size:
+        return image_size
+    from fused_ft.cli import _input_size
+
+    return _input_size(model)
+
+
+def _set_checkpointing(model: nn.Module, enable: bool) -> None:
+    target = model.visual if hasattr(model, "visual") and not hasattr(model, "set_grad_checkpointing") else model
+    if not hasattr(target, "set_grad_checkpointing"):
+        if enable:
+            raise ValueError(
+                f"Invalid grad_checkpointing=True: {type(target).__name__} has no set_grad_checkpointing()")
+        return
+    target.set_grad_checkpointing(enable)
+
+
+def profile_memory(
+    model_or_name: nn.Module | str,
+    method: str,
+    batch_size: int = 1,
+    image_size: int | None = None,
+    device: str | torch.device | None = None,
+    grad_checkpointing: bool = False,
+    step_in_backward: bool = False,
+    *,
+    num_classes: int = 1000,
+    mode: str | None = None,
+) -> MemoryProfile:
+    """Bytes of one steady-state training step of ``model_or_name`` with ``method``.
+
+    Args:
+        model_or_name: a model (on the meta device for ``simulated``) or a name for
+            :func:`fused_ft.create_model` (``clip-vit-b16``, any timm/open_clip name).
+        method: a :data:`fused_ft.METHODS` name.
+        batch_size: images per step (the paper's Table 4 uses 1).
+        image_size: input resolution (default: the model's).
+        device: ``None``/``"meta"`` simulate; a CUDA device measures.
+        grad_checkpointing: recompute activations in backward (timm/open_clip checkpointing).
+        step_in_backward: update each parameter during backward and free its gradient.
+        num_classes: size of the classification head.
+        mode: ``simulated`` or ``measured``; default from ``device``.
+
+    Example:
+        >>> p = profile_memory("vit_tiny_patch16_224", "sgd-freeze-embed", image_size=64)
+        >>> p.optimizer_state == 4 * p.trainable_params
+        True
+    """
+    get_method(method)  # a clear error for an unknown method before any work
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"Invalid batch_size: {batch_size!r} (must be an int >= 1)")
+    device = torch.device(device or "meta")
+    mode = mode or ("simulated" if device.type == "meta" else "measured")
+    if mode not in ("simulated", "measured"):
+        raise ValueError(f"Invalid mode: {mode!r} (choose from simulated, measured)")
+    if mode == "measured" and device.type != "cuda":
+        raise ValueError(f"Invalid device: {device} for mode='measured' (needs CUDA; simulate with device='meta')")
+    if mode == "simulated" and device.type != "meta":
+        raise ValueError(f"Invalid device: {device} for mode='simulated' (simulation builds the model on 'meta')")
+    start = time.perf_counter()
+    model, label = _build(model_or_name, num_classes, image_size, device)
+    size = _input_size(model, image_size)
+    _set_checkpointing(model, grad_checkpointing)
+    model.train()
+    optimizer = create_optimizer(model, method, step_in_backward=step_in_backward)
+    x = torch.empty(batch_size, 3, size, size, device=device).normal_() if mode == "measured" else \
+        torch.empty(batch_size, 3, size, size, device=device)
+    y = torch.zeros(batch_size, dtype=torch.long, device=device)
+    params = list(model.parameters())
+
+    def train_step() -> None:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        del loss
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with _fused_attention_on_meta():
+        train_step()  # warm-up: creates the optimizer state
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    state_bytes = sum(t.numel() * t.element_size() for t in _state_tensors(optimizer))
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    if mode == "measured":
+        peak, categories, grad_max = _measure(train_step, params, param_bytes, state_bytes, device)
+    else:
+        peak, categories, grad_max = _simulate(train_step, model, optimizer, params)
+    return MemoryProfile(
+        model=label, method=method, mode=mode, batch_size=batch_size, image_size=size,
+        step_in_backward=step_in_backward, grad_checkpointing=grad_checkpointing,
+        num_params=sum(p.numel() for p in params), trainable_params=trainable,
+        parameters=categories["parameters"], gradients=grad_max,
+        optimizer_state=categories["optimizer_state"], activations=categories["activations"], peak=peak,
+        gradients_at_peak=categories["gradients_at_peak"], seconds=time.perf_counter() - start,
+        extra={"baseline": categories["baseline"]},  # bytes alive when the step starts
+    )
+
+
+@contextmanager
+def _fused_attention_on_meta():
+    """Route meta-tensor ``F.scaled_dot_product_attention`` to the flash kernel's op (meta kernels exist
+    for it and its backward), so simulated attention memory is that of a fused kernel."""
+    original = nn.functional.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if query.device.type != "meta" or kwargs:
+            return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **kwargs)
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+    nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        nn.functional.scaled_dot_product_attention = original
+
+
+def _simulate(train_step, model: nn.Module, optimizer, params) -> tuple[int, dict[str, int], int]:
+    param_keys = {_storage_key(p) for p in params}  # buffers (BatchNorm statistics) count with activations
+    grad_max = [0]
+
+    def note_gradients() -> None:
+        grad_max[0] = max(grad_max[0], sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None))
+
+    def classify(live: dict[int, int]) -> dict[str, int]:
+        note_gradients()
+        grad_keys = {_storage_key(p.grad) for p in params if p.grad is not None}
+        state_keys = {_storage_key(t) for t in _state_tensors(optimizer)}
+        out = dict.fromkeys(CATEGORIES, 0)
+        for key, nbytes in live.items():
+            category = ("parameters" if key in param_keys else "gradients_at_peak" if key in grad_keys
+                        else "optimizer_state" if key in state_keys else "activations")
+            out[category] += nbytes
+        return out
+
+    tracker = _LiveStorages(classify)
+    for t in [*params, *model.buffers(), *_state_tensors(optimizer)]:
+        tracker.track(t)
+    baseline = tracker.total
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: note_gradients()) for p in params if p.requires_grad]
+    try:
+        with _fused_attention_on_meta(), tracker:
+            train_step()
+        if tracker._dirty:
+            tracker.snapshot()
+    finally:
+        for h in hooks:
+            h.remove()
+    tracker.peak_categories["baseline"] = baseline
+    return tracker.peak, tracker.peak_categories, grad_max[0]
+
+
+def _measure(train_step, params, param_bytes: int, state_bytes: int, device) -> tuple[int, dict[str, int], int]:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    grad_bytes = [0]
+
+    def count(p):
+        grad_bytes[0] = max(grad_bytes[0], sum(q.grad.numel() * q.grad.element_size() for q in params
+                                               if q.grad is not None))
+
+    hooks = [p.register_post_accumulate_grad_hook(count) for p in params if p.requires_grad]
+    try:
+        train_step()
+        torch.cuda.synchronize(device)
+    finally:
+        for h in hooks:
+            h.remove()
+    peak = torch.cuda.max_memory_allocated(device)
+    other = max(0, peak - param_bytes - state_bytes - grad_bytes[0])
+    return peak, {"parameters": param_bytes, "gradients_at_peak": grad_bytes[0], "optimizer_state": state_bytes,
+                  "activations": other, "baseline": base}, grad_bytes[0]
