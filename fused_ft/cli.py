@@ -6,13 +6,15 @@ status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
 from fused_ft.embedding import EmbeddingNotFound
 from fused_ft.models import PretrainedWeightsError
 
-USER_ERRORS = (ValueError, PretrainedWeightsError, EmbeddingNotFound, FileNotFoundError)
+USER_ERRORS = (ValueError, PretrainedWeightsError, EmbeddingNotFound, FileNotFoundError)  # DataError is a ValueError
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
@@ -96,6 +98,76 @@ def _memory(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}")
 
 
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What finetune and sweep share: model, data, schedule and output."""
+    add_model_arguments(parser, default_model="shift-lab-vit")
+    parser.add_argument("--data", default="shift-lab", help="shift-lab[:spurious], imagefolder:DIR, waterbirds:DIR, ...")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--after-linear-probe", action="store_true", help="LP-FT's second stage: LRs / 10")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+
+
+def _base_config(args: argparse.Namespace, **overrides):
+    from fused_ft.finetune import FinetuneConfig
+
+    pretrained = args.pretrained
+    if args.model.startswith("shift-lab-") and pretrained is False:
+        pretrained = "adamw"  # shift-lab models are always pretrained in-process; --pretrained sgd for Appendix E
+    return FinetuneConfig(model=args.model, data=args.data, method=overrides.pop("method", "sgd"),
+                          lr=overrides.pop("lr", 1e-3), epochs=args.epochs, batch_size=args.batch_size,
+                          seed=overrides.pop("seed", 0), out=args.out, pretrained=pretrained,
+                          checkpoint=str(args.checkpoint) if args.checkpoint else None, image_size=args.image_size,
+                          after_linear_probe=args.after_linear_probe, device=args.device,
+                          num_workers=args.num_workers, **overrides)
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from fused_ft import sweep
+    from fused_ft.finetune import finetune
+
+    if args.lr is None and args.lr_sweep is None:
+        raise ValueError("Invalid arguments: give --lr LR or --lr-sweep paper")
+    out = Path(args.out)
+    if not args.resume and out.exists() and any(out.iterdir()):
+        raise ValueError(f"Invalid --out: {str(out)!r} is not empty (add --resume to continue that run, or pick a new directory)")
+    if args.lr is not None:
+        result = finetune(_base_config(args, method=args.method, lr=args.lr, seed=args.seed))
+    else:
+        results = sweep.run_sweep(_base_config(args, seed=args.seed), [args.method], args.lr_sweep, [args.seed])
+        best = sweep.summarize(results)[0]
+        result = next(r for r in results if r["lr"] == best["lr"])
+        print(f"lr chosen by ID validation: {best['lr']:g}")
+    print(json.dumps(result, indent=2))
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from fused_ft import diagnostics, sweep
+    from fused_ft.data import load_data
+    from fused_ft.finetune import build_model
+
+    base = _base_config(args)
+    data = load_data(args.data, image_size=args.image_size or 224)
+    model = build_model(base, data.num_classes)
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(data.train), generator=g)[: 4 * args.batch_size].tolist()
+    batches = [tuple(torch.stack([torch.as_tensor(data.train[i][k]) for i in idx[j:j + args.batch_size]])
+                     for k in (0, 1)) for j in range(0, len(idx), args.batch_size)]
+    verdict = diagnostics.verdict(diagnostics.layer_grad_norms(model, batches, **embedding_options(args)))
+    print(f"layer-gradient verdict at initialisation ({args.model}, pretrained={base.pretrained}): {verdict}")
+    results = sweep.run_sweep(base, args.methods, args.lr_sweep, args.seeds, jobs=args.jobs)
+    rows = sweep.summarize(results)
+    print(sweep.render(rows, args.format))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "summary.json").write_text(json.dumps({"verdict": str(verdict), "rows": rows}, indent=2))
+    if args.plot:
+        sweep.plot(rows, args.plot, title=f"{args.model} on {args.data}")
+        print(f"wrote {args.plot}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fused-ft", description="fused_ft: fine-tune vision models with SGD")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +193,27 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--format", default="table", choices=["table", "md", "csv", "json"])
     mem.add_argument("--plot", default=None, help="write a stacked-bar PNG here")
 
+    fine = commands.add_parser("finetune", help="fine-tune one model with one method (the paper's protocol)")
+    _run_arguments(fine)
+    fine.add_argument("--method", required=True)
+    lr = fine.add_mutually_exclusive_group()
+    lr.add_argument("--lr", type=float)
+    lr.add_argument("--lr-sweep", help="'paper' (the method's 6 LRs) or comma-separated LRs; picks by ID val")
+    fine.add_argument("--seed", type=int, default=0)
+    fine.add_argument("--out", default="runs/finetune")
+    fine.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+    sw = commands.add_parser("sweep", help="methods x learning rates x seeds; tables like the paper's")
+    _run_arguments(sw)
+    sw.add_argument("--methods", type=_csv_list,
+                    default=["sgd", "sgd-freeze-embed", "sgd-freeze-embed-nomom", "adamw"])
+    sw.add_argument("--lr-sweep", default="paper", help="'paper' or comma-separated LRs (same for every method)")
+    sw.add_argument("--seeds", type=lambda s: [int(x) for x in _csv_list(s)], default=[0, 1, 2])
+    sw.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel")
+    sw.add_argument("--out", default="runs/sweep")
+    sw.add_argument("--format", default="table", choices=["table", "md", "csv", "json"])
+    sw.add_argument("--plot", default=None, help="write a bar chart PNG here")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -131,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             _grad_norms(args)
         elif args.command == "memory":
             _memory(args)
+        elif args.command == "finetune":
+            _finetune(args)
+        elif args.command == "sweep":
+            _sweep(args)
     except USER_ERRORS as exc:
         print(f"fused-ft {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,180 @@
+"""Fine-tuning with the paper's protocol (Kumar et al., Sec. 4 and Appendix A): one run.
+
+Cosine schedule from the starting LR to 0 over all steps (gradual unfreezing: its own epoch-wise
+schedule), early stopping on ID validation accuracy (the best epoch's weights are evaluated), and
+ID-validation, ID-test and OOD-test accuracies written as JSONL and ``results.json``.
+
+A checkpoint is written atomically after every epoch (model, optimizer, scheduler, best weights,
+RNG states, history); ``resume=True`` continues from it and ends with the same result as an
+uninterrupted run: every epoch's data order comes from ``(seed, epoch)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from fused_ft.data import DataBundle, load_data
+from fused_ft.methods import create_optimizer, method as get_method
+from fused_ft.unfreeze import GradualUnfreeze
+
+__all__ = ["FinetuneConfig", "finetune", "evaluate", "build_model"]
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run; the CLI's ``fused-ft finetune`` arguments."""
+
+    model: str
+    data: str
+    method: str
+    lr: float
+    epochs: int
+    batch_size: int
+    seed: int = 0
+    out: str = "runs/finetune"
+    pretrained: Any = False  # False, True or a tag; shift-lab models: "adamw" (default) or "sgd"
+    checkpoint: str | None = None
+    image_size: int | None = None
+    after_linear_probe: bool = False
+    device: str | None = None
+    num_workers: int = 0
+    progress: bool = True
+
+
+def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
+    from fused_ft.data import shift_lab
+    from fused_ft.models import create_model
+
+    if config.model in shift_lab.SHIFT_LAB_MODELS:
+        pretrain = config.pretrained if isinstance(config.pretrained, str) else "adamw"
+        return shift_lab.create_pretrained(config.model, num_classes, pretrain, progress=config.progress)
+    return create_model(config.model, num_classes, pretrained=config.pretrained, checkpoint=config.checkpoint,
+                        image_size=config.image_size)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0) -> float:
+    """Top-1 accuracy."""
+    model.eval()
+    correct = total = 0
+    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+        x, y = batch[0].to(device), batch[1].to(device)
+        with _autocast(device):
+            logits = model(x)
+        correct += int((logits.argmax(1) == y).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+def _autocast(device: torch.device):
+    # mixed precision on GPUs (bf16: no GradScaler needed); full fp32 on the CPU
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def _validate(config: FinetuneConfig) -> None:
+    get_method(config.method)
+    for name in ("epochs", "batch_size"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Invalid {name}: {value!r} (must be an int >= 1)")
+    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
+        raise ValueError(f"Invalid lr: {config.lr!r} (must be a finite number > 0)")
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str, Any]:
+    """Run (or resume) one fine-tuning run; return the final metrics (also in ``out/results.json``)."""
+    from tqdm import tqdm
+
+    _validate(config)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())  # finished earlier: nothing is redone
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = data or load_data(config.data, image_size=config.image_size or 224)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model = build_model(config, data.num_classes).to(device)
+    optimizer = create_optimizer(model, config.method, lr=config.lr, after_linear_probe=config.after_linear_probe)
+    steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    gradual = get_method(config.method).schedule == "gradual-unfreeze"
+    scheduler = (GradualUnfreeze(optimizer, config.epochs) if gradual else
+                 torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps))))
+    state = {"epoch": 0, "best_val": -1.0, "best_epoch": -1, "best_model": None, "history": []}
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        random.setstate(ckpt["python_rng"])
+        state = ckpt["state"]
+    # the log is rewritten from the checkpoint's history: a run killed after its last checkpoint
+    # leaves no epoch twice in the log and none missing
+    log_path.write_text("")
+    _append(log_path, {"event": "config", **asdict(config), "device": str(device), "num_classes": data.num_classes})
+    for record in state["history"]:
+        _append(log_path, record)
+    for epoch in range(state["epoch"], config.epochs):
+        model.train()
+        order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=order,
+                            num_workers=config.num_workers)
+        losses = []
+        for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress, leave=False):
+            x, y = batch[0].to(device), batch[1].to(device)
+            with _autocast(device):
+                loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if not gradual:
+                scheduler.step()
+            losses.append(loss.item())
+        if gradual:
+            scheduler.step()
+        val = evaluate(model, data.id_val, config.batch_size, device, config.num_workers)
+        if val > state["best_val"]:
+            state.update(best_val=val, best_epoch=epoch,
+                         best_model={k: v.detach().clone() for k, v in model.state_dict().items()})
+        state["epoch"] = epoch + 1
+        record = {"event": "epoch", "epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "id_val": val,
+                  "lr": optimizer.param_groups[-1]["lr"]}
+        state["history"].append(record)
+        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                      "python_rng": random.getstate(), "state": state}, ckpt_path)
+        _append(log_path, record)
+        if config.progress:
+            print(f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, ID val {val:.4f}")
+    model.load_state_dict(state["best_model"])  # early stopping on ID validation accuracy
+    results = {"model": config.model, "data": data.name, "method": config.method, "lr": config.lr,
+               "seed": config.seed, "epochs": config.epochs, "best_epoch": state["best_epoch"] + 1,
+               "id_val": state["best_val"],
+               "id_test": evaluate(model, data.id_test, config.batch_size, device, config.num_workers)}
+    for name, split in data.ood_tests.items():
+        results[name] = evaluate(model, split, config.batch_size, device, config.num_workers)
+    _append(log_path, {"event": "result", **results})
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _append(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record, default=str) + "\n")

@@ -1,0 +1,155 @@
+"""Methods x learning rates x seeds, the paper's way (Sec. 4, Appendix A): pick each method's LR by
+mean ID validation accuracy, report ID and OOD test accuracy at that LR as the mean over seeds with a
+90% t-interval (Table 5's format). Runs are independent directories, so an interrupted sweep resumes
+where it stopped, and they run in parallel worker processes.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from fused_ft.finetune import FinetuneConfig, finetune
+from fused_ft.methods import method as get_method
+
+__all__ = ["run_sweep", "summarize", "render", "plot", "lr_grid"]
+
+# two-sided 90% Student t quantiles by degrees of freedom (1.645 beyond)
+_T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
+
+
+def lr_grid(method: str, spec: str = "paper") -> tuple[float, ...]:
+    """``paper``: the method's 6-point grid; otherwise comma-separated learning rates."""
+    if spec == "paper":
+        return get_method(method).lr_grid
+    try:
+        lrs = tuple(float(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"Invalid lr-sweep: {spec!r} (use 'paper' or comma-separated numbers)") from None
+    if not lrs or any(not math.isfinite(lr) or lr <= 0 for lr in lrs):
+        raise ValueError(f"Invalid lr-sweep: {spec!r} (learning rates must be finite and > 0)")
+    return lrs
+
+
+def _run_dir(out: Path, method: str, lr: float, seed: int) -> Path:
+    return out / method / f"lr{lr:g}" / f"seed{seed}"
+
+
+def _worker(config_dict: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("FUSED_FT_WORKER_THREADS", "1")))
+    return finetune(FinetuneConfig(**config_dict))
+
+
+def run_sweep(base: FinetuneConfig, methods: Sequence[str], lrs: str | dict[str, Sequence[float]],
+              seeds: Sequence[int], jobs: int = 1) -> list[dict[str, Any]]:
+    """Every (method, lr, seed) run under ``base.out``; finished runs are read back, not redone."""
+    from tqdm import tqdm
+
+    for m in methods:
+        get_method(m)
+    grids = {m: (lr_grid(m, lrs) if isinstance(lrs, str) else tuple(lrs[m])) for m in methods}
+    out = Path(base.out)
+    configs = [replace(base, method=m, lr=lr, seed=s, out=str(_run_dir(out, m, lr, s)), progress=False)
+               for m in methods for lr in grids[m] for s in seeds]
+    from fused_ft.finetune import build_model
+
+    build_model(base, 2)  # fills a pretrained-weights cache once, before workers race for it
+    results = []
+    with tqdm(total=len(configs), desc="sweep", unit="run", disable=not base.progress) as bar:
+        if jobs <= 1:
+            for c in configs:
+                results.append(finetune(c))
+                bar.update()
+        else:
+            import multiprocessing
+
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(_worker, asdict(c)) for c in configs]
+                for f in as_completed(futures):
+                    results.append(f.result())
+                    bar.update()
+    return sorted(results, key=lambda r: (methods.index(r["method"]), r["lr"], r["seed"]))
+
+
+def _interval(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    t = _T90.get(len(values) - 1, 1.645)
+    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method: the LR with the best mean ID validation accuracy and its test accuracies (mean, 90% half-width)."""
+    ood_keys = sorted({k for r in results for k in r if k.startswith("ood_test")})
+    rows = []
+    for m in dict.fromkeys(r["method"] for r in results):
+        by_lr: dict[float, list] = {}
+        for r in results:
+            if r["method"] == m:
+                by_lr.setdefault(r["lr"], []).append(r)
+        best_lr = max(by_lr, key=lambda lr: (statistics.fmean(r["id_val"] for r in by_lr[lr]), -lr))
+        runs = by_lr[best_lr]
+        row = {"method": m, "lr": best_lr, "seeds": len(runs),
+               "lr_at_grid_edge": best_lr in (min(by_lr), max(by_lr)) and len(by_lr) > 1}
+        for key in ["id_val", "id_test", *ood_keys]:
+            row[key], row[key + "_ci90"] = _interval([100 * r[key] for r in runs])
+        rows.append(row)
+    return rows
+
+
+def render(rows: list[dict[str, Any]], fmt: str = "table") -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    keys = [k for k in rows[0] if k.startswith(("id_", "ood_")) and not k.endswith("_ci90")]
+    header = ["method", "lr"] + [k.replace("_", " ") for k in keys]
+    body = [[r["method"], f"{r['lr']:g}" + (" (edge)" if r["lr_at_grid_edge"] else "")]
+            + [f"{r[k]:.1f} ± {r[k + '_ci90']:.1f}" for k in keys] for r in rows]
+    if fmt == "md":
+        return "\n".join(["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(keys)]
+                         + ["| " + " | ".join(b) + " |" for b in body])
+    if fmt != "table":
+        raise ValueError(f"Invalid format: {fmt!r} (choose from table, md, csv, json)")
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+    """ID and OOD test accuracy per method with 90% intervals over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in rows[0] if k.startswith(("id_test", "ood_")) and not k.endswith("_ci90")]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows), 4))
+    width = 0.8 / len(keys)
+    for j, key in enumerate(keys):
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(rows))]
+        ax.bar(xs, [r[key] for r in rows], width, yerr=[r[key + "_ci90"] for r in rows], capsize=3,
+               label=key.replace("_", " "))
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["method"] for r in rows], rotation=20, ha="right")
+    ax.set_ylabel("accuracy (%), mean and 90% interval over seeds")
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

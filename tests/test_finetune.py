@@ -1,0 +1,141 @@
+"""Accuracy harness (issue 7): finetune end to end, kill-and-resume, sweep selection, data errors, shift-lab."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fused_ft import cli, sweep
+from fused_ft.data import DataError, load_data, shift_lab
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A tiny ImageFolder: 2 classes (dark / bright squares), train/id_val/id_test and two OOD splits."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder")
+    g = torch.Generator().manual_seed(0)
+    for split, n in [("train", 24), ("id_val", 8), ("id_test", 8), ("ood_test", 8), ("ood_test_b", 6)]:
+        for label, level in [("dark", 60), ("bright", 190)]:
+            (root / split / label).mkdir(parents=True)
+            for i in range(n // 2):
+                pixels = (level + 40 * torch.randn(40, 40, 3, generator=g)).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(pixels.numpy()).save(root / split / label / f"{i}.png")
+    return root
+
+
+def _finetune_args(root, out, epochs=3, extra=()):
+    return ["finetune", "--model", "vit_tiny_patch16_224", "--image-size", "32", "--data", f"imagefolder:{root}",
+            "--method", "sgd-freeze-embed", "--lr", "0.01", "--epochs", str(epochs), "--batch-size", "8",
+            "--out", str(out), *extra]
+
+
+def test_finetune_end_to_end(image_folder, tmp_path, capsys):
+    assert cli.main(_finetune_args(image_folder, tmp_path / "run")) == 0
+    result = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(result) >= {"id_val", "id_test", "ood_test", "ood_test_b", "best_epoch", "lr"}
+    assert all(0 <= result[k] <= 1 for k in ("id_val", "id_test", "ood_test", "ood_test_b"))
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["event"] for x in lines] == ["config", "epoch", "epoch", "epoch", "result"]
+    assert lines[-1]["id_val"] == max(x["id_val"] for x in lines if x["event"] == "epoch")  # early stopping
+    # cosine to 0 over all steps: the last epoch ends at lr 0
+    assert lines[3]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert '"ood_test_b"' in capsys.readouterr().out
+    assert cli.main(_finetune_args(image_folder, tmp_path / "run")) == 2  # refuses to overwrite without --resume
+
+
+def test_killed_run_resumes_to_the_same_result(image_folder, tmp_path):
+    args = _finetune_args(image_folder, tmp_path / "killed", epochs=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fused_ft.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and log.read_text().count('"event": "epoch"') >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "results.json").exists()
+    assert cli.main(args + ["--resume"]) == 0
+    assert cli.main(_finetune_args(image_folder, tmp_path / "straight", epochs=4)) == 0
+    resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert resumed == straight
+    epochs = [json.loads(x)["epoch"] for x in log.read_text().splitlines() if '"event": "epoch"' in x]
+    assert epochs == [1, 2, 3, 4]
+
+
+def test_missing_or_malformed_data_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    rc = cli.main(_finetune_args(tmp_path, tmp_path / "out"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "missing id_val, id_test, ood_test*" in err and "DIR/train/<class>" in err
+    with pytest.raises(DataError, match=r"no metadata.csv; expected DIR/metadata.csv"):
+        load_data(f"waterbirds:{tmp_path}")
+    with pytest.raises(DataError, match=r"Invalid data: 'cifar:x'"):
+        load_data("cifar:x")
+
+
+def test_sweep_picks_the_lr_by_id_val_and_reports_90_percent_intervals():
+    results = [dict(method="sgd", lr=lr, seed=s, id_val=v, id_test=t, ood_test=o)
+               for lr, vals in [(0.1, [(0.5, 0.5, 0.3), (0.6, 0.5, 0.3)]), (0.01, [(0.8, 0.7, 0.4), (0.7, 0.9, 0.6)])]
+               for s, (v, t, o) in enumerate(vals)]
+    (row,) = sweep.summarize(results)
+    assert row["lr"] == 0.01 and row["lr_at_grid_edge"]
+    assert row["id_test"] == pytest.approx(80.0)
+    # two seeds: t(0.95, 1) = 6.314; half-width = t * sd / sqrt(2)
+    assert row["ood_test_ci90"] == pytest.approx(6.314 * math.sqrt(200) / math.sqrt(2))
+    assert "80.0 ± 63.1" in sweep.render([row])
+    with pytest.raises(ValueError, match=r"Invalid lr-sweep: 'fast'"):
+        sweep.lr_grid("sgd", "fast")
+
+
+def test_sweep_cli_end_to_end(image_folder, tmp_path, capsys):
+    rc = cli.main(["sweep", "--model", "vit_tiny_patch16_224", "--image-size", "32", "--data", str(image_folder),
+                   "--methods", "sgd,adamw", "--lr-sweep", "0.01,0.001", "--seeds", "0,1", "--epochs", "1",
+                   "--batch-size", "8", "--jobs", "1", "--out", str(tmp_path), "--format", "md",
+                   "--plot", str(tmp_path / "sweep.png")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "layer-gradient verdict at initialisation" in out and "| sgd |" in out and "| adamw |" in out
+    runs = list(tmp_path.glob("*/lr*/seed*/results.json"))
+    assert len(runs) == 8
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shift_lab_splits_and_pretraining_cache(tmp_path, monkeypatch):
+    a = shift_lab.make_splits("style", shift_lab.ShiftLabConfig(train=64, id_val=16, id_test=16, ood_test=16))
+    b = shift_lab.make_splits("style", shift_lab.ShiftLabConfig(train=64, id_val=16, id_test=16, ood_test=16))
+    assert torch.equal(a["train"][0], b["train"][0]) and a["train"][0].shape == (64, 3, 32, 32)
+    assert set(a["ood_test"][1].tolist()) <= set(range(len(shift_lab.TARGET_SHAPES)))
+    # ID images are filled on dark backgrounds, OOD ones outlines on light backgrounds
+    assert a["id_test"][0].mean() < 0.4 < a["ood_test"][0].mean()
+    spurious = shift_lab.make_splits("spurious", shift_lab.ShiftLabConfig(train=400, id_val=8, id_test=8, ood_test=400))
+
+    def hue_agreement(images, labels):  # the corner pixel shows the background hue
+        hue = torch.cdist(images[:, :, 0, 0], shift_lab.HUES).argmin(1)
+        return (hue == labels).float().mean()
+
+    assert hue_agreement(*spurious["train"]) > 0.85 and hue_agreement(*spurious["ood_test"]) < 0.45
+    monkeypatch.setenv("FUSED_FT_CACHE", str(tmp_path))
+    recipe = shift_lab.PretrainRecipe(examples=64, epochs=1, batch_size=32)
+    first = shift_lab.create_pretrained("shift-lab-vit", 4, recipe=recipe, progress=False)
+    assert len(list((tmp_path / "shift-lab").glob("shift-lab-vit-adamw-*.pt"))) == 1
+    second = shift_lab.create_pretrained("shift-lab-vit", 4, recipe=recipe, progress=False)
+    for (n, p), q in zip(first.named_parameters(), second.parameters()):
+        if not n.startswith("head"):
+            assert torch.equal(p, q), n
+    with pytest.raises(ValueError, match=r"Invalid shift-lab variant: 'x'"):
+        shift_lab.make_splits("x")
