@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import os
 import sys
 from pathlib import Path
@@ -107,6 +108,7 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--after-linear-probe", action="store_true", help="LP-FT's second stage: LRs / 10")
     parser.add_argument("--device", default=None)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
 
 
 def _base_config(args: argparse.Namespace, **overrides):
@@ -120,7 +122,7 @@ def _base_config(args: argparse.Namespace, **overrides):
                           seed=overrides.pop("seed", 0), out=args.out, pretrained=pretrained,
                           checkpoint=str(args.checkpoint) if args.checkpoint else None, image_size=args.image_size,
                           after_linear_probe=args.after_linear_probe, device=args.device,
-                          num_workers=args.num_workers, **overrides)
+                          num_workers=args.num_workers, fsdp=args.fsdp, **overrides)
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -130,10 +132,12 @@ def _finetune(args: argparse.Namespace) -> None:
     if args.lr is None and args.lr_sweep is None:
         raise ValueError("Invalid arguments: give --lr LR or --lr-sweep paper")
     out = Path(args.out)
-    if not args.resume and out.exists() and any(out.iterdir()):
+    if not args.resume and int(os.environ.get("RANK", "0")) == 0 and out.exists() and any(out.iterdir()):
         raise ValueError(f"Invalid --out: {str(out)!r} is not empty (add --resume to continue that run, or pick a new directory)")
     if args.lr is not None:
         result = finetune(_base_config(args, method=args.method, lr=args.lr, seed=args.seed))
+        if int(os.environ.get("RANK", "0")) != 0:
+            return  # rank 0 prints
     else:
         results = sweep.run_sweep(_base_config(args, seed=args.seed), [args.method], args.lr_sweep, [args.seed])
         best = sweep.summarize(results)[0]
@@ -148,6 +152,11 @@ def _sweep(args: argparse.Namespace) -> None:
     from fused_ft.finetune import build_model
 
     base = _base_config(args)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args.jobs = 1  # under torchrun every rank runs each fine-tuning together, one after another
+    if not rank0:
+        base = replace(base, progress=False)
     data = load_data(args.data, image_size=args.image_size or 224)
     model = build_model(base, data.num_classes)
     import torch
@@ -157,8 +166,10 @@ def _sweep(args: argparse.Namespace) -> None:
     batches = [tuple(torch.stack([torch.as_tensor(data.train[i][k]) for i in idx[j:j + args.batch_size]])
                      for k in (0, 1)) for j in range(0, len(idx), args.batch_size)]
     verdict = diagnostics.verdict(diagnostics.layer_grad_norms(model, batches, **embedding_options(args)))
-    print(f"layer-gradient verdict at initialisation ({args.model}, pretrained={base.pretrained}): {verdict}")
     results = sweep.run_sweep(base, args.methods, args.lr_sweep, args.seeds, jobs=args.jobs)
+    if not rank0:
+        return
+    print(f"layer-gradient verdict at initialisation ({args.model}, pretrained={base.pretrained}): {verdict}")
     rows = sweep.summarize(results)
     print(sweep.render(rows, args.format))
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
 
 from fused_ft.data import DataBundle, load_data
+from fused_ft.distributed import Context, full_state, load_full_state, setup, wrap
 from fused_ft.methods import create_optimizer, method as get_method
 from fused_ft.unfreeze import GradualUnfreeze
 
@@ -47,6 +49,7 @@ class FinetuneConfig:
     device: str | None = None
     num_workers: int = 0
     progress: bool = True
+    fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
 
 
 def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
@@ -61,9 +64,13 @@ def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0) -> float:
-    """Top-1 accuracy."""
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0,
+             ctx: Context | None = None) -> float:
+    """Top-1 accuracy; under torch.distributed each rank counts a disjoint slice and the counts are summed."""
+    ctx = ctx or Context()
     model.eval()
+    if ctx.distributed:
+        dataset = Subset(dataset, range(ctx.rank, len(dataset), ctx.world))
     correct = total = 0
     for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
         x, y = batch[0].to(device), batch[1].to(device)
@@ -71,6 +78,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
             logits = model(x)
         correct += int((logits.argmax(1) == y).sum())
         total += len(y)
+    correct, total = ctx.all_sum(correct, total)
     return correct / max(total, 1)
 
 
@@ -100,17 +108,28 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
     from tqdm import tqdm
 
     _validate(config)
+    ctx = setup(config.fsdp)
+    if config.batch_size % ctx.world:
+        raise ValueError(f"Invalid batch_size: {config.batch_size} (the global batch must split evenly over "
+                         f"{ctx.world} ranks)")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
     if (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())  # finished earlier: nothing is redone
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(config.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
+                                            else "cpu"))
     data = data or load_data(config.data, image_size=config.image_size or 224)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model = build_model(config, data.num_classes).to(device)
-    optimizer = create_optimizer(model, config.method, lr=config.lr, after_linear_probe=config.after_linear_probe)
+    make_optimizer = lambda m: create_optimizer(m, config.method, lr=config.lr,  # noqa: E731
+                                                after_linear_probe=config.after_linear_probe)
+    optimizer = make_optimizer(model)  # freezes first: DDP must only see trainable parameters
+    model = wrap(model, ctx)
+    if ctx.fsdp:
+        optimizer = make_optimizer(model)  # fully_shard replaced the parameters with DTensors
+    progress = config.progress and ctx.main
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     gradual = get_method(config.method).schedule == "gradual-unfreeze"
@@ -119,25 +138,32 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
     state = {"epoch": 0, "best_val": -1.0, "best_epoch": -1, "best_model": None, "history": []}
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"], ctx)
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["torch_rng"])
         random.setstate(ckpt["python_rng"])
         state = ckpt["state"]
     # the log is rewritten from the checkpoint's history: a run killed after its last checkpoint
     # leaves no epoch twice in the log and none missing
-    log_path.write_text("")
-    _append(log_path, {"event": "config", **asdict(config), "device": str(device), "num_classes": data.num_classes})
-    for record in state["history"]:
-        _append(log_path, record)
+    if ctx.main:
+        log_path.write_text("")
+        _append(log_path, {"event": "config", **asdict(config), "device": str(device), "world_size": ctx.world,
+                           "num_classes": data.num_classes})
+        for record in state["history"]:
+            _append(log_path, record)
     for epoch in range(state["epoch"], config.epochs):
         model.train()
-        order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=order,
-                            num_workers=config.num_workers)
+        if ctx.distributed:  # the same global order on every rank, each taking its share of every batch
+            sampler = DistributedSampler(data.train, ctx.world, ctx.rank, shuffle=True, seed=config.seed)
+            sampler.set_epoch(epoch)
+            loader = DataLoader(data.train, batch_size=config.batch_size // ctx.world, sampler=sampler,
+                                num_workers=config.num_workers)
+        else:
+            order = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+            loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=order,
+                                num_workers=config.num_workers)
         losses = []
-        for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress, leave=False):
+        for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False):
             x, y = batch[0].to(device), batch[1].to(device)
             with _autocast(device):
                 loss = nn.functional.cross_entropy(model(x), y)
@@ -149,29 +175,37 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
             losses.append(loss.item())
         if gradual:
             scheduler.step()
-        val = evaluate(model, data.id_val, config.batch_size, device, config.num_workers)
+        val = evaluate(model, data.id_val, config.batch_size, device, config.num_workers, ctx)
+        model_sd, optim_sd = full_state(model, optimizer, ctx)
         if val > state["best_val"]:
             state.update(best_val=val, best_epoch=epoch,
-                         best_model={k: v.detach().clone() for k, v in model.state_dict().items()})
+                         best_model={k: v.detach().clone() for k, v in model_sd.items()})
         state["epoch"] = epoch + 1
-        record = {"event": "epoch", "epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "id_val": val,
+        loss_sum, count = ctx.all_sum(sum(losses), len(losses))
+        record = {"event": "epoch", "epoch": epoch + 1, "train_loss": loss_sum / count, "id_val": val,
                   "lr": optimizer.param_groups[-1]["lr"]}
         state["history"].append(record)
-        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                      "python_rng": random.getstate(), "state": state}, ckpt_path)
-        _append(log_path, record)
-        if config.progress:
+        if ctx.main:
+            _save_atomic({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
+                          "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "state": state},
+                         ckpt_path)
+            _append(log_path, record)
+        ctx.barrier()
+        if progress:
             print(f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, ID val {val:.4f}")
-    model.load_state_dict(state["best_model"])  # early stopping on ID validation accuracy
+    load_full_state(model, None, state["best_model"], None, ctx)  # early stopping on ID validation accuracy
     results = {"model": config.model, "data": data.name, "method": config.method, "lr": config.lr,
                "seed": config.seed, "epochs": config.epochs, "best_epoch": state["best_epoch"] + 1,
                "id_val": state["best_val"],
-               "id_test": evaluate(model, data.id_test, config.batch_size, device, config.num_workers)}
+               "world_size": ctx.world,
+               "id_test": evaluate(model, data.id_test, config.batch_size, device, config.num_workers, ctx)}
     for name, split in data.ood_tests.items():
-        results[name] = evaluate(model, split, config.batch_size, device, config.num_workers)
-    _append(log_path, {"event": "result", **results})
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        results[name] = evaluate(model, split, config.batch_size, device, config.num_workers, ctx)
+    if ctx.main:
+        torch.save(state["best_model"], out / "best_model.pt")
+        _append(log_path, {"event": "result", **results})
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    ctx.barrier()
     return results
 
 

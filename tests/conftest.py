@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Triton kernels run in Triton's CPU interpreter here (no GPU on dev or CI machines). The flag is
@@ -19,3 +20,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # and slows the suite by an order of magnitude on a 2-core machine.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """A tiny ImageFolder: 2 classes (dark / bright squares), train/id_val/id_test and two OOD splits."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder")
+    g = torch.Generator().manual_seed(0)
+    for split, n in [("train", 24), ("id_val", 8), ("id_test", 8), ("ood_test", 8), ("ood_test_b", 6)]:
+        for label, level in [("dark", 60), ("bright", 190)]:
+            (root / split / label).mkdir(parents=True)
+            for i in range(n // 2):
+                pixels = (level + 40 * torch.randn(40, 40, 3, generator=g)).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(pixels.numpy()).save(root / split / label / f"{i}.png")
+    return root

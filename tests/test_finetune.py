@@ -16,22 +16,6 @@ from fused_ft import cli, sweep
 from fused_ft.data import DataError, load_data, shift_lab
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """A tiny ImageFolder: 2 classes (dark / bright squares), train/id_val/id_test and two OOD splits."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("folder")
-    g = torch.Generator().manual_seed(0)
-    for split, n in [("train", 24), ("id_val", 8), ("id_test", 8), ("ood_test", 8), ("ood_test_b", 6)]:
-        for label, level in [("dark", 60), ("bright", 190)]:
-            (root / split / label).mkdir(parents=True)
-            for i in range(n // 2):
-                pixels = (level + 40 * torch.randn(40, 40, 3, generator=g)).clamp(0, 255).to(torch.uint8)
-                Image.fromarray(pixels.numpy()).save(root / split / label / f"{i}.png")
-    return root
-
-
 def _finetune_args(root, out, epochs=3, extra=()):
     return ["finetune", "--model", "vit_tiny_patch16_224", "--image-size", "32", "--data", f"imagefolder:{root}",
             "--method", "sgd-freeze-embed", "--lr", "0.01", "--epochs", str(epochs), "--batch-size", "8",

@@ -25,6 +25,7 @@ import torch
 from torch.optim import Optimizer
 
 from fused_ft import _dispatch
+from fused_ft.optim import _dtensor
 from fused_ft._validation import BOOL, OPTIONAL_BOOL, Rule, check_group, check_params
 
 __all__ = ["FusedOptimizer", "GroupPlan", "LOW_PRECISION", "state_dtype", "new_state"]
@@ -247,7 +248,18 @@ class FusedOptimizer(Optimizer):
         plans = []
         for device, (params, grads) in by_device.items():
             dtypes = frozenset(t.dtype for t in params + grads)
-            name, update = _dispatch.resolve(self.backend, self._NAME, device, group, dtypes)
+            backend = self.backend
+            if self._NAME in ("lars", "lamb") and _dtensor.any_dtensor(params) and backend != "reference":
+                # their kernels take norms of what they see, the local shard; the reference backend
+                # all-reduces the sums of squares of whole parameters
+                if backend != "auto":
+                    raise _dispatch.BackendUnavailableError(
+                        f"backend={backend!r} cannot run {self._NAME.upper()} on sharded (DTensor) parameters: "
+                        "its trust ratios need norms of whole parameters; use backend='auto' or 'reference'"
+                    )
+                backend = "reference"
+            name, update = _dispatch.resolve(backend, self._NAME, device, group, dtypes)
+            update = _dtensor.sharded_call(update, params)
             if group.get("fused") and name == "reference":
                 raise _dispatch.BackendUnavailableError(
                     f"fused=True needs a fused kernel backend, but group {index} on {device} would run "

@@ -12,7 +12,7 @@ import torch
 
 from fused_ft import _dispatch
 from fused_ft._validation import BETAS, BOOL, LR, NONNEG, Rule, scalar_value
-from fused_ft.optim import _fp32
+from fused_ft.optim import _dtensor, _fp32
 from fused_ft.optim._base import FusedOptimizer, GroupPlan, new_state
 
 __all__ = ["LAMB", "lamb", "lamb_trust_ratio"]
@@ -126,8 +126,10 @@ class LAMB(FusedOptimizer):
         # timm reads max_grad_norm from the defaults and clips over all groups together; each backend
         # computes the clip in its own form (the reference: a divisor tensor; triton: partial sums on the device)
         grads = [g for plan in plans for g in plan.grads]
-        self._clips = {
-            name: _dispatch.helper(name, self._NAME, "clip")(grads, self.defaults["max_grad_norm"])
+        params = [p for plan in plans for p in plan.params]
+        self._clips = {  # over whole sharded gradients when parameters are DTensors
+            name: _dtensor.sharded_call(_dispatch.helper(name, self._NAME, "clip"), params)(
+                grads, self.defaults["max_grad_norm"])
             for name in {plan.backend for plan in plans}
         }
         # every non-frozen group ticks once per step, with or without gradients, as in timm; in
@@ -173,7 +175,7 @@ def _reference_lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None)
     """``max(1, ||grads||_2 / max_grad_norm)`` over all gradients (fp32), or None when clipping is off."""
     if max_grad_norm is None or not grads:
         return None
-    norms = torch._foreach_norm(_fp32.upcast(grads))
+    norms = _dtensor.global_norms(_fp32.upcast(grads))
     return (torch.linalg.vector_norm(torch.stack(norms)) / max_grad_norm).clamp_(min=1.0)
 
 
@@ -257,7 +259,7 @@ def _reference_lamb(
         torch._foreach_add_(updates, work, alpha=weight_decay)
     if adapt:
         ratios = lamb_trust_ratio(
-            torch.stack(torch._foreach_norm(work)), torch.stack(torch._foreach_norm(updates)), trust_clip=trust_clip
+            torch.stack(_dtensor.global_norms(work)), torch.stack(_dtensor.global_norms(updates)), trust_clip=trust_clip
         )
         torch._foreach_mul_(updates, list(ratios.unbind(0)))
     torch._foreach_add_(work, updates, alpha=-lr)

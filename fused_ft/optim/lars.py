@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import torch
 
 from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG
-from fused_ft.optim import _fp32
+from fused_ft.optim import _dtensor, _fp32
 from fused_ft.optim._base import FusedOptimizer, GroupPlan
 from fused_ft.optim.sgd import _check_nesterov
 
@@ -141,7 +141,7 @@ def _reference_lars(
     g = _fp32.upcast(grads)
     if weight_decay != 0 or always_adapt:
         ratios = lars_trust_ratio(
-            torch.stack(torch._foreach_norm(work)), torch.stack(torch._foreach_norm(g)),
+            torch.stack(_dtensor.global_norms(work)), torch.stack(_dtensor.global_norms(g)),
             trust_coeff=trust_coeff, weight_decay=weight_decay, eps=eps, trust_clip=trust_clip, lr=lr,
         )
         g = torch._foreach_add(g, work, alpha=weight_decay)  # a new list: p.grad stays untouched

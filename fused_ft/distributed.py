@@ -1,0 +1,117 @@
+"""torch.distributed for the harness: ``torchrun --nproc-per-node N fused-ft finetune ...``.
+
+DDP by default, FSDP2 (``fully_shard`` per child module, then the root) with ``fsdp=True``. The
+global batch is split over ranks; metrics are summed over ranks (each evaluates a disjoint slice);
+only rank 0 writes logs, checkpoints and results. Checkpoints hold full (unsharded) state dicts, so a
+run resumes at any world size.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["Context", "setup", "wrap", "full_state", "load_full_state"]
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world: int = 1
+    fsdp: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, *values: float) -> list[float]:
+        if not self.distributed:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def setup(fsdp: bool = False) -> Context:
+    """Join the process group torchrun describes (WORLD_SIZE/RANK); a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        if fsdp:
+            raise ValueError("Invalid --fsdp without torchrun: FSDP shards over several processes "
+                             "(torchrun --nproc-per-node N fused-ft finetune ... --fsdp)")
+        return Context()
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return Context(dist.get_rank(), dist.get_world_size(), fsdp)
+
+
+def wrap(model: nn.Module, ctx: Context) -> nn.Module:
+    if not ctx.distributed:
+        return model
+    if ctx.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for child in model.children():
+            if any(True for _ in child.parameters()):
+                fully_shard(child)
+        return fully_shard(model)
+    device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _full(t):
+    from fused_ft.optim._dtensor import is_dtensor
+
+    return t.full_tensor().cpu() if is_dtensor(t) else t
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: Context) -> tuple[dict, dict | None]:
+    """Unsharded model (and optimizer) state dicts on every rank; an all-gather when sharded."""
+    model_sd = {k: _full(v) for k, v in unwrap(model).state_dict().items()}
+    if optimizer is None:
+        return model_sd, None
+    optim_sd = optimizer.state_dict()
+    optim_sd["state"] = {i: {k: _full(v) for k, v in s.items()} for i, s in optim_sd["state"].items()}
+    return model_sd, optim_sd
+
+
+def _like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import distribute_tensor
+
+    from fused_ft.optim._dtensor import is_dtensor
+
+    if is_dtensor(target) and not is_dtensor(full):
+        return distribute_tensor(full.to(target.device), target.device_mesh, target.placements)
+    return full
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_sd: dict,
+                    optim_sd: dict | None, ctx: Context) -> None:
+    """Load unsharded state dicts (from :func:`full_state` or a checkpoint), sharding them like the model."""
+    current = unwrap(model).state_dict()
+    unwrap(model).load_state_dict({k: _like(v, current[k]) if k in current else v for k, v in model_sd.items()})
+    if optimizer is None:
+        return
+    optimizer.load_state_dict(optim_sd)
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == p.shape and key != "step":
+                state[key] = _like(value, p)

@@ -1,0 +1,95 @@
+"""Sharded parameters (FSDP2's DTensors): every backend updates the local shard.
+
+An update function gets the local tensors of the parameters, gradients and state (views of the
+same storage, so in-place updates land in the shards). State a backend creates during the call
+(SGD/LARS momentum buffers) is wrapped back into DTensors laid out like their parameter, so that
+``torch.distributed.checkpoint`` can reshard it. Norms that LARS and LAMB need of a *whole*
+parameter (trust ratios, LAMB's global clipping) are sums of squares all-reduced over the mesh
+dimensions the parameter is sharded on: :func:`global_norms` does it while :func:`sharded_call` runs.
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["is_dtensor", "any_dtensor", "local", "sharded_call", "global_norms"]
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed
+    DTensor = None
+
+# the process groups to sum squares over while a sharded update runs (empty: not sharded)
+_REDUCE_GROUPS: contextvars.ContextVar[tuple] = contextvars.ContextVar("fused_ft_reduce_groups", default=())
+
+
+def is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def any_dtensor(tensors: Sequence[Any]) -> bool:
+    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+
+
+def local(t: Any) -> Any:
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _shard_groups(params: Sequence[torch.Tensor]) -> tuple:
+    """The process groups of the mesh dimensions any parameter is sharded on."""
+    from torch.distributed.tensor import Shard
+
+    groups = {}
+    for p in params:
+        if is_dtensor(p):
+            for dim, placement in enumerate(p.placements):
+                if isinstance(placement, Shard):
+                    group = p.device_mesh.get_group(dim)
+                    groups[id(group)] = group
+    return tuple(groups.values())
+
+
+def _like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
+def sharded_call(fn: Callable[..., Any], params: Sequence[torch.Tensor]) -> Callable[..., Any]:
+    """``fn`` run on local shards: list arguments are localized element-wise; entries a backend fills
+    in (``None`` before the call) come back as DTensors shaped like their parameter."""
+    if not any_dtensor(params):
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        local_args = [[local(x) for x in a] if isinstance(a, list) else local(a) for a in args]
+        token = _REDUCE_GROUPS.set(_shard_groups(params))
+        try:
+            result = fn(*local_args, **kwargs)
+        finally:
+            _REDUCE_GROUPS.reset(token)
+        for original, localized in zip(args, local_args):
+            if isinstance(original, list) and len(original) == len(params):
+                for i, (o, l) in enumerate(zip(original, localized)):
+                    if o is None and l is not None:
+                        original[i] = _like(l, params[i])
+        return result
+
+    return run
+
+
+def global_norms(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor 2-norms in fp32; inside :func:`sharded_call`, of the whole (all-reduced) tensors."""
+    norms = torch._foreach_norm([t.float() for t in tensors]) if tensors else []
+    groups = _REDUCE_GROUPS.get()
+    if not groups or not norms:
+        return list(norms)
+    import torch.distributed as dist
+
+    squares = torch.stack(norms).square()
+    for group in groups:
+        dist.all_reduce(squares, group=group)
+    return list(squares.sqrt().unbind(0))

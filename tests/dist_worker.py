@@ -1,0 +1,139 @@
+"""Worker processes of tests/test_distributed.py: 2 ranks on CPU with gloo, DDP or FSDP2 (fully_shard)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import fused_ft
+
+STEPS = 10
+BATCH = 8
+OPTIMIZERS = {
+    "sgd": lambda groups: fused_ft.SGD(groups, lr=0.05, momentum=0.9),
+    "adamw": lambda groups: fused_ft.AdamW(groups, lr=1e-3),
+    "lars": lambda groups: fused_ft.LARS(groups, lr=0.5, momentum=0.9, weight_decay=1e-4),
+    "lamb": lambda groups: fused_ft.LAMB(groups, lr=1e-2, max_grad_norm=0.5),  # clipping is active
+}
+
+
+class Net(nn.Module):
+    """embed (frozen) -> two hidden layers -> head; odd sizes so shards are uneven."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(12, 30)
+        self.body = nn.Sequential(nn.Linear(30, 33), nn.GELU(), nn.Linear(33, 30), nn.GELU())
+        self.head = nn.Linear(30, 5)
+
+    def forward(self, x):
+        return self.head(self.body(self.embed(x)))
+
+
+def groups_of(model: nn.Module) -> list[dict]:
+    embed = list(model.embed.parameters())
+    for p in embed:
+        p.requires_grad_(False)
+    rest = [p for n, p in model.named_parameters() if not n.startswith("embed.")]
+    return [{"params": rest}, {"params": embed, "frozen": True}]
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(BATCH, 12, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
+
+
+def train(model, optimizer, steps, rank=0, world=1, start=0) -> None:
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        share = BATCH // world
+        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, p in model.named_parameters():
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[n.replace("module.", "")] = p.detach().clone()
+    return out
+
+
+def shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in (model.embed, model.body[0], model.body[2], model.head):
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def trajectories(rank: int, world: int, port: int, wrapper: str, out: str) -> None:
+    """Every optimizer for STEPS steps under DDP or FSDP2; rank 0 saves the full parameters."""
+    _init(rank, world, port)
+    results = {}
+    for name, build in OPTIMIZERS.items():
+        model = Net()
+        groups = groups_of(model)
+        if wrapper == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(model)
+            optimizer = build(groups)
+        else:
+            wrapped = shard(model)
+            # fully_shard swapped the parameters for DTensors: regroup the new objects
+            optimizer = build(groups_of(wrapped))
+        train(wrapped, optimizer, STEPS, rank, world)
+        results[name] = full_params(wrapped)
+        frozen = [p for g in optimizer.param_groups if g["frozen"] for p in g["params"]]
+        results[name + "/frozen_state"] = sum(len(optimizer.state.get(p, {})) for p in frozen)
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def checkpoint_save(rank: int, world: int, port: int, name: str, directory: str, out: str) -> None:
+    """FSDP2 at this world size: 5 steps, a sharded DCP checkpoint, 5 more steps (saved as the target)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    _init(rank, world, port)
+    model = shard(Net())
+    optimizer = OPTIMIZERS[name](groups_of(model))
+    train(model, optimizer, 5, rank, world)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
+    train(model, optimizer, 5, rank, world, start=5)
+    params = full_params(model)
+    if rank == 0:
+        torch.save(params, out)
+    dist.destroy_process_group()
+
+
+def checkpoint_load(rank: int, world: int, port: int, name: str, directory: str, out: str) -> None:
+    """FSDP2 at another world size: load the checkpoint, continue 5 steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _init(rank, world, port)
+    model = shard(Net())
+    optimizer = OPTIMIZERS[name](groups_of(model))
+    train(model, optimizer, 1, rank, world, start=0)  # creates the state that the load overwrites
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, optimizer, 5, rank, world, start=5)
+    params = full_params(model)
+    if rank == 0:
+        torch.save(params, out)
+    dist.destroy_process_group()

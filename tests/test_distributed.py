@@ -1,0 +1,82 @@
+"""Scale-out (issue 8): 2 CPU processes with gloo under DDP and FSDP2 match one process on the full batch,
+and a sharded checkpoint saved at world size 2 loads at world size 1 and continues identically."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests import dist_worker as W
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _single_process(name: str, steps: int = W.STEPS) -> dict[str, torch.Tensor]:
+    model = W.Net()
+    optimizer = W.OPTIMIZERS[name](W.groups_of(model))
+    W.train(model, optimizer, steps)
+    return W.full_params(model)
+
+
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_on_the_full_batch(wrapper, tmp_path):
+    out = tmp_path / "params.pt"
+    mp.spawn(W.trajectories, args=(2, _port(), wrapper, str(out)), nprocs=2, join=True)
+    results = torch.load(out)
+    initial = W.full_params(W.Net())
+    for name in W.OPTIMIZERS:
+        expected = _single_process(name)
+        for key, value in expected.items():
+            torch.testing.assert_close(results[name][key], value, rtol=1e-5, atol=1e-6, msg=f"{wrapper} {name} {key}")
+            if key.startswith("embed."):  # the frozen group stayed put
+                assert torch.equal(results[name][key], initial[key])
+        assert results[name + "/frozen_state"] == 0
+
+
+@pytest.mark.parametrize("name", ["sgd", "lamb"])
+def test_sharded_checkpoint_from_world_2_continues_at_world_1(name, tmp_path):
+    ckpt, target, resumed = tmp_path / "ckpt", tmp_path / "target.pt", tmp_path / "resumed.pt"
+    mp.spawn(W.checkpoint_save, args=(2, _port(), name, str(ckpt), str(target)), nprocs=2, join=True)
+    mp.spawn(W.checkpoint_load, args=(1, _port(), name, str(ckpt), str(resumed)), nprocs=1, join=True)
+    target, resumed = torch.load(target), torch.load(resumed)
+    for key in target:
+        torch.testing.assert_close(resumed[key], target[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_finetune_under_torchrun(image_folder, tmp_path, fsdp):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from fused_ft.data import load_data
+    from fused_ft.finetune import evaluate
+    from fused_ft.models import create_model
+
+    out = tmp_path / "run"
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(_port()), "-m", "fused_ft.cli", "finetune",
+           "--model", "vit_tiny_patch16_224", "--image-size", "32", "--data", f"imagefolder:{image_folder}",
+           "--method", "sgd-freeze-embed", "--lr", "0.01", "--epochs", "2", "--batch-size", "8", "--out", str(out)]
+    proc = subprocess.run(cmd + (["--fsdp"] if fsdp else []), capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["world_size"] == 2
+    assert proc.stdout.count('"id_test"') == 1  # rank 0 prints, rank 1 does not
+    # the metrics gathered over both ranks equal one process evaluating the saved best weights
+    model = create_model("vit_tiny_patch16_224", 2, image_size=32)
+    model.load_state_dict(torch.load(out / "best_model.pt"))
+    data = load_data(f"imagefolder:{image_folder}", image_size=32)
+    assert result["id_test"] == evaluate(model, data.id_test, 8, torch.device("cpu"))
+    assert result["ood_test_b"] == evaluate(model, data.ood_tests["ood_test_b"], 8, torch.device("cpu"))
