@@ -7,6 +7,7 @@ embedding layer and SGD matches or beats AdamW with far less memory.
 from fused_ft._dispatch import BACKENDS, BackendUnavailableError, available_backends
 from fused_ft.diagnostics import layer_grad_norms
 from fused_ft.embedding import EmbeddingNotFound, embedding_params, freeze_embedding
+from fused_ft.memory import profile_memory
 from fused_ft.methods import METHODS, create_optimizer
 from fused_ft.models import create_model
 from fused_ft.optim import LAMB, LARS, SGD, AdamW
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "SGD", "AdamW", "LARS", "LAMB", "BACKENDS", "BackendUnavailableError", "available_backends",
     "embedding_params", "freeze_embedding", "EmbeddingNotFound", "METHODS", "create_optimizer",
-    "GradualUnfreeze", "layer_grad_norms", "create_model",
+    "GradualUnfreeze", "layer_grad_norms", "create_model", "profile_memory",
 ]

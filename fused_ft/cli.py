@@ -53,10 +53,11 @@ def _grad_norms(args: argparse.Namespace) -> None:
     import torch
 
     from fused_ft import diagnostics
+    from fused_ft.models import input_size
 
     torch.manual_seed(args.seed)
     model = build_model(args)
-    size = args.image_size or _input_size(model)
+    size = args.image_size or input_size(model)
     gen = torch.Generator().manual_seed(args.seed)
     batches = [(torch.randn(args.batch_size, 3, size, size, generator=gen),
                 torch.randint(0, args.num_classes, (args.batch_size,), generator=gen)) for _ in range(args.batches)]
@@ -70,15 +71,6 @@ def _grad_norms(args: argparse.Namespace) -> None:
               f"{r.grad_over_param_norm:>12.4g} {r.grad_over_sqrt_params:>10.4g}")
     print(f"wrote {csv_path} and {png_path}")
     print(f"verdict: {diagnostics.verdict(rows)}")
-
-
-def _input_size(model) -> int:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg:
-        return int(cfg["input_size"][-1])
-    visual = getattr(model, "visual", None)
-    size = getattr(visual, "image_size", 224)
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def _csv_list(text: str) -> list[str]:

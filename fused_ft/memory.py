@@ -149,9 +149,9 @@ def _build(model_or_name: nn.Module | str, num_classes: int, image_size: int | N
 def _input_size(model: nn.Module, image_size: int | None) -> int:
     if image_size:
         return image_size
-    from fused_ft.cli import _input_size
+    from fused_ft.models import input_size
 
-    return _input_size(model)
+    return input_size(model)
 
 
 def _set_checkpointing(model: nn.Module, enable: bool) -> None:

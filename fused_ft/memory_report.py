@@ -5,11 +5,9 @@ backward), the paper's baseline, and beside it the paper's own numbers where it 
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 from typing import Iterable
 
+from fused_ft import _tables
 from fused_ft.memory import CATEGORIES, MemoryProfile, profile_memory
 
 __all__ = ["DEFAULT_MODELS", "DEFAULT_METHODS", "PAPER_ADAMW_OVERHEAD", "run_table", "render", "plot"]
@@ -60,28 +58,12 @@ def run_table(
 
 
 def render(rows: list[dict], fmt: str = "table") -> str:
-    if fmt == "json":
-        return json.dumps(rows, indent=2)
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        return out.getvalue()
     header = ["model", "method", "params GiB", "grads GiB*", "state GiB", "activ. GiB", "peak GiB",
               "/ AdamW", "AdamW +%", "paper AdamW +%"]
-    body = [[r["model"], r["method"] + (" (in-backward)" if r["step_in_backward"] else ""),
-             *(f"{r[c] / GIB:.2f}" for c in CATEGORIES), f"{r['peak'] / GIB:.2f}", f"{r['ratio_to_adamw']:.2f}",
-             f"{100 * r['adamw_overhead']:+.0f}%", r["paper_adamw_overhead"] or "-"] for r in rows]
-    if fmt == "md":
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 3) + "---|"]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
-    if fmt != "table":
-        raise ValueError(f"Invalid format: {fmt!r} (choose from table, md, csv, json)")
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
-    fmt_row = lambda row: "  ".join(str(x).ljust(w) if i < 2 else str(x).rjust(w)  # noqa: E731
-                                    for i, (x, w) in enumerate(zip(row, widths)))
-    return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths])] + [fmt_row(row) for row in body])
+    return _tables.render(rows, fmt, header, lambda r: [
+        r["model"], r["method"] + (" (in-backward)" if r["step_in_backward"] else ""),
+        *(f"{r[c] / GIB:.2f}" for c in CATEGORIES), f"{r['peak'] / GIB:.2f}", f"{r['ratio_to_adamw']:.2f}",
+        f"{100 * r['adamw_overhead']:+.0f}%", r["paper_adamw_overhead"] or "-"], text_columns=2)
 
 
 def plot(rows: list[dict], path) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["ALIASES", "ModelAlias", "ClipClassifier", "PretrainedWeightsError", "create_model", "resolve"]
+__all__ = ["ALIASES", "ModelAlias", "ClipClassifier", "PretrainedWeightsError", "create_model", "input_size", "resolve"]
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -177,3 +177,13 @@ def _create_timm(model_name, num_classes, tag, checkpoint, image_size, device, w
                     raise
         return timm.create_model(full_name, pretrained=wants_weights, num_classes=num_classes, **kwargs)
 
+
+
+def input_size(model: nn.Module) -> int:
+    """The square input resolution a model was built for (timm's pretrained_cfg, open_clip's image_size)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:
+        return int(cfg["input_size"][-1])
+    visual = getattr(model, "visual", None)
+    size = getattr(visual, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)

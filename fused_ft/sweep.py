@@ -5,9 +5,6 @@ where it stopped, and they run in parallel worker processes.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 import statistics
@@ -16,6 +13,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from fused_ft import _tables
 from fused_ft.finetune import FinetuneConfig, finetune
 from fused_ft.methods import method as get_method
 
@@ -108,26 +106,11 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]], fmt: str = "table") -> str:
-    if fmt == "json":
-        return json.dumps(rows, indent=2)
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        return buffer.getvalue()
     keys = [k for k in rows[0] if k.startswith(("id_", "ood_")) and not k.endswith("_ci90")]
     header = ["method", "lr"] + [k.replace("_", " ") for k in keys]
-    body = [[r["method"], f"{r['lr']:g}" + (" (edge)" if r["lr_at_grid_edge"] else "")]
-            + [f"{r[k]:.1f} ± {r[k + '_ci90']:.1f}" for k in keys] for r in rows]
-    if fmt == "md":
-        return "\n".join(["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(keys)]
-                         + ["| " + " | ".join(b) + " |" for b in body])
-    if fmt != "table":
-        raise ValueError(f"Invalid format: {fmt!r} (choose from table, md, csv, json)")
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+    return _tables.render(rows, fmt, header, lambda r: [
+        r["method"], f"{r['lr']:g}" + (" (edge)" if r["lr_at_grid_edge"] else ""),
+        *(f"{r[k]:.1f} ± {r[k + '_ci90']:.1f}" for k in keys)])
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
@@ -146,7 +129,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
                label=key.replace("_", " "))
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["method"] for r in rows], rotation=20, ha="right")
-    ax.set_ylabel("accuracy (%), mean and 90% interval over seeds")
+    ax.set_ylabel("accuracy (%), mean ± 90% CI")
     ax.legend()
     if title:
         ax.set_title(title)
