@@ -158,7 +158,8 @@ def _sweep(args: argparse.Namespace) -> None:
     batches = [tuple(torch.stack([torch.as_tensor(data.train[i][k]) for i in idx[j:j + args.batch_size]])
                      for k in (0, 1)) for j in range(0, len(idx), args.batch_size)]
     verdict = diagnostics.verdict(diagnostics.layer_grad_norms(model, batches, **embedding_options(args)))
-    results = sweep.run_sweep(base, args.methods, args.lr_sweep, args.seeds, jobs=args.jobs)
+    results = sweep.run_sweep(base, args.methods, args.lr_sweep, args.seeds, jobs=args.jobs,
+                              lr_multiplier=args.lr_multiplier)
     if not rank0:
         return
     print(f"layer-gradient verdict at initialisation ({args.model}, pretrained={base.pretrained}): {verdict}")
@@ -211,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--methods", type=_csv_list,
                     default=["sgd", "sgd-freeze-embed", "sgd-freeze-embed-nomom", "adamw"])
     sw.add_argument("--lr-sweep", default="paper", help="'paper' or comma-separated LRs (same for every method)")
+    sw.add_argument("--lr-multiplier", type=float, default=1.0,
+                    help="scale the paper grids (e.g. 30 for tiny models whose best LR sits at the grid's top)")
     sw.add_argument("--seeds", type=lambda s: [int(x) for x in _csv_list(s)], default=[0, 1, 2])
     sw.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel")
     sw.add_argument("--out", default="runs/sweep")

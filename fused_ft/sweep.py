@@ -23,10 +23,13 @@ __all__ = ["run_sweep", "summarize", "render", "plot", "lr_grid"]
 _T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
 
 
-def lr_grid(method: str, spec: str = "paper") -> tuple[float, ...]:
-    """``paper``: the method's 6-point grid; otherwise comma-separated learning rates."""
+def lr_grid(method: str, spec: str = "paper", multiplier: float = 1.0) -> tuple[float, ...]:
+    """``paper``: the method's 6-point grid (times ``multiplier``: small models from scratch-like
+    pretraining want larger steps); otherwise comma-separated learning rates."""
+    if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier > 0):
+        raise ValueError(f"Invalid lr multiplier: {multiplier!r} (must be a finite number > 0)")
     if spec == "paper":
-        return get_method(method).lr_grid
+        return tuple(float(f"{lr * multiplier:.3g}") for lr in get_method(method).lr_grid)
     try:
         lrs = tuple(float(x) for x in spec.split(","))
     except ValueError:
@@ -48,13 +51,13 @@ def _worker(config_dict: dict) -> dict:
 
 
 def run_sweep(base: FinetuneConfig, methods: Sequence[str], lrs: str | dict[str, Sequence[float]],
-              seeds: Sequence[int], jobs: int = 1) -> list[dict[str, Any]]:
+              seeds: Sequence[int], jobs: int = 1, lr_multiplier: float = 1.0) -> list[dict[str, Any]]:
     """Every (method, lr, seed) run under ``base.out``; finished runs are read back, not redone."""
     from tqdm import tqdm
 
     for m in methods:
         get_method(m)
-    grids = {m: (lr_grid(m, lrs) if isinstance(lrs, str) else tuple(lrs[m])) for m in methods}
+    grids = {m: (lr_grid(m, lrs, lr_multiplier) if isinstance(lrs, str) else tuple(lrs[m])) for m in methods}
     out = Path(base.out)
     configs = [replace(base, method=m, lr=lr, seed=s, out=str(_run_dir(out, m, lr, s)), progress=False)
                for m in methods for lr in grids[m] for s in seeds]

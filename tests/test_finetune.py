@@ -84,6 +84,9 @@ def test_sweep_picks_the_lr_by_id_val_and_reports_90_percent_intervals():
     assert "80.0 ± 63.1" in sweep.render([row])
     with pytest.raises(ValueError, match=r"Invalid lr-sweep: 'fast'"):
         sweep.lr_grid("sgd", "fast")
+    assert sweep.lr_grid("adamw", "paper", 30) == (9e-6, 3e-5, 9e-5, 3e-4, 9e-4, 3e-3)
+    with pytest.raises(ValueError, match=r"Invalid lr multiplier: 0"):
+        sweep.lr_grid("sgd", "paper", 0)
 
 
 def test_sweep_cli_end_to_end(image_folder, tmp_path, capsys):
