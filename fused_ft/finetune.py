@@ -163,6 +163,7 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
             loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, generator=order,
                                 num_workers=config.num_workers)
         losses = []
+        epoch_lr = optimizer.param_groups[-1]["lr"]  # the LR the epoch starts with (gradual unfreezing: all of it)
         for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False):
             x, y = batch[0].to(device), batch[1].to(device)
             with _autocast(device):
@@ -183,7 +184,7 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
         state["epoch"] = epoch + 1
         loss_sum, count = ctx.all_sum(sum(losses), len(losses))
         record = {"event": "epoch", "epoch": epoch + 1, "train_loss": loss_sum / count, "id_val": val,
-                  "lr": optimizer.param_groups[-1]["lr"]}
+                  "lr": epoch_lr}
         state["history"].append(record)
         if ctx.main:
             _save_atomic({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),

@@ -30,8 +30,8 @@ def test_finetune_end_to_end(image_folder, tmp_path, capsys):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["event"] for x in lines] == ["config", "epoch", "epoch", "epoch", "result"]
     assert lines[-1]["id_val"] == max(x["id_val"] for x in lines if x["event"] == "epoch")  # early stopping
-    # cosine to 0 over all steps: the last epoch ends at lr 0
-    assert lines[3]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # cosine to 0 over all 9 steps (24 images, batch 8, 3 epochs): the LR each epoch starts with
+    assert [x["lr"] for x in lines[1:4]] == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * s / 9)) for s in (0, 3, 6)])
     assert '"ood_test_b"' in capsys.readouterr().out
     assert cli.main(_finetune_args(image_folder, tmp_path / "run")) == 2  # refuses to overwrite without --resume
 
@@ -126,3 +126,12 @@ def test_shift_lab_splits_and_pretraining_cache(tmp_path, monkeypatch):
             assert torch.equal(p, q), n
     with pytest.raises(ValueError, match=r"Invalid shift-lab variant: 'x'"):
         shift_lab.make_splits("x")
+
+
+def test_gradual_unfreeze_run_uses_its_own_schedule(image_folder, tmp_path):
+    args = _finetune_args(image_folder, tmp_path / "gu")
+    args[args.index("sgd-freeze-embed")] = "gradual-unfreeze"
+    assert cli.main(args) == 0
+    lines = [json.loads(x) for x in (tmp_path / "gu" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [x["lr"] for x in lines if x["event"] == "epoch"]
+    assert lrs == pytest.approx([0.01 * math.exp(3.73 * (1 - t / 2)) for t in range(3)])
