@@ -46,18 +46,12 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
 
 
 def adamw(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-    amsgrad, maximize,
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step_sizes, bias_correction2_sqrts, lr, beta1, beta2,
+    eps, weight_decay, amsgrad, maximize,
 ):
-    if not params:
-        return
-    torch._foreach_add_(state_steps, 1)
-    steps = [s.item() for s in state_steps]
-    step_sizes = [lr / (1 - beta1**t) for t in steps]
-    bc2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
     slots = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
     with flat_slots(slots, written=(0, 2, 3, 4) if amsgrad else (0, 2, 3)) as s:
-        _C.adamw_(s[0], s[1], s[2], s[3], s[4] if amsgrad else [], step_sizes, bc2_sqrt, lr, beta1, beta2, eps,
+        _C.adamw_(s[0], s[1], s[2], s[3], s[4] if amsgrad else [], step_sizes, bias_correction2_sqrts, lr, beta1, beta2, eps,
                   weight_decay, amsgrad, maximize)
 
 

@@ -23,13 +23,11 @@ def sgd(params, grads, momentum_buffers, *, momentum, **_):
         new_momentum_buffers(params, momentum_buffers)
 
 
-def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **_):
-    torch._foreach_add_(state_steps, 1)  # CPU scalars, as the kernels count steps
+def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **_):
+    pass  # state exists already (the class creates it); the step count is the functional's
 
 
-def lars(params, grads, momentum_buffers, *, momentum, **_):
-    if momentum != 0:
-        new_momentum_buffers(params, momentum_buffers)
+lars = sgd  # the same memory behaviour: momentum buffers on the first step, nothing else
 
 
 def lamb(params, grads, exp_avgs, exp_avg_sqs, **_):

@@ -164,20 +164,17 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
 
 
 def adamw(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-    amsgrad, maximize,
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step_sizes, bias_correction2_sqrts, lr, beta1, beta2,
+    eps, weight_decay, amsgrad, maximize,
 ):
-    if not params:
-        return
-    torch._foreach_add_(state_steps, 1)
     slots = [list(params), list(grads), exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    keys = [(p.dtype, g.dtype, s.item()) for p, g, s in zip(params, grads, state_steps)]
+    keys = [(p.dtype, g.dtype, s, b) for p, g, s, b in zip(params, grads, step_sizes, bias_correction2_sqrts)]
 
     def body(key, t: _Table) -> None:
-        p_dtype, g_dtype, step = key
+        p_dtype, g_dtype, step_size, bias_correction2_sqrt = key
         _launch(
             K.adamw_kernel, t.num_blocks, *t.addrs[:4], t.addrs[-1], t.numels, t.blk_t, t.blk_s,
-            1.0 - lr * weight_decay, beta1, beta2, eps, lr / (1 - beta1**step), (1 - beta2**step) ** 0.5,
+            1.0 - lr * weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
             -1.0 if maximize else 1.0,
             P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], AMSGRAD=amsgrad, BLOCK=t.block,
         )

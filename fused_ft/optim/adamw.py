@@ -125,39 +125,44 @@ def adamw(
     maximize: bool,
     update: Any = None,
 ) -> None:
-    """Functional AdamW over lists of tensors; see :class:`AdamW`. Increments ``state_steps``."""
+    """Functional AdamW over lists of tensors; see :class:`AdamW`. Increments ``state_steps``.
+
+    The step count and bias corrections are resolved here, once, so that no backend restates them:
+    a backend gets each tensor's ``lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)``.
+    """
+    if not params:
+        return
+    lr = scalar_value(lr)
+    beta1, beta2 = float(beta1), float(beta2)
+    torch._foreach_add_(state_steps, 1)
+    steps = [s.item() for s in state_steps]
     (update or _reference_adamw)(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=scalar_value(lr),
-        beta1=float(beta1), beta2=float(beta2), eps=float(eps), weight_decay=float(weight_decay),
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+        step_sizes=[lr / (1 - beta1**t) for t in steps], bias_correction2_sqrts=[(1 - beta2**t) ** 0.5 for t in steps],
+        lr=lr, beta1=beta1, beta2=beta2, eps=float(eps), weight_decay=float(weight_decay),
         amsgrad=amsgrad, maximize=maximize,
     )
 
 
 def _reference_adamw(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-    amsgrad, maximize,
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step_sizes, bias_correction2_sqrts, lr, beta1, beta2,
+    eps, weight_decay, amsgrad, maximize,
 ):
-    if not params:
-        return
     work = _fp32.upcast(params)
     g = _fp32.upcast(grads)
     if maximize:
         g = torch._foreach_neg(g)
-    torch._foreach_add_(state_steps, 1)
     if weight_decay != 0:
         torch._foreach_mul_(work, 1 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, g, g, 1 - beta2)
-    steps = [s.item() for s in state_steps]
-    step_sizes = [-(lr / (1 - beta1**t)) for t in steps]
-    bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in steps]
     if amsgrad:
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
         denom = torch._foreach_sqrt(max_exp_avg_sqs)
     else:
         denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_div_(denom, bias_correction2_sqrts)
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(work, exp_avgs, denom, step_sizes)
+    torch._foreach_addcdiv_(work, exp_avgs, denom, [-s for s in step_sizes])
     _fp32.store(params, work)
