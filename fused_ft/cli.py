@@ -151,12 +151,7 @@ def _sweep(args: argparse.Namespace) -> None:
         base = replace(base, progress=False)
     data = load_data(args.data, image_size=args.image_size or 224)
     model = build_model(base, data.num_classes)
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randperm(len(data.train), generator=g)[: 4 * args.batch_size].tolist()
-    batches = [tuple(torch.stack([torch.as_tensor(data.train[i][k]) for i in idx[j:j + args.batch_size]])
-                     for k in (0, 1)) for j in range(0, len(idx), args.batch_size)]
+    batches = diagnostics.sample_batches(data.train, args.batch_size)
     verdict = diagnostics.verdict(diagnostics.layer_grad_norms(model, batches, **embedding_options(args)))
     results = sweep.run_sweep(base, args.methods, args.lr_sweep, args.seeds, jobs=args.jobs,
                               lr_multiplier=args.lr_multiplier)

@@ -42,8 +42,7 @@ def shift_lab_experiment(out: str = "runs/demo-shift-lab") -> None:
                           out=out, pretrained="adamw")
     data = load_data("shift-lab")
     model = build_model(base, data.num_classes)
-    x, y = data.train.tensors
-    batches = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
+    batches = diagnostics.sample_batches(data.train, base.batch_size)
     print("layer-gradient verdict at initialisation:", diagnostics.verdict(diagnostics.layer_grad_norms(model, batches)))
     lrs = {m: method(m).lr_grid[2:5] for m in SHORT_METHODS}
     results = sweep.run_sweep(base, list(SHORT_METHODS), lrs, [0], jobs=min(2, os.cpu_count() or 1))

@@ -19,7 +19,7 @@ from torch import nn
 
 from fused_ft.layers import model_layers
 
-__all__ = ["LayerGradNorm", "Verdict", "layer_grad_norms", "verdict", "write_csv", "plot", "OUTLIER_RATIO"]
+__all__ = ["LayerGradNorm", "Verdict", "layer_grad_norms", "sample_batches", "verdict", "write_csv", "plot", "OUTLIER_RATIO"]
 
 # The embedding counts as an outlier when its gradient norm is at least this many times the median
 # middle layer's. The paper's CLIP ViT-B/16 embedding gradient is "about 5x larger" (Appendix B); the
@@ -107,6 +107,13 @@ def layer_grad_norms(
         w = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for _, p in layer.diagnostic))
         rows.append(LayerGradNorm(i, layer.name, layer.role, n, g, w, g / w if w > 0 else math.inf, g / math.sqrt(n)))
     return rows
+
+
+def sample_batches(dataset, batch_size: int, count: int = 4, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` minibatches of a (image, label) dataset, drawn without replacement with a fixed seed."""
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: count * batch_size].tolist()
+    return [tuple(torch.stack([torch.as_tensor(dataset[i][k]) for i in idx[j:j + batch_size]]) for k in (0, 1))
+            for j in range(0, len(idx), batch_size)]
 
 
 def verdict(rows: list[LayerGradNorm]) -> Verdict:

@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from fused_ft.methods import create_optimizer, method as get_method
+from fused_ft.models import input_size
 
 __all__ = ["MemoryProfile", "profile_memory", "CATEGORIES"]
 
@@ -146,14 +147,6 @@ def _build(model_or_name: nn.Module | str, num_classes: int, image_size: int | N
     return create_model(model_or_name, num_classes, image_size=image_size, device=device), model_or_name
 
 
-def _input_size(model: nn.Module, image_size: int | None) -> int:
-    if image_size:
-        return image_size
-    from fused_ft.models import input_size
-
-    return input_size(model)
-
-
 def _set_checkpointing(model: nn.Module, enable: bool) -> None:
     target = model.visual if hasattr(model, "visual") and not hasattr(model, "set_grad_checkpointing") else model
     if not hasattr(target, "set_grad_checkpointing"):
@@ -208,7 +201,7 @@ def profile_memory(
         raise ValueError(f"Invalid device: {device} for mode='simulated' (simulation builds the model on 'meta')")
     start = time.perf_counter()
     model, label = _build(model_or_name, num_classes, image_size, device)
-    size = _input_size(model, image_size)
+    size = image_size or input_size(model)
     _set_checkpointing(model, grad_checkpointing)
     model.train()
     optimizer = create_optimizer(model, method, step_in_backward=step_in_backward)

@@ -151,10 +151,10 @@ def _param_groups(model: nn.Module, m: Method, lr: float, embedding: dict) -> li
         return [{"params": [p for _, p in layer.params], "layer": layer.name, "frozen": i != top}
                 for i, layer in enumerate(layers)]
     if m.freeze == "all-but-head":
-        special = {id(p) for _, p in head_params(model)}
-        if not special:
+        head = {id(p) for _, p in head_params(model)}
+        if not head:
             raise ValueError(f"Invalid model for {m.name!r}: {type(model).__name__} has no classifier head")
-        return _split(named, special, {"frozen": True}, keep_inside=True)
+        return _split(named, {id(p) for _, p in named} - head, {"frozen": True})
     if m.freeze == "none" and m.embed_lr_scale == 1.0:
         return [{"params": [p for _, p in named]}]
     options = {**embedding, "include_norm": m.freeze != "embedding-not-ln"}
@@ -164,13 +164,8 @@ def _param_groups(model: nn.Module, m: Method, lr: float, embedding: dict) -> li
     return _split(named, special, {"frozen": True, "layer": "embedding"})
 
 
-def _split(named, special: set[int], special_options: dict, keep_inside: bool = False) -> list[dict]:
-    """Two groups: the ``special`` parameters with ``special_options``, the others plain.
-
-    ``keep_inside`` inverts which side gets the options (the linear probe freezes everything but the head).
-    """
+def _split(named, special: set[int], special_options: dict) -> list[dict]:
+    """Two groups: the other parameters plain, then the ``special`` ones with ``special_options``."""
     inside = [p for _, p in named if id(p) in special]
     outside = [p for _, p in named if id(p) not in special]
-    if keep_inside:
-        return [{"params": inside}, {"params": outside, **special_options}]
     return [{"params": outside}, {"params": inside, **special_options}]

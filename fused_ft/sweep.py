@@ -6,7 +6,6 @@ where it stopped, and they run in parallel worker processes.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, replace
@@ -46,7 +45,7 @@ def _run_dir(out: Path, method: str, lr: float, seed: int) -> Path:
 def _worker(config_dict: dict) -> dict:
     import torch
 
-    torch.set_num_threads(int(os.environ.get("FUSED_FT_WORKER_THREADS", "1")))
+    torch.set_num_threads(1)  # one thread per worker process: more oversubscribes the cores
     return finetune(FinetuneConfig(**config_dict))
 
 
@@ -61,9 +60,12 @@ def run_sweep(base: FinetuneConfig, methods: Sequence[str], lrs: str | dict[str,
     out = Path(base.out)
     configs = [replace(base, method=m, lr=lr, seed=s, out=str(_run_dir(out, m, lr, s)), progress=False)
                for m in methods for lr in grids[m] for s in seeds]
-    from fused_ft.finetune import build_model
+    from fused_ft.data import shift_lab
 
-    build_model(base, 2)  # fills a pretrained-weights cache once, before workers race for it
+    if base.model in shift_lab.SHIFT_LAB_MODELS:  # pretrain once, before the workers race to fill the cache
+        from fused_ft.finetune import build_model
+
+        build_model(base, 2)
     results = []
     with tqdm(total=len(configs), desc="sweep", unit="run", disable=not base.progress) as bar:
         if jobs <= 1:

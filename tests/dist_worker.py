@@ -101,22 +101,31 @@ def trajectories(rank: int, world: int, port: int, wrapper: str, out: str) -> No
     dist.destroy_process_group()
 
 
+def _sharded_run(rank: int, world: int, port: int, name: str):
+    """A process group, the sharded Net and its optimizer: what both checkpoint halves start from."""
+    _init(rank, world, port)
+    model = shard(Net())
+    return model, OPTIMIZERS[name](groups_of(model))
+
+
+def _save_params(model: nn.Module, rank: int, out: str) -> None:
+    params = full_params(model)  # a collective: every rank gathers
+    if rank == 0:
+        torch.save(params, out)
+    dist.destroy_process_group()
+
+
 def checkpoint_save(rank: int, world: int, port: int, name: str, directory: str, out: str) -> None:
     """FSDP2 at this world size: 5 steps, a sharded DCP checkpoint, 5 more steps (saved as the target)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    _init(rank, world, port)
-    model = shard(Net())
-    optimizer = OPTIMIZERS[name](groups_of(model))
+    model, optimizer = _sharded_run(rank, world, port, name)
     train(model, optimizer, 5, rank, world)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
     train(model, optimizer, 5, rank, world, start=5)
-    params = full_params(model)
-    if rank == 0:
-        torch.save(params, out)
-    dist.destroy_process_group()
+    _save_params(model, rank, out)
 
 
 def checkpoint_load(rank: int, world: int, port: int, name: str, directory: str, out: str) -> None:
@@ -124,16 +133,11 @@ def checkpoint_load(rank: int, world: int, port: int, name: str, directory: str,
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    _init(rank, world, port)
-    model = shard(Net())
-    optimizer = OPTIMIZERS[name](groups_of(model))
+    model, optimizer = _sharded_run(rank, world, port, name)
     train(model, optimizer, 1, rank, world, start=0)  # creates the state that the load overwrites
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=directory)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train(model, optimizer, 5, rank, world, start=5)
-    params = full_params(model)
-    if rank == 0:
-        torch.save(params, out)
-    dist.destroy_process_group()
+    _save_params(model, rank, out)

@@ -84,6 +84,9 @@ class FusedOptimizer(Optimizer):
     _NAME: ClassVar[str]  # the key into fused_ft.specs.OPTIMIZERS and the backend modules
     _RULES: ClassVar[Mapping[str, Rule]]
     _CROSS_CHECKS: ClassVar[Sequence[Callable[[Mapping[str, Any]], None]]] = ()
+    # True where the update needs norms of whole tensors (LARS/LAMB trust ratios): on sharded
+    # parameters only the reference backend, which all-reduces them, can run it
+    _WHOLE_TENSOR_NORMS: ClassVar[bool] = False
 
     def __init__(
         self, params: Iterable, defaults: dict[str, Any], *, backend: str = "auto", step_in_backward: bool = False
@@ -249,9 +252,7 @@ class FusedOptimizer(Optimizer):
         for device, (params, grads) in by_device.items():
             dtypes = frozenset(t.dtype for t in params + grads)
             backend = self.backend
-            if self._NAME in ("lars", "lamb") and _dtensor.any_dtensor(params) and backend != "reference":
-                # their kernels take norms of what they see, the local shard; the reference backend
-                # all-reduces the sums of squares of whole parameters
+            if self._WHOLE_TENSOR_NORMS and _dtensor.any_dtensor(params) and backend != "reference":
                 if backend != "auto":
                     raise _dispatch.BackendUnavailableError(
                         f"backend={backend!r} cannot run {self._NAME.upper()} on sharded (DTensor) parameters: "

@@ -75,6 +75,7 @@ class LAMB(FusedOptimizer):
     """
 
     _NAME = "lamb"
+    _WHOLE_TENSOR_NORMS = True
     _RULES = {
         "lr": LR, "bias_correction": BOOL, "betas": BETAS, "eps": NONNEG, "weight_decay": NONNEG,
         "grad_averaging": BOOL, "max_grad_norm": Rule(kind="optional_number", low=0.0), "trust_clip": BOOL,

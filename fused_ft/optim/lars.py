@@ -57,6 +57,7 @@ class LARS(FusedOptimizer):
     """
 
     _NAME = "lars"
+    _WHOLE_TENSOR_NORMS = True
     _RULES = {
         "lr": LR, "momentum": NONNEG, "dampening": ANY_NUMBER, "weight_decay": NONNEG, "nesterov": BOOL,
         "trust_coeff": NONNEG, "eps": NONNEG, "trust_clip": BOOL, "always_adapt": BOOL,
