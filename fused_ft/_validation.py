@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["Rule", "check_group", "check_params", "scalar_value"]
+__all__ = ["Rule", "check_group", "check_params", "check_positive_int", "check_positive_number", "scalar_value"]
 
 
 def scalar_value(value: Any) -> float:
@@ -20,6 +20,18 @@ def scalar_value(value: Any) -> float:
     if isinstance(value, torch.Tensor):
         return float(value.detach().reshape(()).cpu())
     return float(value)
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    """Counts the harness and profiler take (epochs, batch sizes): an int >= 1, never a bool."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an int >= 1)")
+
+
+def check_positive_number(name: str, value: Any) -> None:
+    """A finite number > 0 (a starting learning rate, a scale), never a bool."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Invalid {name}: {value!r} (must be a finite number > 0)")
 
 
 @dataclass(frozen=True)

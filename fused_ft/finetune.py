@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from fused_ft._validation import check_positive_int, check_positive_number
 from fused_ft.data import DataBundle, load_data
 from fused_ft.distributed import Context, full_state, load_full_state, setup, wrap
 from fused_ft.methods import create_optimizer, method as get_method
@@ -89,12 +90,9 @@ def _autocast(device: torch.device):
 
 def _validate(config: FinetuneConfig) -> None:
     get_method(config.method)
-    for name in ("epochs", "batch_size"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Invalid {name}: {value!r} (must be an int >= 1)")
-    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
-        raise ValueError(f"Invalid lr: {config.lr!r} (must be a finite number > 0)")
+    check_positive_int("epochs", config.epochs)
+    check_positive_int("batch_size", config.batch_size)
+    check_positive_number("lr", config.lr)
 
 
 def _save_atomic(obj: Any, path: Path) -> None:

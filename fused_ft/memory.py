@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from fused_ft._validation import check_positive_int
 from fused_ft.methods import create_optimizer, method as get_method
 from fused_ft.models import input_size
 
@@ -189,8 +190,7 @@ def profile_memory(
         True
     """
     get_method(method)  # a clear error for an unknown method before any work
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"Invalid batch_size: {batch_size!r} (must be an int >= 1)")
+    check_positive_int("batch_size", batch_size)
     device = torch.device(device or "meta")
     mode = mode or ("simulated" if device.type == "meta" else "measured")
     if mode not in ("simulated", "measured"):

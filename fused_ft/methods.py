@@ -7,13 +7,13 @@ embedding's learning-rate factor, the paper's 6-point learning-rate grid and the
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from fused_ft._validation import check_positive_number
 from fused_ft.embedding import embedding_params
 from fused_ft.layers import head_params, model_layers
 from fused_ft.specs import OPTIMIZERS
@@ -130,8 +130,7 @@ def create_optimizer(
     m = method(method_name)
     spec = OPTIMIZERS[m.optimizer]
     lr = m.default_lr if lr is None else lr
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"Invalid lr: {lr!r} (must be a finite number > 0)")
+    check_positive_number("lr", lr)
     if after_linear_probe:
         lr = lr / LP_FT_LR_DIVISOR
     kwargs = {**m.kwargs, **overrides}

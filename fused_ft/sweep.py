@@ -12,6 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from fused_ft._validation import check_positive_number
 from fused_ft import _tables
 from fused_ft.finetune import FinetuneConfig, finetune
 from fused_ft.methods import method as get_method
@@ -25,8 +26,7 @@ _T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8:
 def lr_grid(method: str, spec: str = "paper", multiplier: float = 1.0) -> tuple[float, ...]:
     """``paper``: the method's 6-point grid (times ``multiplier``: small models from scratch-like
     pretraining want larger steps); otherwise comma-separated learning rates."""
-    if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier) and multiplier > 0):
-        raise ValueError(f"Invalid lr multiplier: {multiplier!r} (must be a finite number > 0)")
+    check_positive_number("lr multiplier", multiplier)
     if spec == "paper":
         return tuple(float(f"{lr * multiplier:.3g}") for lr in get_method(method).lr_grid)
     try:

@@ -12,6 +12,7 @@ import math
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from fused_ft._validation import check_positive_int
 
 __all__ = ["GradualUnfreeze", "UNFREEZE_LR_EXPONENT", "unfreeze_lr_factor", "trainable_layers"]
 
@@ -52,8 +53,7 @@ class GradualUnfreeze(LRScheduler):
     """
 
     def __init__(self, optimizer: Optimizer, epochs: int, last_epoch: int = -1) -> None:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"Invalid epochs: {epochs!r} (must be an int >= 1)")
+        check_positive_int("epochs", epochs)
         if not all("frozen" in g for g in optimizer.param_groups):
             raise ValueError("Invalid optimizer: GradualUnfreeze needs a fused_ft optimizer (groups with 'frozen')")
         self.epochs = epochs
