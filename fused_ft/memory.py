@@ -287,6 +287,10 @@ def _simulate(train_step, model: nn.Module, optimizer, params) -> tuple[int, dic
     finally:
         for h in hooks:
             h.remove()
+        # the weak-reference callbacks make a cycle through the tracker, which holds the optimizer
+        # via classify: break it, so the optimizer (and its step-in-backward hooks) go when we return
+        tracker.refs.clear()
+        tracker.classify = None
     tracker.peak_categories["baseline"] = baseline
     return tracker.peak, tracker.peak_categories, grad_max[0]
 

@@ -43,6 +43,9 @@ def test_step_in_backward_keeps_few_gradients_alive():
     largest = max(p.numel() for p in __import__("timm").create_model("vit_tiny_patch16_224").parameters()) * 4
     assert inside.gradients <= 2 * largest < normal.gradients
     assert inside.peak < normal.peak
+    # a later profile of the same (cached) model is not disturbed by the earlier optimizer's hooks
+    adamw = profile_memory("vit_tiny_patch16_224", "adamw", image_size=64, step_in_backward=True)
+    assert adamw.optimizer_state == 8 * adamw.trainable_params
 
 
 def test_clip_l14_adamw_over_in_backward_sgd_is_at_least_3x():

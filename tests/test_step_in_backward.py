@@ -52,3 +52,19 @@ def test_refusals():
     scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
     with pytest.raises(ValueError, match=r"Invalid use with torch.amp.GradScaler"):
         scaler.step(opt)
+
+
+def test_parameters_unfrozen_later_update_and_dropped_optimizers_stop():
+    model = make_model("vit_tiny_patch16_224")
+    probe = fused_ft.create_optimizer(model, "linear-probe", lr=0.1, step_in_backward=True)
+    x, y = next(batches(1))
+    train_step(model, probe, x, y)
+    del probe  # LP-FT: the probe's optimizer is gone; its hooks must not touch the head any more
+    finetune = fused_ft.create_optimizer(model, "sgd-freeze-embed", lr=0.05, step_in_backward=True)
+    reference = twin(model)
+    normal = fused_ft.create_optimizer(reference, "sgd-freeze-embed", lr=0.05)
+    for x, y in batches(2):
+        train_step(model, finetune, x, y)
+        train_step(reference, normal, x, y)
+    for (n, a), b in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(a, b), n  # blocks unfrozen after the probe were updated, the head only once per step

@@ -10,14 +10,16 @@ unfreezing) creates their state lazily on the next step, as for a new parameter.
 
 With ``step_in_backward=True`` each parameter is updated by a post-accumulate-grad hook as soon as
 its gradient is complete, and the gradient is freed right away: only a few gradients are alive at
-once (the idea of torch's "optimizer step in backward" recipe). ``step()`` is then a no-op kept for
-schedulers; closures, GradScaler and gradient accumulation across backward passes cannot work.
+once (the idea of torch's "optimizer step in backward" recipe). ``step()`` then only updates
+parameters that took gradients before they had a hook (unfrozen since the last step) and hooks them;
+keep calling it, schedulers count it. Closures, GradScaler and gradient accumulation across backward passes cannot work.
 
 Parameters in bf16/fp16 keep their optimizer state in fp32 and every backend does its math in
 fp32, storing the parameter once (the "fp32 math, one final store" rule of optimi/apex).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
@@ -96,6 +98,7 @@ class FusedOptimizer(Optimizer):
             raise TypeError(f"Invalid step_in_backward: {step_in_backward!r} (must be a bool)")
         self.step_in_backward = step_in_backward
         self._hooks: list = []
+        self._hooked: set[int] = set()
         self._round_seen: dict[int, set[int]] = {}
         if step_in_backward:
             self._check_step_in_backward(defaults)
@@ -134,17 +137,30 @@ class FusedOptimizer(Optimizer):
         self._check_hyperparameters({**self.defaults, **param_group})
         super().add_param_group({**param_group, "params": params})
         if getattr(self, "step_in_backward", False):
-            group = self.param_groups[-1]
-            self._hooks += [p.register_post_accumulate_grad_hook(self._make_hook(group))
-                            for p in group["params"] if p.requires_grad]
+            self._ensure_hooks()
 
     # -- step in backward -----------------------------------------------------------------------
     def _check_step_in_backward(self, defaults: Mapping[str, Any]) -> None:
         """Refuse options that need every gradient before any update (LAMB's global clipping)."""
 
+    def _ensure_hooks(self) -> None:
+        """Hook every parameter that takes gradients; re-run at each step() so that parameters
+        unfrozen later (gradual unfreezing, LP-FT) get theirs (torch refuses hooks on tensors
+        without requires_grad, so they cannot all be hooked up front; until hooked, step() updates them)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in self._hooked:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
+                    self._hooked.add(id(p))
+
     def _make_hook(self, group: dict) -> Callable[[torch.Tensor], None]:
+        # a weak reference: a hook must not keep its optimizer alive, nor update parameters for an
+        # optimizer that is gone (a model often outlives its optimizer: LP-FT, a second profile)
+        owner = weakref.ref(self)
+
         def hook(p: torch.Tensor) -> None:
-            if group["frozen"] or p.grad is None:
+            self = owner()
+            if self is None or group["frozen"] or p.grad is None:
                 return
             index = next(i for i, g in enumerate(self.param_groups) if g is group)
             with torch.no_grad():
@@ -202,6 +218,7 @@ class FusedOptimizer(Optimizer):
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
         """
         if self.step_in_backward:
+            self._ensure_hooks()
             if closure is not None:
                 raise ValueError(
                     "Invalid closure: step_in_backward=True updates parameters during backward, so step() "
@@ -213,7 +230,8 @@ class FusedOptimizer(Optimizer):
                     "backward, before GradScaler can unscale or skip them; use bf16 autocast (no scaler) or "
                     "step_in_backward=False"
                 )
-            return None  # every update already ran during backward
+            # the hooks consumed (and freed) every gradient they saw; what is left came to parameters
+            # that took gradients before they were hooked (unfrozen since the last step): update those here
         loss = None
         if closure is not None:
             with torch.enable_grad():
