@@ -21,7 +21,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only -p no:xdist
-	$(PY) -m benchmarks.compare --rounds 5
+	$(PY) -m benchmarks.compare --rounds 12
 
 clean:
 	rm -rf $(VENV) build *.egg-info

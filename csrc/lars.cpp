@@ -28,6 +28,8 @@ void lars_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::v
     const float keep = fresh ? 0.f : momentum, scale = fresh ? 1.f : 1 - dampening;
     const float f_lr = lr, f_mom = momentum, f_wd = adapt ? weight_decay : 0.f;
     parallel_chunks(chunks_of(t, p.numel()), [&](const Chunk& c, int64_t) {
+      // chunk-local copies, kept in registers (see sgd.cpp)
+      const float lr = f_lr, mom = f_mom, wd = f_wd, r = ratio, k = keep, sc = scale;
       dispatch_pg(p, g, [&](auto p_tag, auto g_tag) {
         using P = decltype(p_tag);
         using G = decltype(g_tag);
@@ -37,9 +39,9 @@ void lars_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::v
         vector_loop(c.begin, c.end, [&](int64_t i, auto w) {
           using V = decltype(w);
           const V x = ld(pp + i, w);
-          V d = (ld(gp + i, w) + splat<V>(f_wd) * x) * splat<V>(ratio);
-          if (has_momentum) d = momentum_direction(bp, i, d, keep, scale, f_mom, nesterov);
-          st(pp + i, x - splat<V>(f_lr) * d);
+          V d = (ld(gp + i, w) + splat<V>(wd) * x) * splat<V>(r);
+          if (has_momentum) d = momentum_direction(bp, i, d, k, sc, mom, nesterov);
+          st(pp + i, x - splat<V>(lr) * d);
         });
       });
     });

@@ -12,14 +12,17 @@ void sgd_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::ve
   if (has_momentum) check_lists(params, bufs, "momentum_buffers");
   const float f_lr = lr, f_mom = momentum, f_damp = 1 - dampening, f_wd = weight_decay;
   const float sign = maximize ? -1.f : 1.f;
-  // Without momentum (3 streams), 512 KiB chunks: with 128 KiB ones it ran at 0.92x torch fused
-  // (0.97-1.02x at 512 KiB); with momentum (4 streams) 512 KiB chunks were slower (0.87x): keep 128 KiB.
-  parallel_chunks(make_chunks(params, has_momentum ? kChunk : 1 << 17), [&](const Chunk& c, int64_t) {
+  // Per-tensor slices rather than chunks of the whole list: 4-8% faster with and without momentum
+  // (measured against the chunked kernel in one process, order rotated).
+  parallel_slices(params, [&](const Chunk& c, int64_t) {
     const auto& p = params[c.tensor];
     const auto& g = grads[c.tensor];
     // a new buffer (zeros) takes the first gradient as it is, as torch.optim does
     const bool fresh = has_momentum && new_buffer[c.tensor];
+    // chunk-local copies: the loop's stores through float pointers may alias the enclosing
+    // function's floats (their addresses escape into the parallel region), which forces reloads
     const float keep = fresh ? 0.f : f_mom, scale = fresh ? 1.f : f_damp;
+    const float lr = f_lr, mom = f_mom, wd = f_wd, sgn = sign;
     dispatch_pg(p, g, [&](auto p_tag, auto g_tag) {
       using P = decltype(p_tag);
       using G = decltype(g_tag);
@@ -29,9 +32,9 @@ void sgd_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::ve
       vector_loop(c.begin, c.end, [&](int64_t i, auto w) {
         using V = decltype(w);
         V x = ld(pp + i, w);
-        V d = ld(gp + i, w) * splat<V>(sign) + splat<V>(f_wd) * x;
-        if (has_momentum) d = momentum_direction(bp, i, d, keep, scale, f_mom, nesterov);
-        st(pp + i, x - splat<V>(f_lr) * d);
+        V d = ld(gp + i, w) * splat<V>(sgn) + splat<V>(wd) * x;
+        if (has_momentum) d = momentum_direction(bp, i, d, keep, scale, mom, nesterov);
+        st(pp + i, x - splat<V>(lr) * d);
       });
     });
   });

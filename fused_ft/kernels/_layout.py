@@ -26,7 +26,10 @@ def dense(t: torch.Tensor) -> bool:
 
 def flat_ok(column: Sequence[torch.Tensor]) -> bool:
     first = column[0]
-    if all(t.is_contiguous() for t in column):
+    for t in column:
+        if not t.is_contiguous():
+            break
+    else:
         return True
     return all(t.stride() == first.stride() for t in column) and dense(first)
 
@@ -37,8 +40,7 @@ def flat_slots(slots: Sequence[Sequence[torch.Tensor]], written: Sequence[int]) 
     ``written`` slots on exit."""
     out = [list(slot) for slot in slots]
     copied = []
-    for j in range(len(out[0]) if out else 0):
-        column = [slot[j] for slot in out]
+    for j, column in enumerate(zip(*out)):
         if not flat_ok(column):
             for s, t in enumerate(column):
                 out[s][j] = t.contiguous()

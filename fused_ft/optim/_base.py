@@ -69,6 +69,20 @@ def check_implementation_flags(group: Mapping[str, Any]) -> None:
         raise ValueError("Invalid fused=True with foreach=True: choose one")
 
 
+def _refuse_grad(index: int, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
+    # built only on failure: formatting this for every parameter cost ~2% of a ViT-B SGD step
+    where = f"group {index} param {i} (shape {tuple(p.shape)})"
+    if g.is_sparse:
+        raise ValueError(
+            f"Invalid grad: {where} has a sparse gradient; fused_ft optimizers need dense "
+            "gradients (torch.optim.SparseAdam handles sparse ones)"
+        )
+    raise ValueError(
+        f"Invalid grad: {where} has a gradient of shape {tuple(g.shape)}, dtype {g.dtype} "
+        f"on {g.device}; it must be a floating-point tensor shaped and placed like its parameter"
+    )
+
+
 @dataclass
 class GroupPlan:
     """One param group's share of a step, on one device, checked and ready to run."""
@@ -250,17 +264,8 @@ class FusedOptimizer(Optimizer):
             g = p.grad
             if g is None:
                 continue
-            where = f"group {index} param {i} (shape {tuple(p.shape)})"
-            if g.is_sparse:
-                raise ValueError(
-                    f"Invalid grad: {where} has a sparse gradient; fused_ft optimizers need dense "
-                    "gradients (torch.optim.SparseAdam handles sparse ones)"
-                )
-            if g.shape != p.shape or g.device != p.device or not g.is_floating_point():
-                raise ValueError(
-                    f"Invalid grad: {where} has a gradient of shape {tuple(g.shape)}, dtype {g.dtype} "
-                    f"on {g.device}; it must be a floating-point tensor shaped and placed like its parameter"
-                )
+            if g.is_sparse or g.shape != p.shape or g.device != p.device or not g.is_floating_point():
+                _refuse_grad(index, i, p, g)
             params, grads = by_device.setdefault(p.device, ([], []))
             params.append(p)
             grads.append(g)
