@@ -16,16 +16,6 @@
 
 namespace fused_ft {
 
-SumSq sum_squares_chunked(const at::Tensor& a, const at::Tensor& b, int64_t tensor) {
-  SumSq s;
-  dispatch_pg(a, b, [&](auto a_tag, auto b_tag) {
-    const auto* ap = a.data_ptr<decltype(a_tag)>();
-    const auto* bp = b.data_ptr<decltype(b_tag)>();
-    s = sum_pairs(chunks_of(tensor, a.numel()), [&](int64_t i, auto w) { return std::make_pair(ld(ap + i, w), ld(bp + i, w)); });
-  });
-  return s;
-}
-
 // All elements of the list in one parallel pass (LAMB's global gradient clipping). Fixed-size
 // chunks, so that the sum does not depend on the thread count (per-thread slices measured 1-4%
 // faster, but their rounding would change with OMP_NUM_THREADS).

@@ -1,12 +1,31 @@
-// LARS (timm.optim.Lars semantics), tensor by tensor in two phases: the sums of squares of the
-// weights and gradients, then the trust-ratio-scaled SGD update. Going tensor by tensor keeps a
-// tensor in cache between the two passes, so memory sees close to one pass.
+// LARS (timm.optim.Lars semantics) in two phases: the sums of squares of each tensor's weights and
+// gradients, then the trust-ratio-scaled SGD update.
+//
+// The phases are pipelined over batches of consecutive tensors: one parallel region updates batch b
+// while it sums the squares of batch b + 1, each thread alternating between its share of the two.
+// A pass that only reads runs at about two thirds of the speed of one that also writes on this
+// machine's memory (21 against 31 GB/s), so the norm pass is cheaper mixed into the update pass
+// than on its own. The sums are taken over the same fixed chunks and reduced in the same order as
+// a tensor-by-tensor pass, so the results do not depend on the batching or the thread count.
 // Slots: params (P), grads (G), momentum_buffers (fp32; empty list without momentum).
 #include "multi_tensor.h"
 
 namespace fused_ft {
 
-SumSq sum_squares_chunked(const at::Tensor& a, const at::Tensor& b, int64_t tensor);
+namespace {
+constexpr int64_t kBatch = 1 << 21;  // elements per pipeline batch (8 MB per fp32 stream)
+
+// Chunks of the tensors from `next` on, until the batch holds at least kBatch elements.
+void next_batch(const std::vector<at::Tensor>& tensors, int64_t& next, std::vector<Chunk>& out) {
+  out.clear();
+  int64_t elements = 0;
+  for (; next < static_cast<int64_t>(tensors.size()) && elements < kBatch; ++next) {
+    const int64_t n = tensors[next].numel();
+    for (int64_t b = 0; b < n; b += kChunk) out.push_back({next, b, std::min(n, b + kChunk)});
+    elements += n;
+  }
+}
+}  // namespace
 
 void lars_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> bufs,
            std::vector<bool> new_buffer, double lr, double momentum, double dampening, double weight_decay,
@@ -14,37 +33,90 @@ void lars_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::v
   check_lists(params, grads, "grads");
   const bool has_momentum = momentum != 0;
   if (has_momentum) check_lists(params, bufs, "momentum_buffers");
-  for (int64_t t = 0; t < static_cast<int64_t>(params.size()); ++t) {
-    const auto& p = params[t];
-    const auto& g = grads[t];
-    float ratio = 1.f;
-    if (adapt) {
-      const SumSq s = sum_squares_chunked(p, g, t);
-      const double w_norm = std::sqrt(s.a), g_norm = std::sqrt(s.b);
-      if (w_norm > 0 && g_norm > 0) ratio = trust_coeff * w_norm / (g_norm + w_norm * weight_decay + eps);
-      if (trust_clip) ratio = std::min<double>(ratio / lr, 1.0);
-    }
-    const bool fresh = has_momentum && new_buffer[t];
-    const float keep = fresh ? 0.f : momentum, scale = fresh ? 1.f : 1 - dampening;
-    const float f_lr = lr, f_mom = momentum, f_wd = adapt ? weight_decay : 0.f;
-    parallel_chunks(chunks_of(t, p.numel()), [&](const Chunk& c, int64_t) {
-      // chunk-local copies, kept in registers (see sgd.cpp)
-      const float lr = f_lr, mom = f_mom, wd = f_wd, r = ratio, k = keep, sc = scale;
-      dispatch_pg(p, g, [&](auto p_tag, auto g_tag) {
-        using P = decltype(p_tag);
-        using G = decltype(g_tag);
-        P* pp = p.data_ptr<P>();
-        const G* gp = g.data_ptr<G>();
-        float* bp = has_momentum ? bufs[t].data_ptr<float>() : nullptr;
-        vector_loop(c.begin, c.end, [&](int64_t i, auto w) {
-          using V = decltype(w);
-          const V x = ld(pp + i, w);
-          V d = (ld(gp + i, w) + splat<V>(wd) * x) * splat<V>(r);
-          if (has_momentum) d = momentum_direction(bp, i, d, k, sc, mom, nesterov);
-          st(pp + i, x - splat<V>(lr) * d);
-        });
+  const int64_t n = static_cast<int64_t>(params.size());
+  const float f_lr = lr, f_mom = momentum, f_wd = adapt ? weight_decay : 0.f;
+  float* ratios = workspace(n);
+  std::fill(ratios, ratios + n, 1.f);
+
+  auto update_chunk = [&](const Chunk& c) {
+    const auto& p = params[c.tensor];
+    const auto& g = grads[c.tensor];
+    const bool fresh = has_momentum && new_buffer[c.tensor];
+    // chunk-local copies, kept in registers (see sgd.cpp)
+    const float lr_ = f_lr, mom = f_mom, wd = f_wd, r = ratios[c.tensor];
+    const float keep = fresh ? 0.f : mom, scale = fresh ? 1.f : 1 - dampening;
+    dispatch_pg(p, g, [&](auto p_tag, auto g_tag) {
+      using P = decltype(p_tag);
+      using G = decltype(g_tag);
+      P* pp = p.data_ptr<P>();
+      const G* gp = g.data_ptr<G>();
+      float* bp = has_momentum ? bufs[c.tensor].data_ptr<float>() : nullptr;
+      vector_loop(c.begin, c.end, [&](int64_t i, auto w) {
+        using V = decltype(w);
+        const V x = ld(pp + i, w);
+        V d = (ld(gp + i, w) + splat<V>(wd) * x) * splat<V>(r);
+        if (has_momentum) d = momentum_direction(bp, i, d, keep, scale, mom, nesterov);
+        st(pp + i, x - splat<V>(lr_) * d);
       });
     });
+  };
+  if (!adapt) {
+    parallel_chunks(make_chunks(params), [&](const Chunk& c, int64_t) { update_chunk(c); });
+    return;
+  }
+  auto norm_chunk = [&](const Chunk& c) {
+    SumSq s;
+    dispatch_pg(params[c.tensor], grads[c.tensor], [&](auto p_tag, auto g_tag) {
+      const auto* pp = params[c.tensor].data_ptr<decltype(p_tag)>();
+      const auto* gp = grads[c.tensor].data_ptr<decltype(g_tag)>();
+      s = range_sum_pairs(c.begin, c.end, [&](int64_t i, auto w) { return std::make_pair(ld(pp + i, w), ld(gp + i, w)); });
+    });
+    return s;
+  };
+  auto set_ratio = [&](int64_t t, const SumSq& s) {
+    double ratio = 1.0;
+    const double w_norm = std::sqrt(s.a), g_norm = std::sqrt(s.b);
+    if (w_norm > 0 && g_norm > 0) ratio = trust_coeff * w_norm / (g_norm + w_norm * weight_decay + eps);
+    if (trust_clip) ratio = std::min(ratio / lr, 1.0);
+    ratios[t] = static_cast<float>(ratio);
+  };
+
+  std::vector<Chunk>* updating = &chunk_buffer(0);
+  std::vector<Chunk>* summing = &chunk_buffer(1);
+  int64_t next = 0;
+  next_batch(params, next, *summing);
+  const int64_t threads = at::get_num_threads();
+  while (!updating->empty() || !summing->empty()) {
+    auto& partial = partial_sums(static_cast<int64_t>(summing->size()));
+    const int64_t u_count = updating->size(), s_count = summing->size();
+    at::parallel_for(0, threads, 1, [&](int64_t kb, int64_t ke) {
+      for (int64_t k = kb; k < ke; ++k) {
+        const int64_t u0 = k * u_count / threads, nu = (k + 1) * u_count / threads - u0;
+        const int64_t s0 = k * s_count / threads, ns = (k + 1) * s_count / threads - s0;
+        // interleave in proportion: take whichever share is further behind
+        for (int64_t du = 0, ds = 0; du < nu || ds < ns;) {
+          if (ds >= ns || (du < nu && du * ns <= ds * nu)) {
+            update_chunk((*updating)[u0 + du++]);
+          } else {
+            partial[s0 + ds] = norm_chunk((*summing)[s0 + ds]);
+            ++ds;
+          }
+        }
+      }
+    });
+    // per-tensor sums in chunk order (a tensor's chunks are consecutive)
+    SumSq s;
+    for (int64_t i = 0; i < s_count; ++i) {
+      const auto& c = (*summing)[i];
+      s.a += partial[i].a;
+      s.b += partial[i].b;
+      if (i + 1 == s_count || (*summing)[i + 1].tensor != c.tensor) {
+        set_ratio(c.tensor, s);
+        s = SumSq{};
+      }
+    }
+    std::swap(updating, summing);
+    next_batch(params, next, *summing);
   }
 }
 

@@ -10,6 +10,36 @@ if not torch.cuda.is_available():
 
 from hypothesis import HealthCheck, settings
 
+
+def _cache_interpreter_lang_patching() -> None:
+    """Triton's interpreter re-patches triton.language on every call of a @triton.jit helper (tl.sum is
+    one, called once per program), scanning each module with inspect.getmembers: about a third of
+    the interpreter tests' time. The builtins it finds never change, so list them once; the patching
+    itself (and its undoing) stays Triton's."""
+    try:
+        import inspect
+
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    if not hasattr(interpreter, "_patch_builtin") or not hasattr(interpreter, "_patch_attr"):
+        return  # another Triton: leave it alone
+    builtins: dict[int, list] = {}
+
+    def patch_builtin(pkg, builder, scope):
+        members = builtins.get(id(pkg))
+        if members is None:  # first call: top level, nothing patched yet
+            members = builtins[id(pkg)] = [(n, m) for n, m in inspect.getmembers(pkg) if tl.core.is_builtin(m)]
+        for name, member in members:
+            interpreter._patch_attr(pkg, name, member, builder, scope)
+
+    interpreter._patch_builtin = patch_builtin
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _cache_interpreter_lang_patching()
+
 settings.register_profile(
     "ci", max_examples=25, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
