@@ -39,26 +39,9 @@ void lars_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::v
   std::fill(ratios, ratios + n, 1.f);
 
   auto update_chunk = [&](const Chunk& c) {
-    const auto& p = params[c.tensor];
-    const auto& g = grads[c.tensor];
     const bool fresh = has_momentum && new_buffer[c.tensor];
-    // chunk-local copies, kept in registers (see sgd.cpp)
-    const float lr_ = f_lr, mom = f_mom, wd = f_wd, r = ratios[c.tensor];
-    const float keep = fresh ? 0.f : mom, scale = fresh ? 1.f : 1 - dampening;
-    dispatch_pg(p, g, [&](auto p_tag, auto g_tag) {
-      using P = decltype(p_tag);
-      using G = decltype(g_tag);
-      P* pp = p.data_ptr<P>();
-      const G* gp = g.data_ptr<G>();
-      float* bp = has_momentum ? bufs[c.tensor].data_ptr<float>() : nullptr;
-      vector_loop(c.begin, c.end, [&](int64_t i, auto w) {
-        using V = decltype(w);
-        const V x = ld(pp + i, w);
-        V d = (ld(gp + i, w) + splat<V>(wd) * x) * splat<V>(r);
-        if (has_momentum) d = momentum_direction(bp, i, d, keep, scale, mom, nesterov);
-        st(pp + i, x - splat<V>(lr_) * d);
-      });
-    });
+    sgd_chunk(params[c.tensor], grads[c.tensor], has_momentum ? bufs[c.tensor].data_ptr<float>() : nullptr, c, 1.f,
+              f_wd, ratios[c.tensor], f_lr, fresh ? 0.f : f_mom, fresh ? 1.f : 1 - dampening, f_mom, nesterov);
   };
   if (!adapt) {
     parallel_chunks(make_chunks(params), [&](const Chunk& c, int64_t) { update_chunk(c); });

@@ -230,4 +230,26 @@ inline V momentum_direction(float* bp, int64_t i, const V& d, float keep, float 
   return nesterov ? d + splat<V>(momentum) * b : b;
 }
 
+// One chunk of an SGD-style update, shared by SGD and LARS: d = (sign * g + wd * x) * ratio (LARS
+// scales by its trust ratio, SGD passes 1), torch.optim.SGD's momentum when bp is set (keep 0, scale
+// 1 for a new buffer), then p -= lr * direction. The scalars arrive by value on purpose: as locals
+// whose address never escapes they stay in registers, where floats captured by reference from the
+// caller must be reloaded after every store through a float pointer that might alias them.
+inline void sgd_chunk(const at::Tensor& p, const at::Tensor& g, float* bp, const Chunk& c, float sign, float wd,
+                      float ratio, float lr, float keep, float scale, float momentum, bool nesterov) {
+  dispatch_pg(p, g, [&](auto p_tag, auto g_tag) {
+    using P = decltype(p_tag);
+    using G = decltype(g_tag);
+    P* pp = p.data_ptr<P>();
+    const G* gp = g.data_ptr<G>();
+    vector_loop(c.begin, c.end, [&](int64_t i, auto w) {
+      using V = decltype(w);
+      const V x = ld(pp + i, w);
+      V d = (ld(gp + i, w) * splat<V>(sign) + splat<V>(wd) * x) * splat<V>(ratio);
+      if (bp) d = momentum_direction(bp, i, d, keep, scale, momentum, nesterov);
+      st(pp + i, x - splat<V>(lr) * d);
+    });
+  });
+}
+
 }  // namespace fused_ft
