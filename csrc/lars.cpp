@@ -20,9 +20,8 @@ void next_batch(const std::vector<at::Tensor>& tensors, int64_t& next, std::vect
   out.clear();
   int64_t elements = 0;
   for (; next < static_cast<int64_t>(tensors.size()) && elements < kBatch; ++next) {
-    const int64_t n = tensors[next].numel();
-    for (int64_t b = 0; b < n; b += kChunk) out.push_back({next, b, std::min(n, b + kChunk)});
-    elements += n;
+    append_chunks(out, next, tensors[next].numel());
+    elements += tensors[next].numel();
   }
 }
 }  // namespace

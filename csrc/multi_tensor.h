@@ -2,8 +2,9 @@
 // loops, fp32 vector loads and stores from any storage dtype.
 //
 // A group's tensors are cut into chunks of at most kChunk elements that never cross a tensor;
-// chunks run in parallel (at::parallel_for, torch's OpenMP pool). Inside a chunk the math runs
-// on at::vec::Vectorized<float> with a scalar tail. All math is fp32: bf16/fp16 values are
+// chunks run in parallel (at::parallel_for, torch's OpenMP pool). SGD instead gives each thread one
+// slice of every tensor (parallel_slices). Inside a chunk the math runs on at::vec::Vectorized<float>
+// with a scalar tail. All math is fp32: bf16/fp16 values are
 // widened on load and rounded to nearest-even once on store (c10's conversions, as torch's copy_).
 #pragma once
 
@@ -37,20 +38,22 @@ inline std::vector<Chunk>& chunk_buffer(int slot) {
   return buffers[slot];
 }
 
+// Appends the chunks of one tensor to `out`.
+inline void append_chunks(std::vector<Chunk>& out, int64_t tensor, int64_t numel) {
+  for (int64_t b = 0; b < numel; b += kChunk) out.push_back({tensor, b, std::min(numel, b + kChunk)});
+}
+
 // Chunks of all tensors. Proportional to the number of chunks, not of elements.
-inline const std::vector<Chunk>& make_chunks(const std::vector<at::Tensor>& tensors, int64_t chunk = kChunk) {
+inline const std::vector<Chunk>& make_chunks(const std::vector<at::Tensor>& tensors) {
   auto& chunks = chunk_buffer(0);
-  for (int64_t t = 0; t < static_cast<int64_t>(tensors.size()); ++t) {
-    const int64_t n = tensors[t].numel();
-    for (int64_t b = 0; b < n; b += chunk) chunks.push_back({t, b, std::min(n, b + chunk)});
-  }
+  for (int64_t t = 0; t < static_cast<int64_t>(tensors.size()); ++t) append_chunks(chunks, t, tensors[t].numel());
   return chunks;
 }
 
-// Chunks of one tensor, in buffer `slot` (0 or 1).
-inline const std::vector<Chunk>& chunks_of(int64_t tensor, int64_t numel, int slot = 0, int64_t chunk = kChunk) {
-  auto& chunks = chunk_buffer(slot);
-  for (int64_t b = 0; b < numel; b += chunk) chunks.push_back({tensor, b, std::min(numel, b + chunk)});
+// Chunks of one tensor.
+inline const std::vector<Chunk>& chunks_of(int64_t tensor, int64_t numel) {
+  auto& chunks = chunk_buffer(0);
+  append_chunks(chunks, tensor, numel);
   return chunks;
 }
 
