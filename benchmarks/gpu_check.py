@@ -4,7 +4,10 @@
    slice of it, all shapes kept), fp32 against the reference backend (rtol 1e-6; LARS/LAMB 1e-5).
 2. Triton launches per step (<= 1 for SGD/AdamW, <= 3 for LARS/LAMB) on the real GPU.
 3. Speed: ms/step of fused_ft-triton against torch fused=True (SGD, AdamW) and timm (LARS, LAMB) on
-   the full ViT-B/16 list, same process, interleaved, with CUDA events.
+   the full ViT-B/16 list, same process, interleaved, with CUDA events; each update's minimal bytes
+   per step as a fraction of the bandwidth of a device-to-device copy of a 1 GiB buffer timed in
+   the same rounds (targets: 85% for SGD and AdamW, 65% for LARS and LAMB, and at least torch
+   fused's speed).
 4. Memory: simulated vs measured (torch.cuda.max_memory_allocated) peaks of CLIP ViT-B/16 and ViT-L/14,
    micro-batch 1, sgd-freeze-embed and adamw (issue 6: within 5%).
 
@@ -62,12 +65,32 @@ def parity(lines: list[str]) -> bool:
     return ok
 
 
-def speed(lines: list[str], rounds: int = 5) -> None:
+def _cuda_ms(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+COPY_BYTES = 1 << 30
+TARGET_FRACTION = {"sgd": 0.85, "sgd-nomom": 0.85, "adamw": 0.85, "lars": 0.65, "lamb": 0.65}
+
+
+def speed(lines: list[str], rounds: int = 5) -> bool:
     from benchmarks.providers import build_optimizer, vit_b16_shapes
-    from fused_ft.specs import UPDATES
+    from fused_ft.specs import OPTIMIZERS, UPDATES
 
     shapes = vit_b16_shapes()
-    lines.append("\n| update | provider | ms/step | vs baseline |\n|---|---|---:|---:|")
+    numel = sum(s.numel() for s in shapes)
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copy = lambda: dst.copy_(src)  # noqa: E731  (reads and writes 1 GiB each)
+    copy()
+    ok = True
+    lines.append("\n| update | provider | ms/step | vs baseline | GB/s (min bytes) | x copy bandwidth | target |\n"
+                 "|---|---|---:|---:|---:|---:|---|")
     for name, u in UPDATES.items():
         providers = ["fused_ft-triton"] + (["torch-fused"] if u.optimizer in ("sgd", "adamw") else ["timm"])
         setups = {}
@@ -76,28 +99,34 @@ def speed(lines: list[str], rounds: int = 5) -> None:
             for q in params:
                 q.grad = torch.randn_like(q).mul_(1e-3)
             if p == "fused_ft-triton":
-                from fused_ft.specs import OPTIMIZERS
-
                 opt = OPTIMIZERS[u.optimizer].cls(params, **u.kwargs, backend="triton")
             else:
                 opt = build_optimizer(p, name, params)
             opt.step()
             setups[p] = opt
         times = {p: [] for p in providers}
+        copy_gbs = []
         for _ in range(rounds):
+            copy_gbs.append(2 * COPY_BYTES / _cuda_ms(copy) / 1e6)
             for p, opt in setups.items():
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                opt.step()
-                end.record()
-                torch.cuda.synchronize()
-                times[p].append(start.elapsed_time(end))
+                times[p].append(_cuda_ms(opt.step))
         base = statistics.median(times[providers[1]])
+        copy_bw = statistics.median(copy_gbs)
         for p in providers:
             ms = statistics.median(times[p])
-            lines.append(f"| {name} | {p} | {ms:.2f} | {base / ms:.2f}x |")
+            gbs = u.min_bytes_per_param * numel / ms / 1e6
+            verdict = ""
+            if p == "fused_ft-triton":
+                vs_torch = providers[1] == "torch-fused"
+                met = gbs / copy_bw >= TARGET_FRACTION[name] and (ms <= base or not vs_torch)
+                ok &= met
+                verdict = (f">= {TARGET_FRACTION[name]:.0%} of copy{' and torch fused speed' if vs_torch else ''}: "
+                           f"{'met' if met else 'MISSED'}")
+            lines.append(f"| {name} | {p} | {ms:.3f} | {base / ms:.2f}x | {gbs:.0f} | {gbs / copy_bw:.2f} | {verdict} |")
         del setups
         torch.cuda.empty_cache()
+    lines.append(f"\nDevice-to-device copy of 1 GiB: {copy_bw:.0f} GB/s (read + write), median of {rounds} rounds.")
+    return ok
 
 
 def memory(lines: list[str]) -> bool:
@@ -124,9 +153,10 @@ def main() -> int:
     lines = [f"## GPU checks ({torch.cuda.get_device_name()}, torch {torch.__version__})\n",
              "Command: `python -m benchmarks.gpu_check`\n"]
     ok = parity(lines)
-    speed(lines)
+    speed_ok = speed(lines)
     ok &= memory(lines)
-    lines.append(f"\nTotal {time.time() - start:.0f} s; all parity and memory checks {'passed' if ok else 'FAILED'}.")
+    lines.append(f"\nTotal {time.time() - start:.0f} s; all parity and memory checks {'passed' if ok else 'FAILED'}; "
+                 f"speed targets {'all met' if speed_ok else 'NOT all met'}.")
     text = "\n".join(lines)
     print(text)
     if os.environ.get("OUT"):

@@ -18,13 +18,18 @@ from fused_ft.specs import OPTIMIZERS, UPDATES
 TORCH_IMPLS = {"torch-fused": dict(fused=True), "torch-foreach": dict(foreach=True), "torch-forloop": dict(foreach=False)}
 
 
-def vit_b16_shapes() -> list[torch.Size]:
-    """The parameter shapes of ViT-B/16 (86M parameters), built on the meta device: no memory, no download."""
+def vit_shapes(model: str) -> list[torch.Size]:
+    """A timm model's parameter shapes, built on the meta device: no memory, no download."""
     import timm
 
     with torch.device("meta"):
-        model = timm.create_model("vit_base_patch16_224", pretrained=False)
-    return [p.shape for p in model.parameters()]
+        net = timm.create_model(model, pretrained=False)
+    return [p.shape for p in net.parameters()]
+
+
+def vit_b16_shapes() -> list[torch.Size]:
+    """The parameter shapes of ViT-B/16 (86M parameters, 152 tensors)."""
+    return vit_shapes("vit_base_patch16_224")
 
 
 def providers_for(update: str) -> list[str]:

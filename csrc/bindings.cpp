@@ -1,5 +1,7 @@
-// Python bindings of fused_ft's CPU kernels (module fused_ft._C). Each function updates one
+// Python bindings of fused_ft's CPU kernels (module fused_ft._C). Each update function updates one
 // param group's tensors in place; fused_ft/kernels/cpu.py adapts them to the backend signature.
+// flat_addresses, params_with_grads and increment_steps are host-side helpers of a step
+// (csrc/tensor_tables.cpp).
 #include <torch/extension.h>
 
 #include "multi_tensor.h"
@@ -15,6 +17,11 @@ void lars_(std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
 void lamb_(std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
            double, double, double, double, double, double, double, double, double, double, bool, bool);
 double sum_squares(std::vector<at::Tensor>);
+std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>, bool> flat_addresses(
+    const std::vector<std::vector<at::Tensor>>&, int64_t);
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t, bool, std::vector<at::ScalarType>>
+params_with_grads(const std::vector<at::Tensor>&);
+std::vector<double> increment_steps(const std::vector<at::Tensor>&);
 }  // namespace fused_ft
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -24,5 +31,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lars_", &fused_ft::lars_, "LARS over a tensor list (two phases, tensor by tensor)");
   m.def("lamb_", &fused_ft::lamb_, "LAMB over a tensor list (two phases, tensor by tensor)");
   m.def("sum_squares", &fused_ft::sum_squares, "sum of squares of all elements of a tensor list (fp64)");
+  m.def("flat_addresses", &fused_ft::flat_addresses, py::arg("slots"), py::arg("align"),
+        "address table [slots, tensors], element counts, columns that are not flat, one dtype per slot (Triton launchers)");
+  m.def("params_with_grads", &fused_ft::params_with_grads, py::arg("params"),
+        "params that have grads, their grads, first sparse grad's index or -1, one device?, dtypes (step planning)");
+  m.def("increment_steps", &fused_ft::increment_steps, py::arg("steps"),
+        "add 1 to one-element CPU step counts and return them; [] (nothing changed) if any is not one");
   m.def("vector_width", []() { return static_cast<int>(fused_ft::Vec::size()); }, "floats per SIMD vector");
 }

@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from fused_ft._native import _C
 from fused_ft.optim._base import new_state
 
 
@@ -24,8 +25,18 @@ def dense(t: torch.Tensor) -> bool:
     return True
 
 
-def flat_ok(column: Sequence[torch.Tensor]) -> bool:
+def flat_ok(column: Sequence[torch.Tensor], align: int = 1) -> bool:
+    """The column's tensors can be walked as ``numel`` consecutive elements from their data pointers
+    (each starting at a multiple of ``align`` bytes)."""
     first = column[0]
+    if any(t.numel() != first.numel() for t in column):
+        # torch's grad setter keeps shapes equal; only a `.data` swap gets here
+        raise ValueError(
+            f"Invalid tensors: a parameter of {first.numel()} elements has a gradient or state tensor of "
+            f"{[t.numel() for t in column]} elements"
+        )
+    if align > 1 and any(t.data_ptr() % align for t in column):
+        return False
     for t in column:
         if not t.is_contiguous():
             break
@@ -35,20 +46,37 @@ def flat_ok(column: Sequence[torch.Tensor]) -> bool:
 
 
 @contextmanager
-def flat_slots(slots: Sequence[Sequence[torch.Tensor]], written: Sequence[int]) -> Iterator[list[list[torch.Tensor]]]:
-    """``slots`` with each non-flat column replaced by contiguous copies, copied back into the
-    ``written`` slots on exit."""
+def flat_slots(
+    slots: Sequence[Sequence[torch.Tensor]], written: Sequence[int], align: int = 1
+) -> Iterator[list[list[torch.Tensor]]]:
+    """``slots`` with each column that is not flat (see ``flat_ok``) replaced by contiguous copies,
+    copied back into the ``written`` slots on exit. Copies are fresh allocations, so they are
+    aligned as the allocator aligns (64 bytes on CPU, 512 on CUDA)."""
     out = [list(slot) for slot in slots]
     copied = []
     for j, column in enumerate(zip(*out)):
-        if not flat_ok(column):
+        if not flat_ok(column, align):
             for s, t in enumerate(column):
-                out[s][j] = t.contiguous()
+                out[s][j] = t.clone(memory_format=torch.contiguous_format)
             copied.append(j)
     yield out
     for j in copied:
         for s in written:
             slots[s][j].copy_(out[s][j])
+
+
+def flat_addresses(
+    slots: Sequence[Sequence[torch.Tensor]], align: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int], bool]:
+    """The data addresses of ``slots`` (int64, ``[slots, tensors]``), the element counts of the first
+    slot, the columns that are not flat (see ``flat_ok``), and whether each slot holds one dtype, in
+    one pass."""
+    if _C is not None:
+        return _C.flat_addresses(slots, align)
+    addresses = torch.tensor([[t.data_ptr() for t in slot] for slot in slots], dtype=torch.int64)
+    numels = torch.tensor([t.numel() for t in slots[0]], dtype=torch.int64)
+    not_flat = [j for j, column in enumerate(zip(*slots)) if not flat_ok(column, align)]
+    return addresses, numels, not_flat, all(len({t.dtype for t in slot}) == 1 for slot in slots)
 
 
 def new_momentum_buffers(params: Sequence[torch.Tensor], momentum_buffers: list) -> list[bool]:

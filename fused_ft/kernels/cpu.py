@@ -12,13 +12,8 @@ import torch
 
 from fused_ft.kernels._layout import flat_slots, new_momentum_buffers, kernel_unsupported_reason
 
-try:
-    from fused_ft import _C  # type: ignore[attr-defined]
-
-    _IMPORT_ERROR: str | None = None
-except ImportError as exc:  # no compiler at install time, or an ABI mismatch with this torch
-    _C = None
-    _IMPORT_ERROR = str(exc)
+from fused_ft._native import IMPORT_ERROR as _IMPORT_ERROR
+from fused_ft._native import _C
 
 __all__ = ["sgd", "adamw", "lars", "lamb", "lamb_clip", "unavailable_reason", "unsupported_reason"]
 

@@ -1,16 +1,36 @@
 """Triton kernels for the five updates; launchers live in ``triton_launch``.
 
-Multi-tensor layout (one launch covers every tensor of a dtype combination): each tensor slot
-(``p``: params, ``g``: grads, ``s0``/``s1``/``s2``: state) is an int64 table of addresses, one per
-tensor; the block table maps each program to (tensor index ``blk_t``, element offset ``blk_s``).
-Address tables and block coordinates are read inline rather than through small @triton.jit
-helpers: Triton's CPU interpreter re-patches the language on every nested call, which made each
-program (and the CI tests) about 40% slower. All math is fp32: values are loaded in their storage dtype, converted, and the parameter is stored
+Multi-tensor layout: one launch covers every tensor of a dtype combination. Each tensor slot
+(``params``, ``grads``, the state slots) is an int64 table of data addresses, one per tensor; the
+block table maps program ``pid`` to a tensor (``block_tensor``) and its first element there
+(``block_start``).
+
+Full blocks take an unmasked path. A program whose block lies wholly inside its tensor
+(``start + BLOCK <= numel``) loads and stores without a mask; only each tensor's last, partial block
+takes the masked path. Together with the hints below this is what lets the compiler emit 128-bit
+loads and stores (``ld.global.v4``): a mask built from a ``numel`` loaded at run time cannot be
+proven constant over a vector, so a kernel masked everywhere gets 32-bit accesses only. The hints
+are true by construction: the launcher sends every tensor whose address is not 16-byte aligned
+through an aligned copy, and every ``block_start`` is a multiple of BLOCK.
+
+All math is fp32: values are loaded in their storage dtype, converted, and the parameter is stored
 once in its own dtype. Per-step hyperparameters are float arguments, which Triton never
 specializes on, so a changing learning rate or bias correction never recompiles.
+
+Norms (LARS, LAMB) are reduced once, in a fixed order that does not depend on how many programs
+run: a sum of squares per block, then per tensor (``tensor_sums_kernel`` walks each tensor's block
+sums in order), so an update program reads O(1) norm values. LAMB's global gradient norm is summed
+once per step by whichever program of ``clip_kernel`` finishes last (the classic last-block
+reduction: an atomic counter says who is last, no atomic touches a value).
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _slot(table, t, DTYPE: tl.constexpr):
+    """Tensor ``t``'s data pointer from a slot's address table (16-byte aligned: see the module doc)."""
+    return tl.multiple_of(tl.load(table + t).to(tl.pointer_type(DTYPE)), 16)
 
 
 @triton.jit
@@ -31,199 +51,341 @@ def _store_param(ptr, x, mask, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _tensor_sum(partials, blk_first, blk_count, t, RBLOCK: tl.constexpr):
-    """Sum of the per-block partials of tensor ``t`` (deterministic: a fixed order, no atomics)."""
-    first = tl.load(blk_first + t)
-    end = first + tl.load(blk_count + t)
-    acc = tl.zeros((RBLOCK,), dtype=tl.float32)
-    for i in range(first, end, RBLOCK):
-        idx = i + tl.arange(0, RBLOCK)
-        acc += tl.load(partials + idx, mask=idx < end, other=0.0)
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _all_sum(partials, count, RBLOCK: tl.constexpr):
-    acc = tl.zeros((RBLOCK,), dtype=tl.float32)
-    for i in range(0, count, RBLOCK):
-        idx = i + tl.arange(0, RBLOCK)
-        acc += tl.load(partials + idx, mask=idx < count, other=0.0)
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def sumsq_kernel(
-    a, b, numels, blk_t, blk_s, num_blocks, out_a, out_b,
-    A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, TWO: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """Sums of squares of slot ``a`` (and ``b`` when TWO) per program, grid-striding over blocks.
-
-    With one program per block, ``out`` holds per-block partials (tensor norms follow); with fewer
-    programs, a short list of partials of the global sum (LAMB's gradient clipping).
-    """
-    pid = tl.program_id(0)
-    acc_a = tl.zeros((BLOCK,), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK,), dtype=tl.float32)
-    for blk in range(pid, num_blocks, tl.num_programs(0)):
-        t = tl.load(blk_t + blk)
-        offs = tl.load(blk_s + blk) + tl.arange(0, BLOCK)
-        mask = offs < tl.load(numels + t)
-        x = tl.load(tl.load(a + t).to(tl.pointer_type(A_DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
-        acc_a += x * x
-        if TWO:
-            y = tl.load(tl.load(b + t).to(tl.pointer_type(B_DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
-            acc_b += y * y
-    tl.store(out_a + pid, tl.sum(acc_a, axis=0))
-    if TWO:
-        tl.store(out_b + pid, tl.sum(acc_b, axis=0))
-
-
-@triton.jit
-def _momentum(p, g, s0, t, offs, mask, buf_keep, buf_scale, momentum, NESTEROV: tl.constexpr):
-    """torch's momentum: b = keep*b + scale*g (a new, zeroed buffer has keep=0, scale=1: b = g)."""
-    b_ptr = tl.load(s0 + t).to(tl.pointer_type(tl.float32))
-    buf = buf_keep * tl.load(b_ptr + offs, mask=mask) + buf_scale * g
-    tl.store(b_ptr + offs, buf, mask=mask)
+def _momentum(d, buf_ptr, mask, buf_keep, buf_scale, momentum, NESTEROV: tl.constexpr):
+    """torch's momentum: b = keep*b + scale*d (a new, zeroed buffer has keep=0, scale=1: b = d)."""
+    buf = buf_keep * tl.load(buf_ptr, mask=mask) + buf_scale * d
+    tl.store(buf_ptr, buf, mask=mask)
     if NESTEROV:
-        return g + momentum * buf
+        return d + momentum * buf
     return buf
 
 
 @triton.jit
+def _ordered_sum(values, first, end, RBLOCK: tl.constexpr):
+    """Sum of ``values[first:end]`` in a fixed order (RBLOCK lanes, then a tree): deterministic."""
+    acc = tl.zeros((RBLOCK,), dtype=tl.float32)
+    for i in range(first, end, RBLOCK):
+        idx = i + tl.arange(0, RBLOCK)
+        acc += tl.load(values + idx, mask=idx < end, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+# -- SGD -------------------------------------------------------------------------------------------
+@triton.jit
+def _sgd_block(p_ptr, g_ptr, buf_ptr, mask, lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum,
+               P_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
+    w = tl.load(p_ptr, mask=mask).to(tl.float32)
+    d = tl.load(g_ptr, mask=mask).to(tl.float32) * grad_sign + weight_decay * w
+    if HAS_MOMENTUM:
+        d = _momentum(d, buf_ptr, mask, buf_keep, buf_scale, momentum, NESTEROV)
+    _store_param(p_ptr, w - lr * d, mask, P_DTYPE)
+
+
+@triton.jit
 def sgd_kernel(
-    p, g, s0, numels, blk_t, blk_s,
+    params, grads, momentum_buffers, numels, block_tensor, block_start,
     lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """SGD: tl[p] params, tl[g] grads, tl[s0] momentum buffers (fp32; unused without momentum)."""
-    t = tl.load(blk_t + tl.program_id(0))
-    offs = tl.load(blk_s + tl.program_id(0)) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
-    p_ptr = tl.load(p + t).to(tl.pointer_type(P_DTYPE))
-    w = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    d = tl.load(tl.load(g + t).to(tl.pointer_type(G_DTYPE)) + offs, mask=mask).to(tl.float32) * grad_sign + weight_decay * w
+    """SGD; ``momentum_buffers`` are fp32 (None without momentum)."""
+    t = tl.load(block_tensor + tl.program_id(0))
+    start = tl.multiple_of(tl.load(block_start + tl.program_id(0)), BLOCK)
+    numel = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK)
+    p_ptr = _slot(params, t, P_DTYPE) + offs
+    g_ptr = _slot(grads, t, G_DTYPE) + offs
+    buf_ptr = None
     if HAS_MOMENTUM:
-        d = _momentum(p, d, s0, t, offs, mask, buf_keep, buf_scale, momentum, NESTEROV)
-    _store_param(p_ptr + offs, w - lr * d, mask, P_DTYPE)
+        buf_ptr = _slot(momentum_buffers, t, tl.float32) + offs
+    if start + BLOCK <= numel:
+        _sgd_block(p_ptr, g_ptr, buf_ptr, None, lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum,
+                   P_DTYPE, HAS_MOMENTUM, NESTEROV)
+    else:
+        _sgd_block(p_ptr, g_ptr, buf_ptr, offs < numel, lr, weight_decay, grad_sign, buf_keep, buf_scale,
+                   momentum, P_DTYPE, HAS_MOMENTUM, NESTEROV)
+
+
+# -- AdamW -----------------------------------------------------------------------------------------
+@triton.jit
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, mask, decay, beta1, beta2, eps, step_size,
+                 bias_correction2_sqrt, grad_sign, P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr):
+    w = tl.load(p_ptr, mask=mask).to(tl.float32) * decay
+    d = tl.load(g_ptr, mask=mask).to(tl.float32) * grad_sign
+    m = tl.load(m_ptr, mask=mask)
+    m = m + (1.0 - beta1) * (d - m)  # torch's lerp
+    v = beta2 * tl.load(v_ptr, mask=mask) + (1.0 - beta2) * d * d
+    tl.store(m_ptr, m, mask=mask)
+    tl.store(v_ptr, v, mask=mask)
+    if AMSGRAD:
+        v = tl.maximum(tl.load(vmax_ptr, mask=mask), v)
+        tl.store(vmax_ptr, v, mask=mask)
+    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    _store_param(p_ptr, w - step_size * (m / denom), mask, P_DTYPE)
 
 
 @triton.jit
 def adamw_kernel(
-    p, g, s0, s1, s2, numels, blk_t, blk_s,
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, numels, block_tensor, block_start,
     decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, grad_sign,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """AdamW: tl[s0] exp_avg, tl[s1] exp_avg_sq, tl[s2] max_exp_avg_sq (amsgrad), all fp32.
+    """AdamW; the state slots are fp32 (``max_exp_avg_sqs`` None without amsgrad).
 
     ``decay`` = 1 - lr*weight_decay, ``step_size`` = lr / (1 - beta1^t).
     """
-    t = tl.load(blk_t + tl.program_id(0))
-    offs = tl.load(blk_s + tl.program_id(0)) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
-    p_ptr = tl.load(p + t).to(tl.pointer_type(P_DTYPE))
-    m_ptr = tl.load(s0 + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(s1 + t).to(tl.pointer_type(tl.float32))
-    w = tl.load(p_ptr + offs, mask=mask).to(tl.float32) * decay
-    d = tl.load(tl.load(g + t).to(tl.pointer_type(G_DTYPE)) + offs, mask=mask).to(tl.float32) * grad_sign
-    m = tl.load(m_ptr + offs, mask=mask)
-    m = m + (1.0 - beta1) * (d - m)  # torch's lerp
-    v = beta2 * tl.load(v_ptr + offs, mask=mask) + (1.0 - beta2) * d * d
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+    t = tl.load(block_tensor + tl.program_id(0))
+    start = tl.multiple_of(tl.load(block_start + tl.program_id(0)), BLOCK)
+    numel = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK)
+    p_ptr = _slot(params, t, P_DTYPE) + offs
+    g_ptr = _slot(grads, t, G_DTYPE) + offs
+    m_ptr = _slot(exp_avgs, t, tl.float32) + offs
+    v_ptr = _slot(exp_avg_sqs, t, tl.float32) + offs
+    vmax_ptr = None
     if AMSGRAD:
-        vmax_ptr = tl.load(s2 + t).to(tl.pointer_type(tl.float32))
-        v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask), v)
-        tl.store(vmax_ptr + offs, v, mask=mask)
-    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-    _store_param(p_ptr + offs, w - step_size * (m / denom), mask, P_DTYPE)
+        vmax_ptr = _slot(max_exp_avg_sqs, t, tl.float32) + offs
+    if start + BLOCK <= numel:
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, None, decay, beta1, beta2, eps, step_size,
+                     bias_correction2_sqrt, grad_sign, P_DTYPE, AMSGRAD)
+    else:
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs < numel, decay, beta1, beta2, eps, step_size,
+                     bias_correction2_sqrt, grad_sign, P_DTYPE, AMSGRAD)
+
+
+# -- norms -----------------------------------------------------------------------------------------
+@triton.jit
+def _sumsq_block(a_ptr, b_ptr, mask, other, TWO: tl.constexpr):
+    x = tl.load(a_ptr, mask=mask, other=other).to(tl.float32)
+    sum_b = 0.0
+    if TWO:
+        y = tl.load(b_ptr, mask=mask, other=other).to(tl.float32)
+        sum_b = tl.sum(y * y, axis=0)
+    return tl.sum(x * x, axis=0), sum_b
+
+
+# Counts are loop bounds only: specializing on their divisibility by 16 would compile a variant per
+# model for nothing.
+@triton.jit(do_not_specialize=["num_blocks"])
+def block_sumsq_kernel(
+    a, b, numels, block_tensor, block_start, num_blocks, a_sums, b_sums,
+    A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, TWO: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Sum of squares of every block of slot ``a`` (and ``b`` when TWO), stored per block.
+
+    Grid-strides over the blocks, so any number of programs gives the same bits.
+    """
+    for blk in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
+        t = tl.load(block_tensor + blk)
+        start = tl.multiple_of(tl.load(block_start + blk), BLOCK)
+        numel = tl.load(numels + t)
+        offs = start + tl.arange(0, BLOCK)
+        a_ptr = _slot(a, t, A_DTYPE) + offs
+        b_ptr = None
+        if TWO:
+            b_ptr = _slot(b, t, B_DTYPE) + offs
+        if start + BLOCK <= numel:
+            sum_a, sum_b = _sumsq_block(a_ptr, b_ptr, None, None, TWO)
+        else:
+            sum_a, sum_b = _sumsq_block(a_ptr, b_ptr, offs < numel, 0.0, TWO)
+        tl.store(a_sums + blk, sum_a)
+        if TWO:
+            tl.store(b_sums + blk, sum_b)
+
+
+@triton.jit(do_not_specialize=["num_tensors"])
+def tensor_sums_kernel(
+    a_block_sums, b_block_sums, first_block, block_count, num_tensors, a_sums, b_sums,
+    TWO: tl.constexpr, RBLOCK: tl.constexpr,
+):
+    """Per-tensor sums of the per-block sums, each tensor's blocks in order (one tensor a program)."""
+    for t in range(tl.program_id(0), num_tensors, tl.num_programs(0)):
+        first = tl.load(first_block + t)
+        end = first + tl.load(block_count + t)
+        tl.store(a_sums + t, _ordered_sum(a_block_sums, first, end, RBLOCK))
+        if TWO:
+            tl.store(b_sums + t, _ordered_sum(b_block_sums, first, end, RBLOCK))
+
+
+@triton.jit(do_not_specialize=["num_blocks", "num_chunks"])
+def clip_kernel(
+    grads, numels, block_tensor, block_start, num_blocks, chunk_sums, num_chunks, counter, total,
+    G_DTYPE: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    RBLOCK: tl.constexpr,
+):
+    """Sum of squares of all gradients into ``total[0]`` (added to it when ACCUMULATE).
+
+    Each chunk of CHUNK consecutive blocks has a fixed partial sum; the last program to finish sums
+    the chunks in order and resets the counter for the next step. Grid-strides over the chunks, so
+    any number of programs gives the same bits.
+    """
+    for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for blk in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, num_blocks)):
+            t = tl.load(block_tensor + blk)
+            start = tl.multiple_of(tl.load(block_start + blk), BLOCK)
+            numel = tl.load(numels + t)
+            offs = start + tl.arange(0, BLOCK)
+            g_ptr = _slot(grads, t, G_DTYPE) + offs
+            if start + BLOCK <= numel:
+                x = tl.load(g_ptr).to(tl.float32)
+            else:
+                x = tl.load(g_ptr, mask=offs < numel, other=0.0).to(tl.float32)
+            acc += x * x
+        tl.store(chunk_sums + c, tl.sum(acc, axis=0))
+    # acq_rel: this program's chunk sums are visible to whoever sees the counter's last value
+    if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        s = _ordered_sum(chunk_sums, 0, num_chunks, RBLOCK)
+        if ACCUMULATE:
+            s += tl.load(total)
+        tl.store(total, s)
+        tl.store(counter, 0)
+
+
+# -- LARS ------------------------------------------------------------------------------------------
+@triton.jit
+def _lars_block(p_ptr, g_ptr, buf_ptr, mask, ratio, lr, weight_decay, buf_keep, buf_scale, momentum,
+                P_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ADAPT: tl.constexpr):
+    w = tl.load(p_ptr, mask=mask).to(tl.float32)
+    d = tl.load(g_ptr, mask=mask).to(tl.float32)
+    if ADAPT:
+        d = (d + weight_decay * w) * ratio
+    if HAS_MOMENTUM:
+        d = _momentum(d, buf_ptr, mask, buf_keep, buf_scale, momentum, NESTEROV)
+    _store_param(p_ptr, w - lr * d, mask, P_DTYPE)
 
 
 @triton.jit
 def lars_kernel(
-    p, g, s0, numels, blk_t, blk_s, w_partials, g_partials, blk_first, blk_count,
+    params, grads, momentum_buffers, numels, block_tensor, block_start, param_sumsq, grad_sumsq,
     lr, weight_decay, trust_coeff, eps, buf_keep, buf_scale, momentum,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+    ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """LARS: tensor norms from ``sumsq_kernel`` partials, then the trust-ratio-scaled SGD update."""
-    t = tl.load(blk_t + tl.program_id(0))
-    offs = tl.load(blk_s + tl.program_id(0)) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
-    p_ptr = tl.load(p + t).to(tl.pointer_type(P_DTYPE))
-    w = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    d = tl.load(tl.load(g + t).to(tl.pointer_type(G_DTYPE)) + offs, mask=mask).to(tl.float32)
+    """LARS: the trust ratio from per-tensor sums of squares, then SGD's momentum update."""
+    t = tl.load(block_tensor + tl.program_id(0))
+    start = tl.multiple_of(tl.load(block_start + tl.program_id(0)), BLOCK)
+    numel = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK)
+    p_ptr = _slot(params, t, P_DTYPE) + offs
+    g_ptr = _slot(grads, t, G_DTYPE) + offs
+    buf_ptr = None
+    if HAS_MOMENTUM:
+        buf_ptr = _slot(momentum_buffers, t, tl.float32) + offs
+    ratio = 1.0
     if ADAPT:
-        w_norm = tl.sqrt(_tensor_sum(w_partials, blk_first, blk_count, t, RBLOCK))
-        g_norm = tl.sqrt(_tensor_sum(g_partials, blk_first, blk_count, t, RBLOCK))
+        w_norm = tl.sqrt(tl.load(param_sumsq + t))
+        g_norm = tl.sqrt(tl.load(grad_sumsq + t))
         ratio = trust_coeff * w_norm / (g_norm + w_norm * weight_decay + eps)  # eps > 0 or g_norm > 0 below
         ratio = tl.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
         if TRUST_CLIP:
             ratio = tl.minimum(ratio / lr, 1.0)
-        d = (d + weight_decay * w) * ratio
-    if HAS_MOMENTUM:
-        d = _momentum(p, d, s0, t, offs, mask, buf_keep, buf_scale, momentum, NESTEROV)
-    _store_param(p_ptr + offs, w - lr * d, mask, P_DTYPE)
+    if start + BLOCK <= numel:
+        _lars_block(p_ptr, g_ptr, buf_ptr, None, ratio, lr, weight_decay, buf_keep, buf_scale, momentum,
+                    P_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT)
+    else:
+        _lars_block(p_ptr, g_ptr, buf_ptr, offs < numel, ratio, lr, weight_decay, buf_keep, buf_scale, momentum,
+                    P_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT)
 
 
+# -- LAMB ------------------------------------------------------------------------------------------
 @triton.jit
 def _lamb_update(m, v, w, bias_correction1, bias_correction2_sqrt, eps, weight_decay):
     return (m / bias_correction1) / (tl.sqrt(v) / bias_correction2_sqrt + eps) + weight_decay * w
 
 
 @triton.jit
-def lamb_moments_kernel(
-    p, g, s0, s1, numels, blk_t, blk_s, clip_partials, clip_count, max_grad_norm, w_out, u_out,
-    beta1, beta2, beta3, bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_CLIP: tl.constexpr, AVERAGING: tl.constexpr,
-    BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
-):
-    """LAMB phase 1: clip, update moments (stored), and per-block sums of squares of the
-    (decayed) weights and of the update, for the trust ratio of phase 2."""
-    t = tl.load(blk_t + tl.program_id(0))
-    offs = tl.load(blk_s + tl.program_id(0)) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
-    d = tl.load(tl.load(g + t).to(tl.pointer_type(G_DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_CLIP:
-        d = d / tl.maximum(tl.sqrt(_all_sum(clip_partials, clip_count, RBLOCK)) / max_grad_norm, 1.0)
-    m_ptr = tl.load(s0 + t).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(s1 + t).to(tl.pointer_type(tl.float32))
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+def _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, mask, other, clip, beta1, beta2, beta3, bias_correction1,
+                        bias_correction2_sqrt, eps, weight_decay, decay, AVERAGING: tl.constexpr, ADAPT: tl.constexpr):
+    d = tl.load(g_ptr, mask=mask, other=other).to(tl.float32) / clip
+    m = tl.load(m_ptr, mask=mask, other=other)
     if AVERAGING:
         m = m + beta3 * (d - m)  # torch's lerp, as timm uses when beta3 == 1 - beta1
     else:
         m = beta1 * m + beta3 * d
-    v = beta2 * tl.load(v_ptr + offs, mask=mask, other=0.0) + (1.0 - beta2) * d * d
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
-    w = tl.load(tl.load(p + t).to(tl.pointer_type(P_DTYPE)) + offs, mask=mask, other=0.0).to(tl.float32) * decay
-    u = tl.where(mask, _lamb_update(m, v, w, bias_correction1, bias_correction2_sqrt, eps, weight_decay), 0.0)
+    v = beta2 * tl.load(v_ptr, mask=mask, other=other) + (1.0 - beta2) * d * d
+    tl.store(m_ptr, m, mask=mask)
+    tl.store(v_ptr, v, mask=mask)
+    sum_w = 0.0
+    sum_u = 0.0
+    if ADAPT:
+        w = tl.load(p_ptr, mask=mask, other=other).to(tl.float32) * decay
+        u = _lamb_update(m, v, w, bias_correction1, bias_correction2_sqrt, eps, weight_decay)
+        if mask is not None:
+            u = tl.where(mask, u, 0.0)
+        sum_w = tl.sum(w * w, axis=0)
+        sum_u = tl.sum(u * u, axis=0)
+    return sum_w, sum_u
+
+
+@triton.jit
+def lamb_moments_kernel(
+    params, grads, exp_avgs, exp_avg_sqs, numels, block_tensor, block_start, clip_sumsq, max_grad_norm,
+    param_block_sums, update_block_sums,
+    beta1, beta2, beta3, bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_CLIP: tl.constexpr, AVERAGING: tl.constexpr,
+    ADAPT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """LAMB phase 1: clip, update the moments (stored), and, for the trust ratio of phase 2, the
+    per-block sums of squares of the (decayed) weights and of the update."""
     pid = tl.program_id(0)
-    tl.store(w_out + pid, tl.sum(w * w, axis=0))
-    tl.store(u_out + pid, tl.sum(u * u, axis=0))
+    t = tl.load(block_tensor + pid)
+    start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
+    numel = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK)
+    p_ptr = _slot(params, t, P_DTYPE) + offs
+    g_ptr = _slot(grads, t, G_DTYPE) + offs
+    m_ptr = _slot(exp_avgs, t, tl.float32) + offs
+    v_ptr = _slot(exp_avg_sqs, t, tl.float32) + offs
+    clip = 1.0
+    if HAS_CLIP:
+        clip = tl.maximum(tl.sqrt(tl.load(clip_sumsq)) / max_grad_norm, 1.0)
+    if start + BLOCK <= numel:
+        sum_w, sum_u = _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, None, None, clip, beta1, beta2, beta3,
+                                           bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
+                                           AVERAGING, ADAPT)
+    else:
+        sum_w, sum_u = _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, offs < numel, 0.0, clip, beta1, beta2, beta3,
+                                           bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
+                                           AVERAGING, ADAPT)
+    if ADAPT:
+        tl.store(param_block_sums + pid, sum_w)
+        tl.store(update_block_sums + pid, sum_u)
+
+
+@triton.jit
+def _lamb_apply_block(p_ptr, m_ptr, v_ptr, mask, ratio, lr, bias_correction1, bias_correction2_sqrt, eps,
+                      weight_decay, decay, P_DTYPE: tl.constexpr):
+    w = tl.load(p_ptr, mask=mask).to(tl.float32) * decay
+    u = _lamb_update(tl.load(m_ptr, mask=mask), tl.load(v_ptr, mask=mask), w, bias_correction1,
+                     bias_correction2_sqrt, eps, weight_decay)
+    _store_param(p_ptr, w - lr * (u * ratio), mask, P_DTYPE)
 
 
 @triton.jit
 def lamb_apply_kernel(
-    p, s0, s1, numels, blk_t, blk_s, w_partials, u_partials, blk_first, blk_count,
+    params, exp_avgs, exp_avg_sqs, numels, block_tensor, block_start, param_sumsq, update_sumsq,
     lr, bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
     P_DTYPE: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, BLOCK: tl.constexpr,
-    RBLOCK: tl.constexpr,
 ):
-    """LAMB phase 2: recompute the update from the stored moments and apply it with the trust ratio."""
-    t = tl.load(blk_t + tl.program_id(0))
-    offs = tl.load(blk_s + tl.program_id(0)) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
-    p_ptr = tl.load(p + t).to(tl.pointer_type(P_DTYPE))
-    w = tl.load(p_ptr + offs, mask=mask).to(tl.float32) * decay
-    m = tl.load(tl.load(s0 + t).to(tl.pointer_type(tl.float32)) + offs, mask=mask)
-    v = tl.load(tl.load(s1 + t).to(tl.pointer_type(tl.float32)) + offs, mask=mask)
-    u = _lamb_update(m, v, w, bias_correction1, bias_correction2_sqrt, eps, weight_decay)
+    """LAMB phase 2: recompute the update from the stored moments, apply it with the trust ratio."""
+    t = tl.load(block_tensor + tl.program_id(0))
+    start = tl.multiple_of(tl.load(block_start + tl.program_id(0)), BLOCK)
+    numel = tl.load(numels + t)
+    offs = start + tl.arange(0, BLOCK)
+    p_ptr = _slot(params, t, P_DTYPE) + offs
+    m_ptr = _slot(exp_avgs, t, tl.float32) + offs
+    v_ptr = _slot(exp_avg_sqs, t, tl.float32) + offs
+    ratio = 1.0
     if ADAPT:
-        w_norm = tl.sqrt(_tensor_sum(w_partials, blk_first, blk_count, t, RBLOCK))
-        u_norm = tl.sqrt(_tensor_sum(u_partials, blk_first, blk_count, t, RBLOCK))
+        w_norm = tl.sqrt(tl.load(param_sumsq + t))
+        u_norm = tl.sqrt(tl.load(update_sumsq + t))
         ratio = tl.where((w_norm > 0) & (u_norm > 0), w_norm / tl.where(u_norm > 0, u_norm, 1.0), 1.0)
         if TRUST_CLIP:
             ratio = tl.minimum(ratio, 1.0)
-        u = u * ratio
-    _store_param(p_ptr + offs, w - lr * u, mask, P_DTYPE)
+    if start + BLOCK <= numel:
+        _lamb_apply_block(p_ptr, m_ptr, v_ptr, None, ratio, lr, bias_correction1, bias_correction2_sqrt, eps,
+                          weight_decay, decay, P_DTYPE)
+    else:
+        _lamb_apply_block(p_ptr, m_ptr, v_ptr, offs < numel, ratio, lr, bias_correction1, bias_correction2_sqrt,
+                          eps, weight_decay, decay, P_DTYPE)

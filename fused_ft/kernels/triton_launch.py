@@ -2,28 +2,50 @@
 
 One launch covers every tensor of a group that shares a dtype combination (and, for the rare
 mixed cases, a first-step flag or an AdamW step count), so the launch count does not grow with
-the number of tensors. ``launches()`` and ``compiled_variants()`` let tests check both bounds.
+the number of tensors: SGD and AdamW launch once, LARS three times (block sums, tensor sums,
+update), LAMB four times (global clip, moments, tensor sums, apply). ``launches()`` and
+``compiled_variants()`` let tests check both bounds.
+
+Host work per step is O(number of tensors) with small constants. The block table depends on the
+tensors' sizes and BLOCK only and is cached on them; the address tables (one row per slot) are
+cached on the data pointers, and rebuilt, when the pointers change (new gradients after
+``zero_grad()``), with one tensor op and one copy.
+
+Launch configuration: on CUDA every kernel runs BLOCK elements a program with the ``num_warps``
+of ``_CUDA_WARPS``, chosen from the compiled sm_80/sm_90 code (``python -m benchmarks.triton_report``):
+at most 64 registers a thread, no spills, 128-bit accesses. ``FUSED_FT_TRITON_TARGET=cuda`` makes
+the launcher choose exactly that configuration in Triton's CPU interpreter too, so the variants a
+GPU would compile can be captured and compiled on a machine without one.
 """
 from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import triton
 import triton.language as tl
 
 from fused_ft.kernels import triton_kernels as K
-from fused_ft.kernels._layout import flat_slots, new_momentum_buffers, kernel_unsupported_reason
+from fused_ft.kernels._layout import flat_addresses, flat_slots, kernel_unsupported_reason, new_momentum_buffers
 
-__all__ = ["sgd", "adamw", "lars", "lamb", "lamb_clip", "launches", "compiled_variants", "unsupported_reason"]
+__all__ = ["sgd", "adamw", "lars", "lamb", "lamb_clip", "launches", "compiled_variants", "unsupported_reason",
+           "launch_config"]
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-RBLOCK = 1024  # partial sums read per iteration when reducing a tensor's norm
-CLIP_PROGRAMS = 1024  # LAMB's global clip is split into at most this many partial sums
-BLOCK_OVERRIDE: int | None = None  # elements per program; None picks per device (tests shrink it)
+ALIGN = 16  # bytes: what the kernels' tl.multiple_of hints promise for every tensor's address
+RBLOCK = 1024  # block sums read per iteration when reducing a tensor's (or the clip's) sums
+CLIP_CHUNK = 32  # blocks per partial sum of LAMB's global clip: 32K elements on CUDA
+BLOCK_OVERRIDE: int | None = None  # elements per program; None picks per target (tests shrink it)
+GRID_LIMIT: int | None = None  # caps the programs of the grid-striding reductions (tests: same bits)
+
+# 1024 elements a program: 8 a thread at 4 warps, two 128-bit accesses per fp32 stream, one per
+# bf16 stream. Every variant then compiles to 40-64 registers with no spills (benchmarks/RESULTS.md).
+_CUDA_BLOCK = 1024
+_CUDA_WARPS = 4
+# The interpreter runs each program in Python: few wide programs are far faster there.
+_INTERPRETER_BLOCK = 1 << 15
 
 _LAUNCHES: Counter = Counter()
 _VARIANTS: set = set()
@@ -38,203 +60,333 @@ def compiled_variants() -> int:
     """Distinct specializations launched so far: what Triton's JIT compiles one kernel for each of.
 
     Keyed as the JIT keys its cache: kernel, constexpr values, argument dtypes, integer arguments
-    equal to 1 or divisible by 16, and pointer alignment. Floats (lr, bias corrections) are not keys.
+    equal to 1 or divisible by 16, pointer alignment, and num_warps. Floats (lr, bias corrections)
+    are not keys.
     """
     return len(_VARIANTS)
-
-
-def _block(device: torch.device) -> int:
-    if BLOCK_OVERRIDE is not None:
-        return BLOCK_OVERRIDE
-    # the interpreter runs each program in Python: few wide programs are far faster there
-    return 2048 if device.type == "cuda" else 1 << 15
 
 
 def unsupported_reason(optimizer: str, options: Mapping[str, Any], dtypes: frozenset) -> str | None:
     return kernel_unsupported_reason("triton", optimizer, options, dtypes)
 
 
-def _spec(arg: Any) -> Any:
-    if isinstance(arg, torch.Tensor):
+@dataclass(frozen=True)
+class LaunchConfig:
+    block: int
+    num_warps: int
+
+
+_CUDA = LaunchConfig(_CUDA_BLOCK, _CUDA_WARPS)
+_INTERPRETER = LaunchConfig(_INTERPRETER_BLOCK, _CUDA_WARPS)
+
+
+def launch_config(device: torch.device) -> LaunchConfig:
+    """What the kernels run with for tensors on ``device`` (see the module doc for the CUDA choice)."""
+    config = _CUDA if device.type == "cuda" or os.environ.get("FUSED_FT_TRITON_TARGET") == "cuda" else _INTERPRETER
+    return config if BLOCK_OVERRIDE is None else LaunchConfig(BLOCK_OVERRIDE, config.num_warps)
+
+
+def _spec(name: str, arg: Any) -> Any:
+    """How Triton's JIT specializes one argument (see compiled_variants)."""
+    kind = type(arg)
+    if kind is float:
+        return None
+    if kind is torch.Tensor:
         return (arg.dtype, arg.data_ptr() % 16 == 0)
-    if isinstance(arg, bool):
-        return ("b", arg)
-    if isinstance(arg, int):
-        return ("i", arg == 1, arg % 16 == 0)
-    return type(arg).__name__
+    if name.isupper() or arg is None or kind is bool:  # constexprs specialize on their value
+        return str(arg)
+    if kind is int:
+        return (arg == 1, arg % 16 == 0)
+    return kind.__name__
 
 
-def _launch(kernel, grid: int, *args, **constexprs) -> None:
+def _launch(kernel, grid: int, num_warps: int, **kwargs) -> None:
     if grid == 0:
         return
     name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-    _VARIANTS.add((name, tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(_spec(a) for a in args)))
+    # call sites pass keywords in a fixed order, so the key needs no sorting
+    _VARIANTS.add((name, num_warps, *kwargs, *(_spec(k, v) for k, v in kwargs.items())))
     _LAUNCHES[name] += 1
-    _execute(kernel, grid, args, constexprs)
+    _execute(kernel, grid, kwargs, num_warps)
 
 
-def _execute(kernel, grid: int, args: tuple, constexprs: dict) -> None:
-    kernel[(grid,)](*args, **constexprs)
+def _execute(kernel, grid: int, kwargs: dict, num_warps: int) -> None:
+    kernel[(grid,)](**kwargs, num_warps=num_warps)
+
+
+def _reduction_grid(work_items: int) -> int:
+    return work_items if GRID_LIMIT is None else min(work_items, GRID_LIMIT)
 
 
 # -- tensor tables -------------------------------------------------------------------------------
 @dataclass
-class _Table:
-    """Device-side description of one launch's tensors: an address table per slot, and blocks."""
+class _Blocks:
+    """The block table of one list of tensor sizes (it depends on the sizes and BLOCK only).
 
-    addrs: list[torch.Tensor]
+    Program ``pid`` updates elements ``block_start[pid]`` to ``+ BLOCK`` of tensor ``block_tensor[pid]``;
+    tensor ``t``'s blocks are ``first_block[t]`` to ``+ block_count[t]``. ``workspace`` holds the
+    reductions' scratch tensors, reused from step to step (kernels on one stream run in order).
+    """
+
     numels: torch.Tensor
-    blk_t: torch.Tensor
-    blk_s: torch.Tensor
-    blk_first: torch.Tensor
-    blk_count: torch.Tensor
+    block_tensor: torch.Tensor
+    block_start: torch.Tensor
+    first_block: torch.Tensor
+    block_count: torch.Tensor
     num_blocks: int
+    num_tensors: int
     block: int
+    workspace: dict = field(default_factory=dict)
+
+    def scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A scratch tensor kept with the table, zero-filled when created. Each row starts 16-byte
+        aligned (rows padded to 16 bytes), so its rows' specializations never depend on the list."""
+        t = self.workspace.get(name)
+        if t is None:
+            *rows, n = shape
+            padded = -(-n * dtype.itemsize // 16) * 16 // dtype.itemsize
+            full = torch.zeros((*rows, padded), dtype=dtype, device=self.numels.device)
+            t = self.workspace[name] = full[..., :n]
+        return t
+
+    def geometry(self) -> dict[str, Any]:
+        return dict(numels=self.numels, block_tensor=self.block_tensor, block_start=self.block_start, BLOCK=self.block)
 
 
-_TABLES: OrderedDict = OrderedDict()  # the same tensors every step: build tables once (no host-to-device copy)
-_MAX_TABLES = 256
+_BLOCKS: OrderedDict = OrderedDict()
+_ADDRESSES: OrderedDict = OrderedDict()
+_MAX_CACHED = 256
 
 
-def _table(slots: Sequence[Sequence[torch.Tensor]], device: torch.device) -> _Table:
-    block = _block(device)
-    numels = [t.numel() for t in slots[0]]
-    key = (device, block, tuple(numels), tuple(tuple(t.data_ptr() for t in slot) for slot in slots))
-    table = _TABLES.get(key)
-    if table is not None:
-        _TABLES.move_to_end(key)
-        return table
-    blk_t, blk_s, first, count = [], [], [], []
-    for i, n in enumerate(numels):
-        first.append(len(blk_t))
-        starts = range(0, n, block)
-        blk_t.extend([i] * len(starts))
-        blk_s.extend(starts)
-        count.append(len(starts))
+def _cached(cache: OrderedDict, key: Any, build: Callable[[], Any]) -> Any:
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+        if len(cache) > _MAX_CACHED:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
 
-    def dev(values, dtype=torch.int64):
-        return torch.tensor(values, dtype=dtype, device=device)
 
-    table = _Table(
-        addrs=[dev([t.data_ptr() for t in slot]) for slot in slots], numels=dev(numels),
-        blk_t=dev(blk_t, torch.int32), blk_s=dev(blk_s), blk_first=dev(first), blk_count=dev(count),
-        num_blocks=len(blk_t), block=block,
+def _build_blocks(numels: list[int], block: int, device: torch.device) -> _Blocks:
+    sizes = torch.tensor(numels, dtype=torch.int64)
+    counts = (sizes + block - 1) // block
+    first = torch.cumsum(counts, 0) - counts
+    num_blocks = int(counts.sum())
+    block_tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    block_start = (torch.arange(num_blocks) - first[block_tensor]) * block
+    # one host-to-device copy for the whole table; every part starts 16-byte aligned, so the
+    # kernels' pointer specializations do not depend on the number of tensors or blocks
+    parts = [sizes, first, counts, block_tensor, block_start]
+    padded = [torch.nn.functional.pad(x, (0, len(x) % 2)) for x in parts]
+    table = torch.cat(padded).to(device)
+    views, offset = [], 0
+    for x, y in zip(parts, padded):
+        views.append(table[offset:offset + len(x)])
+        offset += len(y)
+    return _Blocks(
+        numels=views[0], first_block=views[1], block_count=views[2], block_tensor=views[3], block_start=views[4],
+        num_blocks=num_blocks, num_tensors=len(numels), block=block,
     )
-    _TABLES[key] = table
-    if len(_TABLES) > _MAX_TABLES:
-        _TABLES.popitem(last=False)
-    return table
+
+
+@dataclass
+class _Tables:
+    """One launch's tensors as the kernels see them: an address row and a dtype per slot, the block
+    table, and the launch's share of ``extra`` (see ``_run``)."""
+
+    slot: dict[str, torch.Tensor]
+    dtype: dict[str, Any]  # triton.language dtypes
+    blocks: _Blocks
+    extra: Any
+
+
+def _tables(names, addresses, numels, dtypes, extra, block, device) -> _Tables:
+    """Device tables from host ones: cached on the element counts (blocks) and on the addresses."""
+    blocks = _cached(_BLOCKS, (device, block, *numels.tolist()), lambda: _build_blocks(numels.tolist(), block, device))
+    rows = _cached(_ADDRESSES, (device, len(names), addresses.numpy().tobytes()),
+                   # each row 16-byte aligned, as the block table's parts
+                   lambda: torch.nn.functional.pad(addresses, (0, addresses.shape[1] % 2)).to(device)[:, :len(numels)].unbind(0))
+    return _Tables(dict(zip(names, rows)), {n: _TL_DTYPES[d] for n, d in zip(names, dtypes)}, blocks, extra)
 
 
 def _run(
-    slots: list[list[torch.Tensor]], written: Sequence[int], keys: Sequence[Any], body: Callable[[Any, _Table], None]
+    slots: Mapping[str, list[torch.Tensor]], written: Sequence[str], body: Callable[[_Tables], None], block: int,
+    extra: Sequence[Any] | None = None,
 ) -> None:
-    """Split tensors by ``keys`` and call ``body(key, table)`` once per split.
+    """Call ``body(tables)`` once per launch: one for the whole list when every slot holds one dtype and
+    ``extra`` (a per-tensor value that needs its own launch: a first-step flag, a step size) is the
+    same for all tensors, else once per distinct (dtypes, extra).
 
-    Tensors that cannot be read as flat memory (overlapping or oddly strided views) are processed
-    through contiguous copies, copied back into the ``written`` slots afterwards.
+    Tensors that cannot be read as flat, 16-byte-aligned memory (overlapping, oddly strided or
+    offset views) are processed through contiguous copies, copied back into the ``written`` slots.
     """
-    splits: dict[Any, list[int]] = {}
-    for i, key in enumerate(keys):
-        if slots[0][i].numel():
+    names = list(slots)
+    columns = list(slots.values())
+    device = columns[0][0].device
+    addresses, numels, not_flat, one_dtype = flat_addresses(columns, ALIGN)
+    if one_dtype and (extra is None or extra.count(extra[0]) == len(extra)):
+        splits = {None: None}
+    else:
+        splits = {}
+        for i in range(len(columns[0])):
+            key = (tuple(column[i].dtype for column in columns), None if extra is None else extra[i])
             splits.setdefault(key, []).append(i)
-    for key, index in splits.items():
-        with flat_slots([[slot[i] for i in index] for slot in slots], written) as chosen:
-            body(key, _table(chosen, chosen[0][0].device))
+    for index in splits.values():
+        chosen = columns if index is None else [[column[i] for i in index] for column in columns]
+        if index is not None:
+            addresses, numels, not_flat, _ = flat_addresses(chosen, ALIGN)
+        dtypes = [column[0].dtype for column in chosen]
+        share = None if extra is None else extra[0 if index is None else index[0]]
+        if not not_flat:
+            body(_tables(names, addresses, numels, dtypes, share, block, device))
+            continue
+        with flat_slots(chosen, [names.index(n) for n in written], align=ALIGN) as flat:
+            addresses, numels, _, _ = flat_addresses(flat, ALIGN)
+            body(_tables(names, addresses, numels, dtypes, share, block, device))
 
 
 # -- updates (same signatures as the reference implementations) ---------------------------------
-def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
-    has_momentum = momentum != 0
-    new = new_momentum_buffers(params, momentum_buffers) if has_momentum else [False] * len(params)
-    slots = [list(params), list(grads)] + ([momentum_buffers] if has_momentum else [])
-    keys = [(p.dtype, g.dtype, n) for p, g, n in zip(params, grads, new)]
+def _momentum_setup(params, grads, momentum_buffers, momentum: float):
+    """SGD's and LARS's slots: params, grads and, with momentum, the buffers (created here when new).
+    Returns the slots, the written ones, and the first-step flags (None without momentum)."""
+    slots = {"params": params, "grads": grads}
+    if momentum == 0:
+        return slots, ("params",), None
+    new = new_momentum_buffers(params, momentum_buffers)
+    slots["momentum_buffers"] = momentum_buffers
+    return slots, ("params", "momentum_buffers"), new
 
-    def body(key, t: _Table) -> None:
-        p_dtype, g_dtype, is_new = key
+
+def _momentum_args(momentum: float, dampening: float, is_new: bool | None) -> dict[str, float]:
+    """b = keep*b + scale*d; a new buffer (zeros) starts at the gradient itself, undampened, as in torch."""
+    return dict(buf_keep=0.0 if is_new else momentum, buf_scale=1.0 if is_new else 1.0 - dampening,
+                momentum=momentum)
+
+
+def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    if not params:
+        return
+    config = launch_config(params[0].device)
+    slots, written, new = _momentum_setup(params, grads, momentum_buffers, momentum)
+
+    def body(t: _Tables) -> None:
         _launch(
-            K.sgd_kernel, t.num_blocks, t.addrs[0], t.addrs[1], t.addrs[-1], t.numels, t.blk_t, t.blk_s,
-            lr, weight_decay, -1.0 if maximize else 1.0, 0.0 if is_new else momentum,
-            1.0 if is_new else 1.0 - dampening, momentum,
-            P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], HAS_MOMENTUM=has_momentum,
-            NESTEROV=nesterov, BLOCK=t.block,
+            K.sgd_kernel, t.blocks.num_blocks, config.num_warps,
+            params=t.slot["params"], grads=t.slot["grads"], momentum_buffers=t.slot.get("momentum_buffers"),
+            **t.blocks.geometry(), lr=lr, weight_decay=weight_decay, grad_sign=-1.0 if maximize else 1.0,
+            **_momentum_args(momentum, dampening, t.extra),
+            P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov,
         )
 
-    _run(slots, written=(0, 2) if has_momentum else (0,), keys=keys, body=body)
+    _run(slots, written, body, config.block, extra=new)
 
 
 def adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step_sizes, bias_correction2_sqrts, lr, beta1, beta2,
     eps, weight_decay, amsgrad, maximize,
 ):
-    slots = [list(params), list(grads), exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    keys = [(p.dtype, g.dtype, s, b) for p, g, s, b in zip(params, grads, step_sizes, bias_correction2_sqrts)]
+    if not params:
+        return
+    config = launch_config(params[0].device)
+    slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if amsgrad:
+        slots["max_exp_avg_sqs"] = max_exp_avg_sqs
 
-    def body(key, t: _Table) -> None:
-        p_dtype, g_dtype, step_size, bias_correction2_sqrt = key
+    def body(t: _Tables) -> None:
+        step_size, bias_correction2_sqrt = t.extra
         _launch(
-            K.adamw_kernel, t.num_blocks, *t.addrs[:4], t.addrs[-1], t.numels, t.blk_t, t.blk_s,
-            1.0 - lr * weight_decay, beta1, beta2, eps, step_size, bias_correction2_sqrt,
-            -1.0 if maximize else 1.0,
-            P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], AMSGRAD=amsgrad, BLOCK=t.block,
+            K.adamw_kernel, t.blocks.num_blocks, config.num_warps,
+            params=t.slot["params"], grads=t.slot["grads"], exp_avgs=t.slot["exp_avgs"],
+            exp_avg_sqs=t.slot["exp_avg_sqs"], max_exp_avg_sqs=t.slot.get("max_exp_avg_sqs"),
+            **t.blocks.geometry(), decay=1.0 - lr * weight_decay, beta1=beta1, beta2=beta2, eps=eps,
+            step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt, grad_sign=-1.0 if maximize else 1.0,
+            P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], AMSGRAD=amsgrad,
         )
 
-    _run(slots, written=(0, 2, 3, 4) if amsgrad else (0, 2, 3), keys=keys, body=body)
+    _run(slots, [n for n in slots if n != "grads"], body, config.block,
+         extra=list(zip(step_sizes, bias_correction2_sqrts)))
+
+
+def _tensor_sums(t: _Tables, block_sums: torch.Tensor, num_warps: int) -> torch.Tensor:
+    """Per-tensor sums of two rows of per-block sums: one launch, each tensor's blocks in order."""
+    sums = t.blocks.scratch("tensor_sums", (2, t.blocks.num_tensors))
+    _launch(
+        K.tensor_sums_kernel, _reduction_grid(t.blocks.num_tensors), num_warps,
+        a_block_sums=block_sums[0], b_block_sums=block_sums[1], first_block=t.blocks.first_block,
+        block_count=t.blocks.block_count, num_tensors=t.blocks.num_tensors, a_sums=sums[0], b_sums=sums[1],
+        TWO=True, RBLOCK=RBLOCK,
+    )
+    return sums
 
 
 def lars(
     params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps,
     trust_clip, always_adapt,
 ):
-    has_momentum = momentum != 0
+    if not params:
+        return
+    config = launch_config(params[0].device)
     adapt = weight_decay != 0 or always_adapt
-    new = new_momentum_buffers(params, momentum_buffers) if has_momentum else [False] * len(params)
-    slots = [list(params), list(grads)] + ([momentum_buffers] if has_momentum else [])
-    keys = [(p.dtype, g.dtype, n) for p, g, n in zip(params, grads, new)]
+    slots, written, new = _momentum_setup(params, grads, momentum_buffers, momentum)
 
-    def body(key, t: _Table) -> None:
-        p_dtype, g_dtype, is_new = key
-        dtypes = dict(P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype])
-        partials = torch.empty(2, t.num_blocks if adapt else 1, device=t.numels.device)
+    def body(t: _Tables) -> None:
+        sums = None
         if adapt:
-            _launch(K.sumsq_kernel, t.num_blocks, t.addrs[0], t.addrs[1], t.numels, t.blk_t, t.blk_s,
-                    t.num_blocks, partials[0], partials[1], A_DTYPE=dtypes["P_DTYPE"], B_DTYPE=dtypes["G_DTYPE"],
-                    TWO=True, BLOCK=t.block)
+            block_sums = t.blocks.scratch("block_sums", (2, t.blocks.num_blocks))
+            _launch(
+                K.block_sumsq_kernel, _reduction_grid(t.blocks.num_blocks), config.num_warps,
+                a=t.slot["params"], b=t.slot["grads"], **t.blocks.geometry(), num_blocks=t.blocks.num_blocks,
+                a_sums=block_sums[0], b_sums=block_sums[1], A_DTYPE=t.dtype["params"], B_DTYPE=t.dtype["grads"],
+                TWO=True,
+            )
+            sums = _tensor_sums(t, block_sums, config.num_warps)
         _launch(
-            K.lars_kernel, t.num_blocks, t.addrs[0], t.addrs[1], t.addrs[-1], t.numels, t.blk_t, t.blk_s,
-            partials[0], partials[1], t.blk_first, t.blk_count,
-            lr, weight_decay, trust_coeff, eps, 0.0 if is_new else momentum, 1.0 if is_new else 1.0 - dampening,
-            momentum, **dtypes, HAS_MOMENTUM=has_momentum, NESTEROV=nesterov, ADAPT=adapt, TRUST_CLIP=trust_clip,
-            BLOCK=t.block, RBLOCK=RBLOCK,
+            K.lars_kernel, t.blocks.num_blocks, config.num_warps,
+            params=t.slot["params"], grads=t.slot["grads"], momentum_buffers=t.slot.get("momentum_buffers"),
+            **t.blocks.geometry(), param_sumsq=None if sums is None else sums[0],
+            grad_sumsq=None if sums is None else sums[1], lr=lr, weight_decay=weight_decay,
+            trust_coeff=trust_coeff, eps=eps, **_momentum_args(momentum, dampening, t.extra),
+            P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov,
+            ADAPT=adapt, TRUST_CLIP=trust_clip,
         )
 
-    _run(slots, written=(0, 2) if has_momentum else (0,), keys=keys, body=body)
+    _run(slots, written, body, config.block, extra=new)
 
 
 @dataclass
 class _Clip:
-    """LAMB's global clipping as partial sums of squares on the device (no host sync)."""
+    """LAMB's global clipping: the sum of squares of all gradients, on the device (no host sync)."""
 
-    partials: torch.Tensor
+    sumsq: torch.Tensor
     max_grad_norm: float
 
 
 def lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> _Clip | None:
-    """Partial sums of squares of all gradients: one launch per gradient dtype, no host sync."""
+    """The sum of squares of all gradients, reduced once: one launch per gradient dtype, no host sync."""
     if max_grad_norm is None or not grads:
         return None
-    pieces = []
+    config = launch_config(grads[0].device)
+    total = torch.zeros(1, device=grads[0].device)  # stays 0 when every gradient is empty
+    launched = []
 
-    def body(key, t: _Table) -> None:
-        programs = min(t.num_blocks, CLIP_PROGRAMS)
-        out = torch.empty(programs, device=t.numels.device)
-        _launch(K.sumsq_kernel, programs, t.addrs[0], t.addrs[0], t.numels, t.blk_t, t.blk_s, t.num_blocks,
-                out, out, A_DTYPE=_TL_DTYPES[key], B_DTYPE=_TL_DTYPES[key], TWO=False, BLOCK=t.block)
-        pieces.append(out)
+    def body(t: _Tables) -> None:
+        num_chunks = (t.blocks.num_blocks + CLIP_CHUNK - 1) // CLIP_CHUNK
+        if not num_chunks:
+            return
+        _launch(
+            K.clip_kernel, _reduction_grid(num_chunks), config.num_warps,
+            grads=t.slot["grads"], **t.blocks.geometry(), num_blocks=t.blocks.num_blocks,
+            chunk_sums=t.blocks.scratch("clip_chunk_sums", (num_chunks,)), num_chunks=num_chunks,
+            # created zero; the last program of each launch sets it back to zero
+            counter=t.blocks.scratch("clip_counter", (1,), torch.int32),
+            total=total, G_DTYPE=t.dtype["grads"], ACCUMULATE=bool(launched), CHUNK=CLIP_CHUNK, RBLOCK=RBLOCK,
+        )
+        launched.append(t)
 
-    _run([list(grads)], written=(), keys=[g.dtype for g in grads], body=body)
-    partials = torch.cat(pieces) if len(pieces) > 1 else pieces[0] if pieces else torch.zeros(1, device=grads[0].device)
-    return _Clip(partials, float(max_grad_norm))
+    _run({"grads": grads}, (), body, config.block)
+    return _Clip(total, float(max_grad_norm))
 
 
 def lamb(
@@ -243,27 +395,33 @@ def lamb(
 ):
     if caution:
         raise AssertionError("dispatch routes caution=True to the reference backend")
-    slots = [list(params), list(grads), exp_avgs, exp_avg_sqs]
-    keys = [(p.dtype, g.dtype) for p, g in zip(params, grads)]
-    decay = 1.0 - decoupled_decay_factor
-    bc2_sqrt = bias_correction2**0.5
+    if not params:
+        return
+    config = launch_config(params[0].device)
+    slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    update = dict(bias_correction1=bias_correction1, bias_correction2_sqrt=bias_correction2**0.5, eps=eps,
+                  weight_decay=weight_decay, decay=1.0 - decoupled_decay_factor)
 
-    def body(key, t: _Table) -> None:
-        p_dtype, g_dtype = key
-        partials = torch.empty(2, t.num_blocks, device=t.numels.device)
-        clip_partials = clip.partials if clip is not None else partials[0]
+    def body(t: _Tables) -> None:
+        block_sums = t.blocks.scratch("block_sums", (2, t.blocks.num_blocks)) if adapt else None
         _launch(
-            K.lamb_moments_kernel, t.num_blocks, *t.addrs, t.numels, t.blk_t, t.blk_s,
-            clip_partials, clip_partials.numel(), clip.max_grad_norm if clip is not None else 1.0,
-            partials[0], partials[1], beta1, beta2, beta3, bias_correction1, bc2_sqrt, eps, weight_decay, decay,
-            P_DTYPE=_TL_DTYPES[p_dtype], G_DTYPE=_TL_DTYPES[g_dtype], HAS_CLIP=clip is not None,
-            AVERAGING=beta3 == 1 - beta1, BLOCK=t.block, RBLOCK=RBLOCK,
+            K.lamb_moments_kernel, t.blocks.num_blocks, config.num_warps,
+            params=t.slot["params"], grads=t.slot["grads"], exp_avgs=t.slot["exp_avgs"],
+            exp_avg_sqs=t.slot["exp_avg_sqs"], **t.blocks.geometry(),
+            clip_sumsq=None if clip is None else clip.sumsq, max_grad_norm=1.0 if clip is None else clip.max_grad_norm,
+            param_block_sums=None if block_sums is None else block_sums[0],
+            update_block_sums=None if block_sums is None else block_sums[1],
+            beta1=beta1, beta2=beta2, beta3=beta3, **update,
+            P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], HAS_CLIP=clip is not None,
+            AVERAGING=beta3 == 1 - beta1, ADAPT=adapt,
         )
+        sums = _tensor_sums(t, block_sums, config.num_warps) if adapt else None
         _launch(
-            K.lamb_apply_kernel, t.num_blocks, t.addrs[0], t.addrs[2], t.addrs[3], t.numels, t.blk_t, t.blk_s,
-            partials[0], partials[1], t.blk_first, t.blk_count,
-            lr, bias_correction1, bc2_sqrt, eps, weight_decay, decay,
-            P_DTYPE=_TL_DTYPES[p_dtype], ADAPT=adapt, TRUST_CLIP=trust_clip, BLOCK=t.block, RBLOCK=RBLOCK,
+            K.lamb_apply_kernel, t.blocks.num_blocks, config.num_warps,
+            params=t.slot["params"], exp_avgs=t.slot["exp_avgs"], exp_avg_sqs=t.slot["exp_avg_sqs"],
+            **t.blocks.geometry(), param_sumsq=None if sums is None else sums[0],
+            update_sumsq=None if sums is None else sums[1], lr=lr, **update,
+            P_DTYPE=t.dtype["params"], ADAPT=adapt, TRUST_CLIP=trust_clip,
         )
 
-    _run(slots, written=(0, 2, 3), keys=keys, body=body)
+    _run(slots, ("params", "exp_avgs", "exp_avg_sqs"), body, config.block)

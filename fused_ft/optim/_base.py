@@ -27,6 +27,7 @@ import torch
 from torch.optim import Optimizer
 
 from fused_ft import _dispatch
+from fused_ft._native import _C
 from fused_ft.optim import _dtensor
 from fused_ft._validation import BOOL, OPTIONAL_BOOL, Rule, check_group, check_params
 
@@ -71,16 +72,42 @@ def check_implementation_flags(group: Mapping[str, Any]) -> None:
 
 def _refuse_grad(index: int, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
     # built only on failure: formatting this for every parameter cost ~2% of a ViT-B SGD step
-    where = f"group {index} param {i} (shape {tuple(p.shape)})"
-    if g.is_sparse:
-        raise ValueError(
-            f"Invalid grad: {where} has a sparse gradient; fused_ft optimizers need dense "
-            "gradients (torch.optim.SparseAdam handles sparse ones)"
-        )
     raise ValueError(
-        f"Invalid grad: {where} has a gradient of shape {tuple(g.shape)}, dtype {g.dtype} "
-        f"on {g.device}; it must be a floating-point tensor shaped and placed like its parameter"
+        f"Invalid grad: group {index} param {i} (shape {tuple(p.shape)}) has a sparse gradient; fused_ft "
+        "optimizers need dense gradients (torch.optim.SparseAdam handles sparse ones)"
     )
+
+
+def _by_device(index: int, params: list[torch.Tensor]) -> dict[torch.device, tuple[list, list, frozenset]]:
+    """The parameters that have gradients, their gradients and their dtypes, by device; sparse
+    gradients refused.
+
+    This is most of a step's host work, and torch's own fused step is the bar, so it checks what
+    torch lets through and no more, in one C++ pass where the extension is built: torch's grad setter
+    and autograd keep a gradient shaped, typed and placed like its parameter, but allow sparse ones.
+    (A `.data` swap that breaks those rules is caught by the kernel backends' layout check, flat_ok.)
+    """
+    if _C is not None:
+        kept, grads, sparse, one_device, dtypes = _C.params_with_grads(params)
+    else:
+        grads = [p.grad for p in params]
+        sparse = next((i for i, g in enumerate(grads) if g is not None and g.is_sparse), -1)
+        kept = [p for p, g in zip(params, grads) if g is not None]
+        grads = [g for g in grads if g is not None]
+        one_device, dtypes = len({p.device for p in kept}) <= 1, {p.dtype for p in kept}
+    if sparse >= 0:
+        _refuse_grad(index, sparse, params[sparse], params[sparse].grad)
+    if not kept:
+        return {torch.device("cpu"): ([], [], frozenset())}  # groups without grads still tick (LAMB's step)
+    if one_device:
+        return {kept[0].device: (kept, grads, frozenset(dtypes))}
+    by_device: dict[torch.device, tuple[list, list, frozenset]] = {}
+    for p, g in zip(kept, grads):
+        entry = by_device.setdefault(p.device, ([], [], set()))
+        entry[0].append(p)
+        entry[1].append(g)
+        entry[2].add(p.dtype)
+    return {device: (ps, gs, frozenset(ds)) for device, (ps, gs, ds) in by_device.items()}
 
 
 @dataclass
@@ -259,21 +286,9 @@ class FusedOptimizer(Optimizer):
 
     def _plan_group(self, index: int, group: dict, params: list[torch.Tensor] | None = None) -> list[GroupPlan]:
         self._check_hyperparameters(group)
-        by_device: dict[torch.device, tuple[list, list]] = {}
-        for i, p in enumerate(group["params"] if params is None else params):
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse or g.shape != p.shape or g.device != p.device or not g.is_floating_point():
-                _refuse_grad(index, i, p, g)
-            params, grads = by_device.setdefault(p.device, ([], []))
-            params.append(p)
-            grads.append(g)
-        if not by_device:
-            by_device[torch.device("cpu")] = ([], [])  # groups without grads still tick (LAMB's step)
+        by_device = _by_device(index, group["params"] if params is None else params)
         plans = []
-        for device, (params, grads) in by_device.items():
-            dtypes = frozenset(t.dtype for t in params + grads)
+        for device, (params, grads, dtypes) in by_device.items():  # a grad has its parameter's dtype
             backend = self.backend
             if self._WHOLE_TENSOR_NORMS and _dtensor.any_dtensor(params) and backend != "reference":
                 if backend != "auto":

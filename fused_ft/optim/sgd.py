@@ -13,6 +13,7 @@ import torch
 from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG, Rule
 from fused_ft.optim import _fp32
 from fused_ft.optim._base import FusedOptimizer, GroupPlan
+from fused_ft.optim._momentum import with_momentum_buffers
 
 __all__ = ["SGD", "sgd"]
 
@@ -94,14 +95,9 @@ class SGD(FusedOptimizer):
 
     def _update_group(self, plan: GroupPlan) -> None:
         group = plan.group
-        has_momentum = group["momentum"] != 0
-        buffers = [self.state[p].get("momentum_buffer") for p in plan.params] if has_momentum else []
-        sgd(
-            plan.params, plan.grads, buffers, update=plan.update,
-            **{k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")},
-        )
-        for p, buf in zip(plan.params, buffers):
-            self.state[p]["momentum_buffer"] = buf
+        hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")}
+        with_momentum_buffers(self.state, plan.params, group["momentum"],
+                              lambda buffers: sgd(plan.params, plan.grads, buffers, update=plan.update, **hyper))
 
 
 @torch.no_grad()
