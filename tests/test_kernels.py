@@ -267,3 +267,74 @@ def test_auto_picks_the_cpu_kernels_for_cpu_tensors():
     q.grad = torch.randn(4)
     opt = fused_ft.SGD([q], lr=0.1)
     assert [plan.backend for plan in opt._plan_group(0, opt.param_groups[0])] == ["cpu"]
+
+
+@pytest.mark.parametrize("update", ["lars", "lamb"])
+def test_norms_are_bit_identical_whatever_the_number_of_programs(update, monkeypatch):
+    """LARS/LAMB norms and LAMB's global clip reduce in a fixed order: per block, per tensor (or per
+    chunk), then in index order. Running the reductions on 1 or 3 grid-striding programs instead of
+    one per block, tensor or chunk must not change a bit."""
+    monkeypatch.setattr(TL, "BLOCK_OVERRIDE", 32)
+    monkeypatch.setattr(TL, "CLIP_CHUNK", 2)
+    grids = []
+    real_execute = TL._execute
+    monkeypatch.setattr(TL, "_execute", lambda k, grid, kw, w: (grids.append((k.fn.__name__, grid)),
+                                                                 real_execute(k, grid, kw, w)))
+    u = UPDATES[update]
+    results, most_programs = [], []
+    for limit in (None, 3, 1):
+        monkeypatch.setattr(TL, "GRID_LIMIT", limit)
+        grids.clear()
+        torch.manual_seed(0)
+        params = [torch.randn(s).requires_grad_() for s in [(300,), (7, 40), (65,), (1,)]]
+        opt = OPTIMIZERS[u.optimizer].cls(params, **u.kwargs, backend="triton")
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+        reductions = {"block_sumsq_kernel", "tensor_sums_kernel", "clip_kernel"}
+        most_programs.append(max(grid for name, grid in grids if name in reductions))
+    assert most_programs[0] > 3 and most_programs[1:] == [3, 1]
+    for limited in results[1:]:
+        for a, b in zip(limited, results[0]):
+            assert torch.equal(a, b)
+
+
+def test_cuda_target_runs_the_cuda_configuration_in_the_interpreter(monkeypatch):
+    """FUSED_FT_TRITON_TARGET=cuda: the launch configuration a GPU gets (BLOCK 1024; 8 warps where
+    a 16-bit stream meets fp32 state), still correct in the interpreter."""
+    monkeypatch.setenv("FUSED_FT_TRITON_TARGET", "cuda")
+    configs = []
+    real_execute = TL._execute
+    monkeypatch.setattr(TL, "_execute", lambda k, grid, kw, w: (configs.append((kw["BLOCK"], w)),
+                                                                 real_execute(k, grid, kw, w)))
+    torch.manual_seed(0)
+    for dtype, warps in ((torch.float32, 4), (torch.bfloat16, 8)):
+        base = [torch.randn(s).to(dtype) for s in [(2500,), (3, 5)]]
+        params = {b: [t.clone().requires_grad_() for t in base] for b in ("reference", "triton")}
+        opts = {b: fused_ft.AdamW(params[b], lr=1e-2, backend=b) for b in params}
+        for b in params:
+            for p, t in zip(params[b], base):
+                p.grad = torch.ones_like(t)
+            opts[b].step()
+        assert configs[-1] == (1024, warps)
+        for p, q in zip(params["triton"], params["reference"]):
+            assert_close_tensorwise(p, q, rtol=_tol(dtype))
+
+
+def test_misaligned_views_go_through_aligned_copies():
+    """A parameter that starts 4 bytes into its storage would break the kernels' 16-byte alignment
+    hint; the launcher updates an aligned copy and writes it back."""
+    storage = torch.randn(1 + 70)
+    views = {b: torch.nn.Parameter(storage.clone()[1:]) for b in ("reference", "triton")}
+    assert views["triton"].data_ptr() % 16 != 0
+    opts = {b: fused_ft.SGD([views[b]], lr=0.1, momentum=0.9, backend=b) for b in views}
+    for _ in range(2):
+        for b, p in views.items():
+            p.grad = torch.linspace(-1, 1, 70)
+            opts[b].step()
+    assert_close_tensorwise(views["triton"], views["reference"], rtol=FP32)
+    assert_close_tensorwise(opts["triton"].state[views["triton"]]["momentum_buffer"],
+                            opts["reference"].state[views["reference"]]["momentum_buffer"], rtol=FP32)

@@ -215,12 +215,12 @@ def clip_kernel(
 ):
     """Sum of squares of all gradients into ``total[0]`` (added to it when ACCUMULATE).
 
-    Each chunk of CHUNK consecutive blocks has a fixed partial sum; the last program to finish sums
-    the chunks in order and resets the counter for the next step. Grid-strides over the chunks, so
-    any number of programs gives the same bits.
+    Each chunk of CHUNK consecutive blocks has a fixed partial sum (its block sums added in order);
+    the last program to finish sums the chunks in order and resets the counter for the next step.
+    Grid-strides over the chunks, so any number of programs gives the same bits.
     """
     for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc = 0.0
         for blk in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, num_blocks)):
             t = tl.load(block_tensor + blk)
             start = tl.multiple_of(tl.load(block_start + blk), BLOCK)
@@ -228,11 +228,11 @@ def clip_kernel(
             offs = start + tl.arange(0, BLOCK)
             g_ptr = _slot(grads, t, G_DTYPE) + offs
             if start + BLOCK <= numel:
-                x = tl.load(g_ptr).to(tl.float32)
+                block_sum, _ = _sumsq_block(g_ptr, None, None, None, False)
             else:
-                x = tl.load(g_ptr, mask=offs < numel, other=0.0).to(tl.float32)
-            acc += x * x
-        tl.store(chunk_sums + c, tl.sum(acc, axis=0))
+                block_sum, _ = _sumsq_block(g_ptr, None, offs < numel, 0.0, False)
+            acc += block_sum
+        tl.store(chunk_sums + c, acc)
     # acq_rel: this program's chunk sums are visible to whoever sees the counter's last value
     if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         s = _ordered_sum(chunk_sums, 0, num_chunks, RBLOCK)
@@ -357,8 +357,9 @@ def lamb_moments_kernel(
 def _lamb_apply_block(p_ptr, m_ptr, v_ptr, mask, ratio, lr, bias_correction1, bias_correction2_sqrt, eps,
                       weight_decay, decay, P_DTYPE: tl.constexpr):
     w = tl.load(p_ptr, mask=mask).to(tl.float32) * decay
-    u = _lamb_update(tl.load(m_ptr, mask=mask), tl.load(v_ptr, mask=mask), w, bias_correction1,
-                     bias_correction2_sqrt, eps, weight_decay)
+    m = tl.load(m_ptr, mask=mask)
+    v = tl.load(v_ptr, mask=mask)
+    u = _lamb_update(m, v, w, bias_correction1, bias_correction2_sqrt, eps, weight_decay)
     _store_param(p_ptr, w - lr * (u * ratio), mask, P_DTYPE)
 
 

@@ -34,16 +34,24 @@ __all__ = ["sgd", "adamw", "lars", "lamb", "lamb_clip", "launches", "compiled_va
            "launch_config"]
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TL_16BIT = (tl.float16, tl.bfloat16)
 ALIGN = 16  # bytes: what the kernels' tl.multiple_of hints promise for every tensor's address
 RBLOCK = 1024  # block sums read per iteration when reducing a tensor's (or the clip's) sums
 CLIP_CHUNK = 32  # blocks per partial sum of LAMB's global clip: 32K elements on CUDA
 BLOCK_OVERRIDE: int | None = None  # elements per program; None picks per target (tests shrink it)
 GRID_LIMIT: int | None = None  # caps the programs of the grid-striding reductions (tests: same bits)
 
-# 1024 elements a program: 8 a thread at 4 warps, two 128-bit accesses per fp32 stream, one per
-# bf16 stream. Every variant then compiles to 40-64 registers with no spills (benchmarks/RESULTS.md).
+# 1024 elements a program: 8 a thread at 4 warps, so each fp32 stream takes two 128-bit accesses a
+# thread and each 16-bit stream one. Except where a kernel stores fp32 state next to a 16-bit stream
+# (bf16/fp16 parameters with momentum or moments): Triton's coalescer gives fp32 stores at most 4
+# elements a thread, so 8-element 16-bit accesses would need a layout conversion through shared
+# memory (sm_90: 96 registers and 4 KiB for AdamW bf16). Those kernels run 8 warps, 4 elements a
+# thread: fp32 streams stay 128-bit, 16-bit streams are 64-bit, and every warp-wide access is still
+# one contiguous 256- or 512-byte segment (32 registers, no shared memory). benchmarks/RESULTS.md
+# has every variant's registers and access widths.
 _CUDA_BLOCK = 1024
 _CUDA_WARPS = 4
+_CUDA_WARPS_MIXED = 8
 # The interpreter runs each program in Python: few wide programs are far faster there.
 _INTERPRETER_BLOCK = 1 << 15
 
@@ -84,6 +92,12 @@ def launch_config(device: torch.device) -> LaunchConfig:
     """What the kernels run with for tensors on ``device`` (see the module doc for the CUDA choice)."""
     config = _CUDA if device.type == "cuda" or os.environ.get("FUSED_FT_TRITON_TARGET") == "cuda" else _INTERPRETER
     return config if BLOCK_OVERRIDE is None else LaunchConfig(BLOCK_OVERRIDE, config.num_warps)
+
+
+def _warps(config: LaunchConfig, t: _Tables, stores_fp32_state: bool) -> int:
+    """num_warps of a kernel: 8 where it stores fp32 state beside a 16-bit stream (see _CUDA_WARPS_MIXED)."""
+    mixed = stores_fp32_state and (t.dtype["params"] in _TL_16BIT or t.dtype.get("grads") in _TL_16BIT)
+    return _CUDA_WARPS_MIXED if mixed else config.num_warps
 
 
 def _spec(name: str, arg: Any) -> Any:
@@ -273,7 +287,7 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
 
     def body(t: _Tables) -> None:
         _launch(
-            K.sgd_kernel, t.blocks.num_blocks, config.num_warps,
+            K.sgd_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=momentum != 0),
             params=t.slot["params"], grads=t.slot["grads"], momentum_buffers=t.slot.get("momentum_buffers"),
             **t.blocks.geometry(), lr=lr, weight_decay=weight_decay, grad_sign=-1.0 if maximize else 1.0,
             **_momentum_args(momentum, dampening, t.extra),
@@ -297,7 +311,7 @@ def adamw(
     def body(t: _Tables) -> None:
         step_size, bias_correction2_sqrt = t.extra
         _launch(
-            K.adamw_kernel, t.blocks.num_blocks, config.num_warps,
+            K.adamw_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=True),
             params=t.slot["params"], grads=t.slot["grads"], exp_avgs=t.slot["exp_avgs"],
             exp_avg_sqs=t.slot["exp_avg_sqs"], max_exp_avg_sqs=t.slot.get("max_exp_avg_sqs"),
             **t.blocks.geometry(), decay=1.0 - lr * weight_decay, beta1=beta1, beta2=beta2, eps=eps,
@@ -343,7 +357,7 @@ def lars(
             )
             sums = _tensor_sums(t, block_sums, config.num_warps)
         _launch(
-            K.lars_kernel, t.blocks.num_blocks, config.num_warps,
+            K.lars_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=momentum != 0),
             params=t.slot["params"], grads=t.slot["grads"], momentum_buffers=t.slot.get("momentum_buffers"),
             **t.blocks.geometry(), param_sumsq=None if sums is None else sums[0],
             grad_sumsq=None if sums is None else sums[1], lr=lr, weight_decay=weight_decay,
@@ -405,7 +419,7 @@ def lamb(
     def body(t: _Tables) -> None:
         block_sums = t.blocks.scratch("block_sums", (2, t.blocks.num_blocks)) if adapt else None
         _launch(
-            K.lamb_moments_kernel, t.blocks.num_blocks, config.num_warps,
+            K.lamb_moments_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=True),
             params=t.slot["params"], grads=t.slot["grads"], exp_avgs=t.slot["exp_avgs"],
             exp_avg_sqs=t.slot["exp_avg_sqs"], **t.blocks.geometry(),
             clip_sumsq=None if clip is None else clip.sumsq, max_grad_norm=1.0 if clip is None else clip.max_grad_norm,
