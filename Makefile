@@ -22,6 +22,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only -p no:xdist
 	$(PY) -m benchmarks.compare --rounds 12
+	$(PY) -m benchmarks.host_overhead
+	$(PY) -m benchmarks.triton_report
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -14,14 +14,16 @@ namespace fused_ft {
 // slots[s][j]: tensor j of slot s (params, grads, state...). Column j is flat when every tensor in it
 // has column 0's element count, starts at a multiple of `align` bytes, and either all are contiguous
 // or all share the first one's strides and it is non-overlapping and dense.
-// Returns the addresses (int64, [slots, tensors]), the element counts of slot 0, the columns that are
+// Returns the addresses (int64, [slots, tensors rounded up to even]), the element counts of slot 0, the columns that are
 // not flat (fused_ft/kernels/_layout.py copies those, or refuses a count mismatch), and whether each
 // slot holds one dtype only (then one launch serves the whole list).
 std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>, bool> flat_addresses(
     const std::vector<std::vector<at::Tensor>>& slots, int64_t align) {
   const int64_t n_slots = static_cast<int64_t>(slots.size());
   const int64_t n = n_slots ? static_cast<int64_t>(slots[0].size()) : 0;
-  auto addresses = at::empty({n_slots, n}, at::kLong);
+  // rows padded to an even length: each row of the table starts 16-byte aligned on the device
+  const int64_t row = n + n % 2;
+  auto addresses = at::zeros({n_slots, row}, at::kLong);
   auto numels = at::empty({n}, at::kLong);
   auto* address = addresses.data_ptr<int64_t>();
   auto* numel = numels.data_ptr<int64_t>();
@@ -34,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>, bool> flat_addresses(
     for (int64_t s = 0; s < n_slots; ++s) {
       const at::Tensor& t = slots[s][j];
       const auto ptr = reinterpret_cast<int64_t>(t.data_ptr());
-      address[s * n + j] = ptr;
+      address[s * row + j] = ptr;
       flat = flat && t.numel() == numel[j] && ptr % align == 0;
       contiguous = contiguous && t.is_contiguous();
       same_strides = same_strides && t.strides() == first.strides();

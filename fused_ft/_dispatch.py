@@ -8,8 +8,10 @@ and the fix; nothing ever falls back silently.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -23,6 +25,12 @@ BACKENDS = ("auto", "reference", "triton", "cpu")
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why and what to do."""
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str):
+    """A backend module, imported once (resolve runs for every group on every step)."""
+    return importlib.import_module(name)
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,8 @@ class _Backend:
                     "use backend='auto' or 'cpu', or set TRITON_INTERPRET=1 to run the kernels in "
                     "Triton's (slow) CPU interpreter"
                 )
+            if "triton" in sys.modules:  # every step asks: skip the import machinery once imported
+                return None
             try:
                 importlib.import_module("triton")
             except ImportError as exc:
@@ -61,21 +71,18 @@ class _Backend:
         raise AssertionError(self.name)
 
     def implementation(self, optimizer: str) -> Callable[..., None]:
-        module = importlib.import_module(self.module.format(opt=optimizer))
-        return getattr(module, self.attr.format(opt=optimizer))
+        return getattr(_module(self.module.format(opt=optimizer)), self.attr.format(opt=optimizer))
 
     def unsupported_reason(
         self, optimizer: str, options: Mapping[str, Any], dtypes: frozenset[torch.dtype]
     ) -> str | None:
         """None when this backend implements every option of the group and its dtypes, else what it lacks."""
-        module = importlib.import_module(self.module.format(opt=optimizer))
-        check = getattr(module, "unsupported_reason", None)
+        check = getattr(_module(self.module.format(opt=optimizer)), "unsupported_reason", None)
         return check(optimizer, options, dtypes) if check is not None else None
 
     def helper(self, optimizer: str, name: str) -> Callable[..., Any]:
         """A backend's companion function, e.g. LAMB's global clipping: ``<attr>_<name>``."""
-        module = importlib.import_module(self.module.format(opt=optimizer))
-        return getattr(module, f"{self.attr.format(opt=optimizer)}_{name}")
+        return getattr(_module(self.module.format(opt=optimizer)), f"{self.attr.format(opt=optimizer)}_{name}")
 
 
 _REGISTRY = {

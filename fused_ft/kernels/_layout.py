@@ -68,12 +68,13 @@ def flat_slots(
 def flat_addresses(
     slots: Sequence[Sequence[torch.Tensor]], align: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[int], bool]:
-    """The data addresses of ``slots`` (int64, ``[slots, tensors]``), the element counts of the first
-    slot, the columns that are not flat (see ``flat_ok``), and whether each slot holds one dtype, in
-    one pass."""
+    """The data addresses of ``slots`` (int64, ``[slots, tensors]``, rows zero-padded to an even
+    length so that each row starts 16-byte aligned), the element counts of the first slot, the
+    columns that are not flat (see ``flat_ok``), and whether each slot holds one dtype, in one pass."""
     if _C is not None:
         return _C.flat_addresses(slots, align)
-    addresses = torch.tensor([[t.data_ptr() for t in slot] for slot in slots], dtype=torch.int64)
+    pad = [0] * (len(slots[0]) % 2)
+    addresses = torch.tensor([[t.data_ptr() for t in slot] + pad for slot in slots], dtype=torch.int64)
     numels = torch.tensor([t.numel() for t in slots[0]], dtype=torch.int64)
     not_flat = [j for j, column in enumerate(zip(*slots)) if not flat_ok(column, align)]
     return addresses, numels, not_flat, all(len({t.dtype for t in slot}) == 1 for slot in slots)

@@ -11,9 +11,10 @@ tensors' sizes and BLOCK only and is cached on them; the address tables (one row
 cached on the data pointers, and rebuilt, when the pointers change (new gradients after
 ``zero_grad()``), with one tensor op and one copy.
 
-Launch configuration: on CUDA every kernel runs BLOCK elements a program with the ``num_warps``
-of ``_CUDA_WARPS``, chosen from the compiled sm_80/sm_90 code (``python -m benchmarks.triton_report``):
-at most 64 registers a thread, no spills, 128-bit accesses. ``FUSED_FT_TRITON_TARGET=cuda`` makes
+Launch configuration: on CUDA every kernel runs 1024 elements a program at 4 warps, or 8 warps where
+it stores fp32 state beside a 16-bit stream (see ``_CUDA_WARPS_MIXED``), chosen from the compiled
+sm_80/sm_90 code (``python -m benchmarks.triton_report``): at most 64 registers a thread, no spills,
+128-bit accesses (64-bit for those 16-bit streams). ``FUSED_FT_TRITON_TARGET=cuda`` makes
 the launcher choose exactly that configuration in Triton's CPU interpreter too, so the variants a
 GPU would compile can be captured and compiled on a machine without one.
 """
@@ -67,9 +68,9 @@ def launches() -> Counter:
 def compiled_variants() -> int:
     """Distinct specializations launched so far: what Triton's JIT compiles one kernel for each of.
 
-    Keyed as the JIT keys its cache: kernel, constexpr values, argument dtypes, integer arguments
-    equal to 1 or divisible by 16, pointer alignment, and num_warps. Floats (lr, bias corrections)
-    are not keys.
+    Keyed as the JIT keys its cache: kernel, num_warps, constexpr values, which arguments are None,
+    and each tensor argument's dtype and 16-byte alignment. Floats (lr, bias corrections) and the
+    counts marked do_not_specialize are not keys.
     """
     return len(_VARIANTS)
 
@@ -100,26 +101,16 @@ def _warps(config: LaunchConfig, t: _Tables, stores_fp32_state: bool) -> int:
     return _CUDA_WARPS_MIXED if mixed else config.num_warps
 
 
-def _spec(name: str, arg: Any) -> Any:
-    """How Triton's JIT specializes one argument (see compiled_variants)."""
-    kind = type(arg)
-    if kind is float:
-        return None
-    if kind is torch.Tensor:
-        return (arg.dtype, arg.data_ptr() % 16 == 0)
-    if name.isupper() or arg is None or kind is bool:  # constexprs specialize on their value
-        return str(arg)
-    if kind is int:
-        return (arg == 1, arg % 16 == 0)
-    return kind.__name__
-
-
 def _launch(kernel, grid: int, num_warps: int, **kwargs) -> None:
     if grid == 0:
         return
     name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-    # call sites pass keywords in a fixed order, so the key needs no sorting
-    _VARIANTS.add((name, num_warps, *kwargs, *(_spec(k, v) for k, v in kwargs.items())))
+    # The key Triton's JIT compiles a variant for (see compiled_variants), inline because it runs
+    # for every launch. Call sites pass keywords in a fixed order, so it needs no sorting.
+    _VARIANTS.add((name, num_warps, *kwargs, *[
+        (v.dtype, v.data_ptr() % 16 == 0) if type(v) is torch.Tensor else v if k.isupper() or v is None else None
+        for k, v in kwargs.items()
+    ]))
     _LAUNCHES[name] += 1
     _execute(kernel, grid, kwargs, num_warps)
 
@@ -219,9 +210,7 @@ class _Tables:
 def _tables(names, addresses, numels, dtypes, extra, block, device) -> _Tables:
     """Device tables from host ones: cached on the element counts (blocks) and on the addresses."""
     blocks = _cached(_BLOCKS, (device, block, *numels.tolist()), lambda: _build_blocks(numels.tolist(), block, device))
-    rows = _cached(_ADDRESSES, (device, len(names), addresses.numpy().tobytes()),
-                   # each row 16-byte aligned, as the block table's parts
-                   lambda: torch.nn.functional.pad(addresses, (0, addresses.shape[1] % 2)).to(device)[:, :len(numels)].unbind(0))
+    rows = _cached(_ADDRESSES, (device, len(names), addresses.numpy().tobytes()), lambda: addresses.to(device).unbind(0))
     return _Tables(dict(zip(names, rows)), {n: _TL_DTYPES[d] for n, d in zip(names, dtypes)}, blocks, extra)
 
 

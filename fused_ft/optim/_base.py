@@ -141,6 +141,7 @@ class FusedOptimizer(Optimizer):
         self._hooks: list = []
         self._hooked: set[int] = set()
         self._round_seen: dict[int, set[int]] = {}
+        self._checked_groups: dict[int, dict] = {}  # id(group) -> the hyperparameters that last passed
         if step_in_backward:
             self._check_step_in_backward(defaults)
             # GradScaler then passes its scale to step(), which refuses it (see step()) instead of
@@ -161,6 +162,16 @@ class FusedOptimizer(Optimizer):
     # -- groups ---------------------------------------------------------------------------------
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         check_group(group, {**IMPLEMENTATION_RULES, **self._RULES}, (check_implementation_flags, *self._CROSS_CHECKS))
+
+    def _check_group_for_step(self, group: dict) -> None:
+        """``_check_hyperparameters`` where the group changed since it last passed: a scheduler that
+        changes lr is caught at the next step, an unchanged group costs one tuple comparison (the
+        full check was a tenth of a small model's step). Tensor values are compared by identity and
+        version, so an in-place change is seen too."""
+        seen = {k: (id(v), v._version) if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params"}
+        if self._checked_groups.get(id(group)) != seen:
+            self._check_hyperparameters(group)
+            self._checked_groups[id(group)] = seen
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, as torch.optim does; the whole group is checked before anything is added."""
@@ -236,6 +247,7 @@ class FusedOptimizer(Optimizer):
         state = dict(state)
         self.backend = state.pop("backend", getattr(self, "backend", "auto"))
         super().__setstate__(state)
+        self._checked_groups = {}  # load_state_dict brings new groups: check them at the next step
         # State dicts from torch.optim/timm lack fused_ft's own keys (frozen, ...): use the defaults.
         for group in self.param_groups:
             for key, value in self.defaults.items():
@@ -285,7 +297,7 @@ class FusedOptimizer(Optimizer):
         return loss
 
     def _plan_group(self, index: int, group: dict, params: list[torch.Tensor] | None = None) -> list[GroupPlan]:
-        self._check_hyperparameters(group)
+        self._check_group_for_step(group)
         by_device = _by_device(index, group["params"] if params is None else params)
         plans = []
         for device, (params, grads, dtypes) in by_device.items():  # a grad has its parameter's dtype
