@@ -14,9 +14,11 @@ parameter lists (152 and 297), for the five updates of ``fused_ft.specs.UPDATES`
   stubbed, as fused_ft's launches are: torch's host work on a GPU, where both are launches. On a
   CPU its ``_foreach_add_`` over 0-dim step tensors alone costs about 2.5 us a tensor.
 
-Two cases: the same gradient tensors every step, and new gradient tensors every step (what
-``zero_grad()`` plus backward gives when the allocator hands out other addresses); fused_ft's
-cached address tables are dropped before each such step, so every one of them rebuilds them.
+Three cases: the same gradient tensors every step; new gradient tensors every step (what
+``zero_grad()`` plus backward gives when the allocator hands out other addresses), with fused_ft's
+cached address tables dropped before each step, so that every step rebuilds them; and, for
+fused_ft only, the same gradients with the address tables dropped ("rebuild"), which separates the
+cost of the rebuild from that of reading gradients that are new to the CPU's caches.
 Every figure is the median over interleaved rounds of the mean of ``--steps`` steps.
 """
 from __future__ import annotations
@@ -77,13 +79,14 @@ def _setup(provider: str, update: str, count: int) -> tuple[list[torch.Tensor], 
     return params, _TorchStubbed(opt) if provider == "torch-fused-stubbed" else opt
 
 
-def _timed_steps(params, opt, steps: int, new_grads: bool) -> float:
-    """Mean seconds of host work per step; new gradients (and no cached addresses) before each step."""
+def _timed_steps(params, opt, steps: int, case: str) -> float:
+    """Mean seconds of host work per step in one of the cases of the module doc."""
     total = 0.0
     for _ in range(steps):
-        if new_grads:
+        if case == "new":
             for p in params:
                 p.grad = torch.randn(4)
+        if case in ("new", "rebuild"):
             TL._ADDRESSES.clear()
         start = time.perf_counter()
         opt.step()
@@ -105,9 +108,10 @@ def measure(rounds: int = 7, steps: int = 20) -> list[dict]:
             times: dict[tuple[str, str], list[float]] = {}
             for r in range(rounds):
                 order = providers if r % 2 == 0 else providers[::-1]
-                for case in ("same", "new"):
+                for case in ("same", "new", "rebuild"):
                     for p in order:
-                        times.setdefault((p, case), []).append(_timed_steps(*setups[p], steps, case == "new"))
+                        if case != "rebuild" or p == "fused_ft-triton":
+                            times.setdefault((p, case), []).append(_timed_steps(*setups[p], steps, case))
             for (p, case), ts in times.items():
                 rows.append(dict(list=list_name, tensors=count, update=update, provider=p, case=case,
                                  ms=1000 * statistics.median(ts)))
@@ -121,19 +125,22 @@ def host_ms(rows: list[dict]) -> Callable[[str, str, str, str], float]:
 
 def table(rows: list[dict]) -> str:
     ms = host_ms(rows)
-    lines = ["| list | update | fused_ft same grads (ms) | fused_ft new grads (ms) | new / same | "
-             "torch fused same (ms) | torch fused new (ms) | fused_ft / torch (same) | torch fused, kernels stubbed (ms) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| list | update | fused_ft same grads (ms) | fused_ft new grads (ms) | new / same | rebuild / same | "
+             "torch fused same (ms) | torch fused new (ms) | torch new / same | fused_ft / torch (same) | "
+             "torch fused, kernels stubbed (ms) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for list_name in LISTS:
         for update, u in UPDATES.items():
             same, new = ms(list_name, update, "fused_ft-triton", "same"), ms(list_name, update, "fused_ft-triton", "new")
+            rebuild = ms(list_name, update, "fused_ft-triton", "rebuild")
             if u.optimizer in TORCH_FUSED:
                 t_same, t_new = ms(list_name, update, "torch-fused", "same"), ms(list_name, update, "torch-fused", "new")
                 stubbed = ms(list_name, update, "torch-fused-stubbed", "same")
-                torch_cols = f"{t_same:.3f} | {t_new:.3f} | {same / t_same:.2f} | {stubbed:.3f}"
+                torch_cols = f"{t_same:.3f} | {t_new:.3f} | {t_new / t_same:.2f} | {same / t_same:.2f} | {stubbed:.3f}"
             else:
-                torch_cols = "- | - | - | -"
-            lines.append(f"| {list_name} | {update} | {same:.3f} | {new:.3f} | {new / same:.2f} | {torch_cols} |")
+                torch_cols = "- | - | - | - | -"
+            lines.append(f"| {list_name} | {update} | {same:.3f} | {new:.3f} | {new / same:.2f} | {rebuild / same:.2f} | "
+                         f"{torch_cols} |")
     return "\n".join(lines)
 
 

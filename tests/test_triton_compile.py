@@ -22,7 +22,7 @@ from fused_ft.kernels import triton_kernels
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = {name for name in dir(triton_kernels) if name.endswith("_kernel")}
 NO_ELEMENT_STREAMS = {"tensor_sums_kernel"}  # reads per-block sums only, with masked vector loads
-PARAM_WRITERS = {"sgd_kernel", "adamw_kernel", "lars_kernel", "lamb_apply_kernel"}
+PARAM_WRITERS = {"sgd_kernel", "adamw_kernel", "lamb_apply_kernel"}
 
 
 @pytest.fixture(scope="module")

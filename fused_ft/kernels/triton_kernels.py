@@ -34,6 +34,14 @@ def _slot(table, t, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _block_of(index, block_tensor, block_start, numels, BLOCK: tl.constexpr):
+    """Block ``index`` of the table: its tensor, first element, the tensor's size, element offsets."""
+    t = tl.load(block_tensor + index)
+    start = tl.multiple_of(tl.load(block_start + index), BLOCK)
+    return t, start, tl.load(numels + t), start + tl.arange(0, BLOCK)
+
+
+@triton.jit
 def _store_param(ptr, x, mask, DTYPE: tl.constexpr):
     """Store fp32 ``x`` in the parameter's dtype, rounding to nearest-even.
 
@@ -70,12 +78,14 @@ def _ordered_sum(values, first, end, RBLOCK: tl.constexpr):
     return tl.sum(acc, axis=0)
 
 
-# -- SGD -------------------------------------------------------------------------------------------
+# -- SGD and LARS ----------------------------------------------------------------------------------
 @triton.jit
-def _sgd_block(p_ptr, g_ptr, buf_ptr, mask, lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum,
-               P_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
+def _sgd_block(p_ptr, g_ptr, buf_ptr, mask, ratio, lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum,
+               P_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ADAPT: tl.constexpr):
     w = tl.load(p_ptr, mask=mask).to(tl.float32)
     d = tl.load(g_ptr, mask=mask).to(tl.float32) * grad_sign + weight_decay * w
+    if ADAPT:
+        d = d * ratio
     if HAS_MOMENTUM:
         d = _momentum(d, buf_ptr, mask, buf_keep, buf_scale, momentum, NESTEROV)
     _store_param(p_ptr, w - lr * d, mask, P_DTYPE)
@@ -83,27 +93,34 @@ def _sgd_block(p_ptr, g_ptr, buf_ptr, mask, lr, weight_decay, grad_sign, buf_kee
 
 @triton.jit
 def sgd_kernel(
-    params, grads, momentum_buffers, numels, block_tensor, block_start,
-    lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum,
+    params, grads, momentum_buffers, numels, block_tensor, block_start, param_sumsq, grad_sumsq,
+    lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum, trust_coeff, eps,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """SGD; ``momentum_buffers`` are fp32 (None without momentum)."""
-    t = tl.load(block_tensor + tl.program_id(0))
-    start = tl.multiple_of(tl.load(block_start + tl.program_id(0)), BLOCK)
-    numel = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
+    """SGD, and LARS as SGD with a trust ratio (ADAPT) from per-tensor sums of squares
+    (``param_sumsq``, ``grad_sumsq``: None without ADAPT). ``momentum_buffers`` are fp32 (None
+    without momentum)."""
+    t, start, numel, offs = _block_of(tl.program_id(0), block_tensor, block_start, numels, BLOCK)
     p_ptr = _slot(params, t, P_DTYPE) + offs
     g_ptr = _slot(grads, t, G_DTYPE) + offs
     buf_ptr = None
     if HAS_MOMENTUM:
         buf_ptr = _slot(momentum_buffers, t, tl.float32) + offs
+    ratio = 1.0
+    if ADAPT:
+        w_norm = tl.sqrt(tl.load(param_sumsq + t))
+        g_norm = tl.sqrt(tl.load(grad_sumsq + t))
+        ratio = trust_coeff * w_norm / (g_norm + w_norm * weight_decay + eps)  # eps > 0 or g_norm > 0 below
+        ratio = tl.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
+        if TRUST_CLIP:
+            ratio = tl.minimum(ratio / lr, 1.0)
     if start + BLOCK <= numel:
-        _sgd_block(p_ptr, g_ptr, buf_ptr, None, lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum,
-                   P_DTYPE, HAS_MOMENTUM, NESTEROV)
+        _sgd_block(p_ptr, g_ptr, buf_ptr, None, ratio, lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum,
+                   P_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT)
     else:
-        _sgd_block(p_ptr, g_ptr, buf_ptr, offs < numel, lr, weight_decay, grad_sign, buf_keep, buf_scale,
-                   momentum, P_DTYPE, HAS_MOMENTUM, NESTEROV)
+        _sgd_block(p_ptr, g_ptr, buf_ptr, offs < numel, ratio, lr, weight_decay, grad_sign, buf_keep, buf_scale,
+                   momentum, P_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT)
 
 
 # -- AdamW -----------------------------------------------------------------------------------------
@@ -134,10 +151,7 @@ def adamw_kernel(
 
     ``decay`` = 1 - lr*weight_decay, ``step_size`` = lr / (1 - beta1^t).
     """
-    t = tl.load(block_tensor + tl.program_id(0))
-    start = tl.multiple_of(tl.load(block_start + tl.program_id(0)), BLOCK)
-    numel = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
+    t, start, numel, offs = _block_of(tl.program_id(0), block_tensor, block_start, numels, BLOCK)
     p_ptr = _slot(params, t, P_DTYPE) + offs
     g_ptr = _slot(grads, t, G_DTYPE) + offs
     m_ptr = _slot(exp_avgs, t, tl.float32) + offs
@@ -176,10 +190,7 @@ def block_sumsq_kernel(
     Grid-strides over the blocks, so any number of programs gives the same bits.
     """
     for blk in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
-        t = tl.load(block_tensor + blk)
-        start = tl.multiple_of(tl.load(block_start + blk), BLOCK)
-        numel = tl.load(numels + t)
-        offs = start + tl.arange(0, BLOCK)
+        t, start, numel, offs = _block_of(blk, block_tensor, block_start, numels, BLOCK)
         a_ptr = _slot(a, t, A_DTYPE) + offs
         b_ptr = None
         if TWO:
@@ -222,10 +233,7 @@ def clip_kernel(
     for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
         acc = 0.0
         for blk in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, num_blocks)):
-            t = tl.load(block_tensor + blk)
-            start = tl.multiple_of(tl.load(block_start + blk), BLOCK)
-            numel = tl.load(numels + t)
-            offs = start + tl.arange(0, BLOCK)
+            t, start, numel, offs = _block_of(blk, block_tensor, block_start, numels, BLOCK)
             g_ptr = _slot(grads, t, G_DTYPE) + offs
             if start + BLOCK <= numel:
                 block_sum, _ = _sumsq_block(g_ptr, None, None, None, False)
@@ -240,52 +248,6 @@ def clip_kernel(
             s += tl.load(total)
         tl.store(total, s)
         tl.store(counter, 0)
-
-
-# -- LARS ------------------------------------------------------------------------------------------
-@triton.jit
-def _lars_block(p_ptr, g_ptr, buf_ptr, mask, ratio, lr, weight_decay, buf_keep, buf_scale, momentum,
-                P_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ADAPT: tl.constexpr):
-    w = tl.load(p_ptr, mask=mask).to(tl.float32)
-    d = tl.load(g_ptr, mask=mask).to(tl.float32)
-    if ADAPT:
-        d = (d + weight_decay * w) * ratio
-    if HAS_MOMENTUM:
-        d = _momentum(d, buf_ptr, mask, buf_keep, buf_scale, momentum, NESTEROV)
-    _store_param(p_ptr, w - lr * d, mask, P_DTYPE)
-
-
-@triton.jit
-def lars_kernel(
-    params, grads, momentum_buffers, numels, block_tensor, block_start, param_sumsq, grad_sumsq,
-    lr, weight_decay, trust_coeff, eps, buf_keep, buf_scale, momentum,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """LARS: the trust ratio from per-tensor sums of squares, then SGD's momentum update."""
-    t = tl.load(block_tensor + tl.program_id(0))
-    start = tl.multiple_of(tl.load(block_start + tl.program_id(0)), BLOCK)
-    numel = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
-    p_ptr = _slot(params, t, P_DTYPE) + offs
-    g_ptr = _slot(grads, t, G_DTYPE) + offs
-    buf_ptr = None
-    if HAS_MOMENTUM:
-        buf_ptr = _slot(momentum_buffers, t, tl.float32) + offs
-    ratio = 1.0
-    if ADAPT:
-        w_norm = tl.sqrt(tl.load(param_sumsq + t))
-        g_norm = tl.sqrt(tl.load(grad_sumsq + t))
-        ratio = trust_coeff * w_norm / (g_norm + w_norm * weight_decay + eps)  # eps > 0 or g_norm > 0 below
-        ratio = tl.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
-        if TRUST_CLIP:
-            ratio = tl.minimum(ratio / lr, 1.0)
-    if start + BLOCK <= numel:
-        _lars_block(p_ptr, g_ptr, buf_ptr, None, ratio, lr, weight_decay, buf_keep, buf_scale, momentum,
-                    P_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT)
-    else:
-        _lars_block(p_ptr, g_ptr, buf_ptr, offs < numel, ratio, lr, weight_decay, buf_keep, buf_scale, momentum,
-                    P_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT)
 
 
 # -- LAMB ------------------------------------------------------------------------------------------
@@ -329,10 +291,7 @@ def lamb_moments_kernel(
     """LAMB phase 1: clip, update the moments (stored), and, for the trust ratio of phase 2, the
     per-block sums of squares of the (decayed) weights and of the update."""
     pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = tl.multiple_of(tl.load(block_start + pid), BLOCK)
-    numel = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
+    t, start, numel, offs = _block_of(pid, block_tensor, block_start, numels, BLOCK)
     p_ptr = _slot(params, t, P_DTYPE) + offs
     g_ptr = _slot(grads, t, G_DTYPE) + offs
     m_ptr = _slot(exp_avgs, t, tl.float32) + offs
@@ -370,10 +329,7 @@ def lamb_apply_kernel(
     P_DTYPE: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """LAMB phase 2: recompute the update from the stored moments, apply it with the trust ratio."""
-    t = tl.load(block_tensor + tl.program_id(0))
-    start = tl.multiple_of(tl.load(block_start + tl.program_id(0)), BLOCK)
-    numel = tl.load(numels + t)
-    offs = start + tl.arange(0, BLOCK)
+    t, start, numel, offs = _block_of(tl.program_id(0), block_tensor, block_start, numels, BLOCK)
     p_ptr = _slot(params, t, P_DTYPE) + offs
     m_ptr = _slot(exp_avgs, t, tl.float32) + offs
     v_ptr = _slot(exp_avg_sqs, t, tl.float32) + offs

@@ -3,7 +3,7 @@
 One launch covers every tensor of a group that shares a dtype combination (and, for the rare
 mixed cases, a first-step flag or an AdamW step count), so the launch count does not grow with
 the number of tensors: SGD and AdamW launch once, LARS three times (block sums, tensor sums,
-update), LAMB four times (global clip, moments, tensor sums, apply). ``launches()`` and
+the SGD kernel with its trust ratio), LAMB four times (global clip, moments, tensor sums, apply). ``launches()`` and
 ``compiled_variants()`` let tests check both bounds.
 
 Host work per step is O(number of tensors) with small constants. The block table depends on the
@@ -268,6 +268,20 @@ def _momentum_args(momentum: float, dampening: float, is_new: bool | None) -> di
                 momentum=momentum)
 
 
+def _sgd_launch(t: _Tables, config: LaunchConfig, sums: torch.Tensor | None, *, lr, momentum, dampening,
+                weight_decay, nesterov, grad_sign=1.0, trust_coeff=0.0, eps=0.0, trust_clip=False) -> None:
+    """The SGD kernel for SGD, and for LARS when ``sums`` holds the per-tensor sums of squares."""
+    _launch(
+        K.sgd_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=momentum != 0),
+        params=t.slot["params"], grads=t.slot["grads"], momentum_buffers=t.slot.get("momentum_buffers"),
+        **t.blocks.geometry(), param_sumsq=None if sums is None else sums[0],
+        grad_sumsq=None if sums is None else sums[1], lr=lr, weight_decay=weight_decay, grad_sign=grad_sign,
+        **_momentum_args(momentum, dampening, t.extra), trust_coeff=trust_coeff, eps=eps,
+        P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov,
+        ADAPT=sums is not None, TRUST_CLIP=trust_clip,
+    )
+
+
 def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
     if not params:
         return
@@ -275,13 +289,8 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
     slots, written, new = _momentum_setup(params, grads, momentum_buffers, momentum)
 
     def body(t: _Tables) -> None:
-        _launch(
-            K.sgd_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=momentum != 0),
-            params=t.slot["params"], grads=t.slot["grads"], momentum_buffers=t.slot.get("momentum_buffers"),
-            **t.blocks.geometry(), lr=lr, weight_decay=weight_decay, grad_sign=-1.0 if maximize else 1.0,
-            **_momentum_args(momentum, dampening, t.extra),
-            P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov,
-        )
+        _sgd_launch(t, config, None, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                    nesterov=nesterov, grad_sign=-1.0 if maximize else 1.0)
 
     _run(slots, written, body, config.block, extra=new)
 
@@ -345,15 +354,8 @@ def lars(
                 TWO=True,
             )
             sums = _tensor_sums(t, block_sums, config.num_warps)
-        _launch(
-            K.lars_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=momentum != 0),
-            params=t.slot["params"], grads=t.slot["grads"], momentum_buffers=t.slot.get("momentum_buffers"),
-            **t.blocks.geometry(), param_sumsq=None if sums is None else sums[0],
-            grad_sumsq=None if sums is None else sums[1], lr=lr, weight_decay=weight_decay,
-            trust_coeff=trust_coeff, eps=eps, **_momentum_args(momentum, dampening, t.extra),
-            P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov,
-            ADAPT=adapt, TRUST_CLIP=trust_clip,
-        )
+        _sgd_launch(t, config, sums, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                    nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip)
 
     _run(slots, written, body, config.block, extra=new)
 
