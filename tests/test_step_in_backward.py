@@ -1,4 +1,10 @@
-"""step_in_backward (issue 6): the same trajectories as a normal step, and clear refusals."""
+"""step_in_backward: the same trajectories as a normal step, and clear refusals.
+
+Catches: a hook that ignores its group's ``frozen`` flag (a frozen group whose parameters still take
+gradients gets updated during backward), a hook that plans a parameter with another group's
+hyperparameters, a scheduler's or an unfreeze's change that the hooks miss, gradients that are not
+freed in backward, hooks that outlive their optimizer.
+"""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +12,7 @@ import torch
 
 import fused_ft
 from fused_ft.specs import OPTIMIZERS
-from tests.helpers import batches, make_model, train_step, twin
+from tests.helpers import assert_close_tensorwise, batches, make_model, train_step, twin
 
 CASES = {"sgd": dict(lr=0.05, momentum=0.9), "sgd-nomom": dict(lr=0.05), "adamw": dict(lr=1e-3),
          "lars": dict(lr=0.5, momentum=0.9, weight_decay=1e-4), "lamb": dict(lr=1e-3, max_grad_norm=None)}
@@ -68,3 +74,94 @@ def test_parameters_unfrozen_later_update_and_dropped_optimizers_stop():
         train_step(reference, normal, x, y)
     for (n, a), b in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(a, b), n  # blocks unfrozen after the probe were updated, the head only once per step
+
+
+# Per group: (lr, weight decay, momentum or betas). Group 2 differs in everything from group 0; for
+# plain SGD, momentum differs too (0.9 / 0.5 / none).
+GROUP_HYPER = {
+    "sgd": [dict(lr=0.05, weight_decay=0.0, momentum=0.9), dict(lr=0.02, weight_decay=1e-2, momentum=0.5),
+            dict(lr=0.1, weight_decay=1e-3, momentum=0.0)],
+    "sgd-nomom": [dict(lr=0.05), dict(lr=0.02, weight_decay=1e-2), dict(lr=0.1, weight_decay=1e-3)],
+    "adamw": [dict(lr=1e-3), dict(lr=3e-3, weight_decay=0.1, betas=(0.8, 0.99)),
+              dict(lr=5e-4, weight_decay=0.0, betas=(0.95, 0.9))],
+    "lars": [dict(lr=0.5, momentum=0.9, weight_decay=1e-4), dict(lr=0.2, momentum=0.5, weight_decay=1e-3),
+             dict(lr=1.0, momentum=0.0, weight_decay=1e-2)],
+    "lamb": [dict(lr=1e-3), dict(lr=3e-3, weight_decay=0.1, betas=(0.8, 0.99)),
+             dict(lr=5e-4, weight_decay=0.0, betas=(0.95, 0.9))],
+}
+DEFAULTS = {"lamb": dict(max_grad_norm=None)}  # timm's clip is global, read from the defaults
+STEPS, UNFREEZE_AT = 6, 3
+
+
+class _Net(torch.nn.Module):
+    """Five parameter groups' worth of layers, small enough for Triton's interpreter."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.LayerNorm(16)
+        self.c = torch.nn.Linear(16, 16)
+        self.frozen = torch.nn.Linear(16, 16)  # frozen=True, but its parameters keep requires_grad
+        self.later = torch.nn.Linear(16, 16)  # frozen and without gradients until UNFREEZE_AT
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.later(self.frozen(self.c(self.b(self.a(x)).relu()).relu())))
+
+
+def _groups(net, case):
+    g0, g1, g2 = GROUP_HYPER[case]
+    net.later.requires_grad_(False)
+    return [{"params": list(net.a.parameters()), **g0}, {"params": list(net.b.parameters()), **g1},
+            {"params": [*net.c.parameters(), *net.head.parameters()], **g2},
+            {"params": list(net.frozen.parameters()), "frozen": True},
+            {"params": list(net.later.parameters()), "frozen": True}]
+
+
+def _run(case, backend, step_in_backward):
+    torch.manual_seed(0)
+    net = _Net()
+    opt = OPTIMIZERS[case.split("-")[0]].cls(_groups(net, case), backend=backend, step_in_backward=step_in_backward,
+                                             **DEFAULTS.get(case, {}))
+    # the scheduler changes group 1's learning rate only, mid-run
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 1.0, lambda s: 1.0 if s < 2 else 0.3] + [lambda s: 1.0] * 3)
+    frozen_start = [p.detach().clone() for p in net.frozen.parameters()]
+    g = torch.Generator().manual_seed(1)
+    for step in range(STEPS):
+        if step == UNFREEZE_AT:  # gradual unfreezing: the group takes gradients and updates from here on
+            net.later.requires_grad_(True)
+            opt.param_groups[4]["frozen"] = False
+        x, y = torch.randn(6, 8, generator=g), torch.randint(0, 4, (6,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        schedule.step()
+    assert all(torch.equal(a, b) for a, b in zip(frozen_start, net.frozen.parameters()))  # frozen, with grads
+    assert not any(p in opt.state for p in net.frozen.parameters())
+    return net, opt
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("case", list(GROUP_HYPER))
+def test_groups_schedules_frozen_and_unfrozen_groups_match_a_normal_step(case, backend):
+    """Three groups with their own lr, weight decay and momentum or betas; a frozen group whose
+    parameters keep requires_grad; a scheduler that changes one group's lr mid-run; a group unfrozen
+    mid-run. Bit for bit on the reference backend, to the kernels' tolerance elsewhere (each hook
+    launches for one tensor, a normal step for the whole list)."""
+    normal_net, normal = _run(case, backend, step_in_backward=False)
+    inside_net, inside = _run(case, backend, step_in_backward=True)
+    tol = OPTIMIZERS[case.split("-")[0]].reference_rtol
+    later_start = _Net().later.weight  # same seed: the unfrozen group must have moved
+    assert not torch.equal(normal_net.later.weight, later_start)
+    for (name, a), b in zip(normal_net.named_parameters(), inside_net.parameters()):
+        if backend == "reference":
+            assert torch.equal(a, b), name
+        else:
+            assert_close_tensorwise(b, a, rtol=tol, what=name)
+    for a, b in zip(normal_net.parameters(), inside_net.parameters()):
+        assert normal.state[a].keys() == inside.state[b].keys()
+        for key, value in normal.state[a].items():
+            if backend == "reference":
+                assert torch.equal(value, inside.state[b][key]), key
+            else:
+                assert_close_tensorwise(inside.state[b][key], value, rtol=tol, what=key)
