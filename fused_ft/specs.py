@@ -114,9 +114,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "lars": OptimizerSpec(
         name="lars", cls=LARS, reference=_timm_lars, reference_rtol=1e-5,
         variants={
-            "momentum-wd": dict(lr=0.5, momentum=0.9, weight_decay=1e-4),
+            # trust_clip and nesterov never together: a backend that swaps the two flags must fail
+            "momentum-wd-trust-clip": dict(lr=0.5, momentum=0.9, weight_decay=1e-4, trust_clip=True),
             "plain": dict(lr=0.05),
-            "trust-clip-nesterov": dict(lr=0.5, momentum=0.9, nesterov=True, weight_decay=1e-4, trust_clip=True),
+            "nesterov-wd": dict(lr=0.5, momentum=0.9, nesterov=True, weight_decay=1e-4),
             "always-adapt-dampening": dict(lr=0.5, momentum=0.9, dampening=0.1, always_adapt=True),
         },
         invalid=_COMMON_INVALID + (

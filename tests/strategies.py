@@ -1,4 +1,5 @@
-"""Hypothesis strategies for tensor lists with the shapes that break kernels: 0-dim, empty, odd, strided."""
+"""Hypothesis strategies for tensor lists with the shapes that break kernels: 0-dim, empty, odd, strided,
+and all-zero gradients next to non-zero weights (LARS/LAMB's zero-norm guards)."""
 from __future__ import annotations
 
 import torch
@@ -15,16 +16,18 @@ SHAPES = st.one_of(
 
 @st.composite
 def tensor_lists(draw, max_tensors: int = 8):
-    """A list of (shape, transpose) specs; ``transpose`` makes a non-contiguous 2-d view."""
-    specs = draw(st.lists(st.tuples(SHAPES, st.booleans()), min_size=1, max_size=max_tensors))
-    return [(shape, transpose and len(shape) == 2 and shape[0] > 1 and shape[1] > 1) for shape, transpose in specs]
+    """A list of (shape, transpose, zero_grad) specs; ``transpose`` makes a non-contiguous 2-d view,
+    ``zero_grad`` gives the tensor all-zero gradients (see ``grads_like``)."""
+    specs = draw(st.lists(st.tuples(SHAPES, st.booleans(), st.booleans()), min_size=1, max_size=max_tensors))
+    return [(shape, transpose and len(shape) == 2 and shape[0] > 1 and shape[1] > 1, zero)
+            for shape, transpose, zero in specs]
 
 
 def build(specs, seed: int, dtype=torch.float32) -> list[torch.Tensor]:
     """Leaf tensors for ``specs`` (non-contiguous where asked), deterministic in ``seed``."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for shape, transpose in specs:
+    for shape, transpose, _ in specs:
         if transpose:
             t = torch.randn(shape[1], shape[0], generator=g, dtype=dtype).t()
         else:
@@ -33,6 +36,9 @@ def build(specs, seed: int, dtype=torch.float32) -> list[torch.Tensor]:
     return out
 
 
-def grads_like(params, seed: int) -> list[torch.Tensor]:
+def grads_like(params, seed: int, specs=None) -> list[torch.Tensor]:
+    """Random gradients shaped like ``params``; zeros where ``specs`` asks for them."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    zero = [spec[2] for spec in specs] if specs is not None else [False] * len(params)
+    return [torch.zeros(p.shape, dtype=p.dtype) if z else torch.randn(p.shape, generator=g, dtype=p.dtype)
+            for p, z in zip(params, zero)]

@@ -8,7 +8,7 @@ through separate forward passes.
 import pytest
 import timm
 import torch
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
 import fused_ft
@@ -146,6 +146,8 @@ LOW_PRECISION = [torch.bfloat16, torch.float16]
 # no shrinking: each example runs 20 interpreted steps, so shrinking a failure would take an hour
 @settings(max_examples=4, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(specs=tensor_lists(max_tensors=6), seed=st.integers(0, 2**16))
+# always: a zero gradient beside non-zero weights (the trust ratios' zero-norm guards), empty and 0-dim
+@example(specs=[((40,), False, True), ((7, 5), True, False), ((0,), False, False), ((), False, True)], seed=3)
 def test_kernels_match_reference_on_odd_tensor_lists(update, param_dtype, backend, specs, seed):
     """Triton's block size is 32 here, so the sizes 1-70 drawn span ragged multi-block tensors."""
     with pytest.MonkeyPatch.context() as mp:
@@ -158,7 +160,7 @@ def _odd_lists_case(update, param_dtype, backend, specs, seed):
     params = {b: build(specs, seed, dtype=param_dtype) for b in ("reference", backend)}
     opts = {b: OPTIMIZERS[u.optimizer].cls(params[b], **u.kwargs, backend=b) for b in params}
     for step in range(STEPS):
-        grads = [g.to(param_dtype) for g in grads_like(params["reference"], seed + step)]
+        grads = [g.to(param_dtype) for g in grads_like(params["reference"], seed + step, specs)]
         for b in params:
             for p, g in zip(params[b], grads):
                 p.grad = g.clone()
@@ -338,3 +340,37 @@ def test_misaligned_views_go_through_aligned_copies():
     assert_close_tensorwise(views["triton"], views["reference"], rtol=FP32)
     assert_close_tensorwise(opts["triton"].state[views["triton"]]["momentum_buffer"],
                             opts["reference"].state[views["reference"]]["momentum_buffer"], rtol=FP32)
+
+
+# Learning rates at which 8 steps move the weights (about 0.02) by far more than bf16's rounding
+# (1/256 of a weight): LARS and LAMB scale their steps to the weight norm, by trust_coeff=1e-3 and 1.
+BF16_LR = {"sgd": 0.05, "sgd-nomom": 0.05, "adamw": 3e-3, "lars": 20.0, "lamb": 0.05}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("update", list(UPDATES))
+def test_bf16_parameters_follow_the_fp32_trajectory(update, backend):
+    """bf16 parameters on a kernel backend against fp32 parameters on the reference backend, from the
+    same (bf16-representable) start with the same gradients: the gap stays under a tenth of how far
+    the weights moved. Comparing bf16 with bf16 at one bf16 ulp, as the tests above do, lets a kernel
+    that drops AdamW's bias correction pass; this does not."""
+    u = UPDATES[update]
+    kwargs = {**u.kwargs, "lr": BF16_LR[update]}
+    torch.manual_seed(0)
+    start = [(0.02 * torch.randn(s)).to(torch.bfloat16) for s in [(300,), (20, 17), (5,)]]
+    fp32 = [p.float().requires_grad_() for p in start]
+    bf16 = [p.clone().requires_grad_() for p in start]
+    cls = OPTIMIZERS[u.optimizer].cls
+    ref, ours = cls(fp32, **kwargs, backend="reference"), cls(bf16, **kwargs, backend=backend)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        for a, b in zip(fp32, bf16):
+            grad = torch.randn(a.shape, generator=g).to(torch.bfloat16)
+            a.grad, b.grad = grad.float(), grad
+        ref.step()
+        ours.step()
+    for i, (a, b, s) in enumerate(zip(fp32, bf16, start)):
+        moved = (a.detach() - s.float()).abs().max().item()
+        gap = (b.detach().float() - a.detach()).abs().max().item()
+        assert moved > 10 * torch.finfo(torch.bfloat16).eps * a.detach().abs().max().item(), (i, moved)
+        assert gap <= 0.1 * moved, f"param {i}: bf16 is {gap:.3g} from fp32 after a move of {moved:.3g}"

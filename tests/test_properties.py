@@ -19,7 +19,7 @@ def test_any_tensor_list_matches_reference(opt_name, specs, variant_index, seed)
     ours = spec.cls(ours_params, **kwargs, backend="reference")
     ref = spec.reference(ref_params, **kwargs)
     for step in range(3):
-        for a, b, g in zip(ours_params, ref_params, grads_like(ours_params, seed + step + 1)):
+        for a, b, g in zip(ours_params, ref_params, grads_like(ours_params, seed + step + 1, specs)):
             a.grad, b.grad = g.clone(), g.clone()
         ours.step()
         ref.step()
