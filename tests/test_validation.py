@@ -128,3 +128,21 @@ def test_bad_values_in_tensor_lr_and_nan_are_named():
         fused_ft.SGD(_params(), lr=float("nan"))
     with pytest.raises(ValueError, match=r"Invalid lr: tensor\(-0\.1000\)"):
         fused_ft.SGD(_params(), lr=torch.tensor(-0.1))
+
+
+def test_hyperparameters_changed_in_place_after_a_step_are_caught():
+    """step() re-checks a group only when its hyperparameters changed since they last passed; a
+    list or tensor changed in place is a change too."""
+    p = torch.randn(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    lr = torch.tensor(0.1)
+    opt = fused_ft.AdamW([{"params": [p], "betas": [0.9, 0.99], "lr": lr}])
+    opt.step()
+    opt.param_groups[0]["betas"][0] = 1.5
+    with pytest.raises(ValueError, match=r"Invalid betas\[0\]: 1\.5"):
+        opt.step()
+    opt.param_groups[0]["betas"][0] = 0.9
+    opt.step()
+    lr.fill_(-1.0)
+    with pytest.raises(ValueError, match=r"Invalid lr: tensor\(-1\.\)"):
+        opt.step()

@@ -168,7 +168,8 @@ class FusedOptimizer(Optimizer):
         changes lr is caught at the next step, an unchanged group costs one tuple comparison (the
         full check was a tenth of a small model's step). Tensor values are compared by identity and
         version, so an in-place change is seen too."""
-        seen = {k: (id(v), v._version) if isinstance(v, torch.Tensor) else v for k, v in group.items() if k != "params"}
+        seen = {k: (id(v), v._version) if isinstance(v, torch.Tensor) else tuple(v) if isinstance(v, list) else v
+                for k, v in group.items() if k != "params"}  # a list is copied: it could change in place
         if self._checked_groups.get(id(group)) != seen:
             self._check_hyperparameters(group)
             self._checked_groups[id(group)] = seen
