@@ -45,6 +45,8 @@ class _Backend:
             return None
         if self.name == "triton":
             interpret = os.environ.get("TRITON_INTERPRET") == "1"
+            if device.type == "cuda" and not interpret and not torch.cuda.is_available():
+                return "backend='triton' needs a CUDA device, and torch sees none (torch.cuda.is_available() is False)"
             if device.type != "cuda" and not interpret:
                 return (
                     f"backend='triton' needs CUDA tensors, but the parameters are on {device}; "
@@ -118,6 +120,11 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     order = _AUTO_ORDER.get(device.type, ("reference",))
     names = list(dict.fromkeys(order + ("triton", "cpu", "reference")))
     return [n for n in names if n in BACKENDS and _REGISTRY[n].unavailable_reason(device) is None]
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` (a name, or ``auto``) cannot run on ``device`` here, or None when it can."""
+    return None if backend == "auto" else _REGISTRY[backend].unavailable_reason(device)
 
 
 def helper(backend: str, optimizer: str, name: str) -> Callable[..., Any]:

@@ -104,18 +104,26 @@ def test_failed_step_changes_nothing(opt_name, fault):
     else:  # group 0 plans on the reference backend; group 1 demands a fused one
         opt.backend = "reference"
         opt.param_groups[1]["fused"] = True
-        expected = (fused_ft.BackendUnavailableError, r"fused=True needs a fused kernel backend, but group 1")
+        expected = (ValueError, r"Invalid fused=True with backend='reference'")
     snapshot = _snapshot(opt, params)
     with pytest.raises(expected[0], match=expected[1]):
         opt.step()
     _assert_unchanged(snapshot, opt, params)
 
 
-def test_fused_true_refuses_the_reference_backend():
-    with pytest.raises(fused_ft.BackendUnavailableError, match=r"fused=True needs a fused kernel backend"):
-        opt = fused_ft.SGD(_params(), lr=0.1, fused=True, backend="reference")
-        _with_grads(opt.param_groups[0]["params"])
-        opt.step()
+def test_backend_conflicts_are_refused_at_construction(monkeypatch):
+    """What step() would refuse is refused when the parameters' devices are known: fused=True with
+    the reference backend (both named), a backend that cannot run on the parameters' device, and
+    triton on a CUDA device of a machine without CUDA."""
+    with pytest.raises(ValueError, match=r"Invalid fused=True with backend='reference' .*backend='auto'"):
+        fused_ft.SGD(_params(), lr=0.1, fused=True, backend="reference")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(fused_ft.BackendUnavailableError, match=r"backend='triton' needs CUDA tensors, but the parameters are on cpu"):
+        fused_ft.SGD(_params(), lr=0.1, backend="triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "triton" not in fused_ft.available_backends("cuda")
+    with pytest.raises(fused_ft.BackendUnavailableError, match=r"needs a CUDA device, and torch sees none"):
+        fused_ft._dispatch.resolve("triton", "sgd", torch.device("cuda"), {})
 
 
 def test_unknown_backend_lists_the_choices():

@@ -187,10 +187,26 @@ class FusedOptimizer(Optimizer):
         tensors = [p[1] if isinstance(p, tuple) else p for p in params]
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         check_params(tensors, seen, len(self.param_groups))
-        self._check_hyperparameters({**self.defaults, **param_group})
+        group = {**self.defaults, **param_group}
+        self._check_hyperparameters(group)
+        self._check_backend_for(group, tensors)
         super().add_param_group({**param_group, "params": params})
         if getattr(self, "step_in_backward", False):
             self._ensure_hooks()
+
+    def _check_backend_for(self, group: Mapping[str, Any], params: list[torch.Tensor]) -> None:
+        """Refuse now what step() would: a named backend that cannot run on these parameters' devices,
+        and fused=True with the reference backend (not fused)."""
+        backend = getattr(self, "backend", "auto")
+        if group.get("fused") and backend == "reference":
+            raise ValueError(
+                "Invalid fused=True with backend='reference' (the reference backend is not fused); "
+                "use backend='auto', 'cpu' or 'triton', or pass fused=None"
+            )
+        for device in {p.device for p in params}:
+            reason = _dispatch.unavailable_reason(backend, device)
+            if reason is not None:
+                raise _dispatch.BackendUnavailableError(reason)
 
     # -- step in backward -----------------------------------------------------------------------
     def _check_step_in_backward(self, defaults: Mapping[str, Any]) -> None:
@@ -313,10 +329,15 @@ class FusedOptimizer(Optimizer):
             name, update = _dispatch.resolve(backend, self._NAME, device, group, dtypes)
             update = _dtensor.sharded_call(update, params)
             if group.get("fused") and name == "reference":
+                if self.backend == "reference":
+                    raise ValueError(
+                        "Invalid fused=True with backend='reference' (the reference backend is not fused); "
+                        "use backend='auto', 'cpu' or 'triton', or pass fused=None"
+                    )
                 raise _dispatch.BackendUnavailableError(
                     f"fused=True needs a fused kernel backend, but group {index} on {device} would run "
-                    f"the reference backend (backend={self.backend!r}); install the C++ extension or "
-                    "triton, or pass fused=None"
+                    f"the reference backend: no kernel backend supports it here ({_dispatch.available_backends(device)} "
+                    "available); pass fused=None to accept the reference backend"
                 )
             plans.append(GroupPlan(group, params, grads, name, update))
         return plans
