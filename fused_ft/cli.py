@@ -77,6 +77,25 @@ def _csv_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _int_list(text: str) -> list[int]:
+    """argparse type: comma-separated integers (argparse names the option in its one-line error)."""
+    try:
+        return [int(x) for x in _csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
 def _memory(args: argparse.Namespace) -> None:
     from fused_ft import memory_report
     from fused_ft.methods import method
@@ -209,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--lr-sweep", default="paper", help="'paper' or comma-separated LRs (same for every method)")
     sw.add_argument("--lr-multiplier", type=float, default=1.0,
                     help="scale the paper grids (e.g. 30 for tiny models whose best LR sits at the grid's top)")
-    sw.add_argument("--seeds", type=lambda s: [int(x) for x in _csv_list(s)], default=[0, 1, 2])
-    sw.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs in parallel")
+    sw.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
+    sw.add_argument("--jobs", type=_positive_int, default=min(2, os.cpu_count() or 1), help="runs in parallel")
     sw.add_argument("--out", default="runs/sweep")
     sw.add_argument("--format", default="table", choices=["table", "md", "csv", "json"])
     sw.add_argument("--plot", default=None, help="write a bar chart PNG here")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,3 +136,14 @@ def test_gradual_unfreeze_run_uses_its_own_schedule(image_folder, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "gu" / "metrics.jsonl").read_text().splitlines()]
     lrs = [x["lr"] for x in lines if x["event"] == "epoch"]
     assert lrs == pytest.approx([0.01 * math.exp(3.73 * (1 - t / 2)) for t in range(3)])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "a"], r"argument --seeds: must be comma-separated integers, got 'a'"),
+    (["--jobs", "0"], r"argument --jobs: must be an int >= 1, got '0'"),
+])
+def test_sweep_refuses_bad_counts_naming_the_option(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["sweep", *args])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
