@@ -79,6 +79,11 @@ def test_memory_cli_formats_and_plot(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["sgd-freeze-embed-nomom", "adamw"]
     assert rows[1]["ratio_to_adamw"] == 1.0 and rows[0]["ratio_to_adamw"] < 1.0
     assert rows[0]["adamw_peak"] == rows[1]["peak"]
+    assert rows[0]["paper_adamw_overhead"] is None  # numbers or null in JSON, never a string
+    from fused_ft.memory_report import PAPER_ADAMW_OVERHEAD, _paper_cell
+
+    assert PAPER_ADAMW_OVERHEAD[("openclip-vit-h14", "sgd-freeze-embed-nomom")] == (0.60, True)
+    assert _paper_cell({"paper_adamw_overhead": 0.6, "paper_adamw_overhead_is_lower_bound": True}) == ">= +60%"
     assert (tmp_path / "mem.png").read_bytes()[:4] == b"\x89PNG"
     assert cli.main(args + ["--format", "md", "--step-in-backward"]) == 0
     md = capsys.readouterr().out
