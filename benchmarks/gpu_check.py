@@ -122,7 +122,8 @@ def speed(lines: list[str], rounds: int = 5) -> bool:
                 ok &= met
                 verdict = (f">= {TARGET_FRACTION[name]:.0%} of copy{' and torch fused speed' if vs_torch else ''}: "
                            f"{'met' if met else 'MISSED'}")
-            lines.append(f"| {name} | {p} | {ms:.3f} | {base / ms:.2f}x | {gbs:.0f} | {gbs / copy_bw:.2f} | {verdict} |")
+            lines.append(f"| {name} | {p} | {ms:.3f} | {base / ms:.2f}x | {gbs:.0f} | {gbs / copy_bw:.2f} | "
+                         f"{verdict} |")
         del setups
         torch.cuda.empty_cache()
     lines.append(f"\nDevice-to-device copy of 1 GiB: {copy_bw:.0f} GB/s (read + write), median of {rounds} rounds.")

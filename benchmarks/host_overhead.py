@@ -131,16 +131,15 @@ def table(rows: list[dict]) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for list_name in LISTS:
         for update, u in UPDATES.items():
-            same, new = ms(list_name, update, "fused_ft-triton", "same"), ms(list_name, update, "fused_ft-triton", "new")
-            rebuild = ms(list_name, update, "fused_ft-triton", "rebuild")
+            same, new, rebuild = (ms(list_name, update, "fused_ft-triton", c) for c in ("same", "new", "rebuild"))
             if u.optimizer in TORCH_FUSED:
-                t_same, t_new = ms(list_name, update, "torch-fused", "same"), ms(list_name, update, "torch-fused", "new")
+                t_same, t_new = (ms(list_name, update, "torch-fused", c) for c in ("same", "new"))
                 stubbed = ms(list_name, update, "torch-fused-stubbed", "same")
                 torch_cols = f"{t_same:.3f} | {t_new:.3f} | {t_new / t_same:.2f} | {same / t_same:.2f} | {stubbed:.3f}"
             else:
                 torch_cols = "- | - | - | - | -"
-            lines.append(f"| {list_name} | {update} | {same:.3f} | {new:.3f} | {new / same:.2f} | {rebuild / same:.2f} | "
-                         f"{torch_cols} |")
+            lines.append(f"| {list_name} | {update} | {same:.3f} | {new:.3f} | {new / same:.2f} | "
+                         f"{rebuild / same:.2f} | {torch_cols} |")
     return "\n".join(lines)
 
 
@@ -149,11 +148,13 @@ def verdicts(rows: list[dict]) -> str:
     out = []
     for list_name in LISTS:
         for update, u in UPDATES.items():
-            same, new = ms(list_name, update, "fused_ft-triton", "same"), ms(list_name, update, "fused_ft-triton", "new")
-            line = f"- {list_name} {update}: new/same {new / same:.2f} (target <= 1.2) {'met' if new <= 1.2 * same else 'MISSED'}"
+            same, new = (ms(list_name, update, "fused_ft-triton", c) for c in ("same", "new"))
+            verdict = "met" if new <= 1.2 * same else "MISSED"
+            line = f"- {list_name} {update}: new/same {new / same:.2f} (target <= 1.2) {verdict}"
             if u.optimizer in TORCH_FUSED:
                 ratio = same / ms(list_name, update, "torch-fused", "same")
-                line += f"; same-tensor step {ratio:.2f}x torch fused (target <= 1.0) {'met' if ratio <= 1.0 else 'MISSED'}"
+                verdict = "met" if ratio <= 1.0 else "MISSED"
+                line += f"; same-tensor step {ratio:.2f}x torch fused (target <= 1.0) {verdict}"
             out.append(line)
     return "\n".join(out)
 

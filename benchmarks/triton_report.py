@@ -335,8 +335,9 @@ def prediction_table(capture: dict, bytes_per_element: dict[str, float], host: l
     from fused_ft.specs import UPDATES
 
     ms = host_ms(host)
-    lines = ["| list | update | provider | launches | GB moved | host ms | " +
-             " | ".join(f"{gpu} ms" for gpu in BANDWIDTH) + " |", "|---|---|---|---:|---:|---:|" + "---:|" * len(BANDWIDTH)]
+    gpus = " | ".join(f"{gpu} ms" for gpu in BANDWIDTH)
+    lines = [f"| list | update | provider | launches | GB moved | host ms | {gpus} |",
+             "|---|---|---|---:|---:|---:|" + "---:|" * len(BANDWIDTH)]
     for list_name, model in LISTS.items():
         numels = [s.numel() for s in vit_shapes(model)]
         numel = sum(numels)

@@ -83,7 +83,8 @@ def test_schedulers_grad_scaler_and_closures(opt_name):
     it must skip (it unscales the others); steps 4-5 through a closure, whose loss step() returns."""
     spec = OPTIMIZERS[opt_name]
     params = {who: _params() for who in ("ours", "ref")}
-    opts = {"ours": spec.cls(params["ours"], **PLAIN[opt_name]), "ref": spec.reference(params["ref"], **PLAIN[opt_name])}
+    opts = {"ours": spec.cls(params["ours"], **PLAIN[opt_name]),
+            "ref": spec.reference(params["ref"], **PLAIN[opt_name])}
     schedules = {who: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=6) for who, opt in opts.items()}
     scalers = {who: torch.amp.GradScaler("cpu", init_scale=64.0) for who in opts}
     lrs, losses = {who: [] for who in opts}, {who: [] for who in opts}

@@ -124,7 +124,8 @@ def _run(case, backend, step_in_backward):
     opt = OPTIMIZERS[case.split("-")[0]].cls(_groups(net, case), backend=backend, step_in_backward=step_in_backward,
                                              **DEFAULTS.get(case, {}))
     # the scheduler changes group 1's learning rate only, mid-run
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 1.0, lambda s: 1.0 if s < 2 else 0.3] + [lambda s: 1.0] * 3)
+    lr_factors = [lambda s: 1.0, lambda s: 1.0 if s < 2 else 0.3] + [lambda s: 1.0] * 3
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factors)
     frozen_start = [p.detach().clone() for p in net.frozen.parameters()]
     g = torch.Generator().manual_seed(1)
     for step in range(STEPS):

@@ -118,7 +118,7 @@ def test_backend_conflicts_are_refused_at_construction(monkeypatch):
     with pytest.raises(ValueError, match=r"Invalid fused=True with backend='reference' .*backend='auto'"):
         fused_ft.SGD(_params(), lr=0.1, fused=True, backend="reference")
     monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(fused_ft.BackendUnavailableError, match=r"backend='triton' needs CUDA tensors, but the parameters are on cpu"):
+    with pytest.raises(fused_ft.BackendUnavailableError, match=r"'triton' needs CUDA tensors, but the parameters are on cpu"):
         fused_ft.SGD(_params(), lr=0.1, backend="triton")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "triton" not in fused_ft.available_backends("cuda")

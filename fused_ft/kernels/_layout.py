@@ -94,7 +94,8 @@ def kernel_unsupported_reason(backend: str, optimizer: str, options, dtypes) -> 
     supported = (torch.float32, torch.float16, torch.bfloat16)
     odd = sorted(str(d) for d in dtypes if d not in supported)
     if odd:
-        return f"backend={backend!r} supports float32, float16 and bfloat16 tensors, not {', '.join(odd)}; use 'reference'"
+        return (f"backend={backend!r} supports float32, float16 and bfloat16 tensors, not {', '.join(odd)}; "
+                "use 'reference'")
     if optimizer == "lamb" and options.get("caution"):
         return "LAMB caution=True is implemented by backend='reference' only"
     return None

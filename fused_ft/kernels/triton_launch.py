@@ -210,7 +210,8 @@ class _Tables:
 def _tables(names, addresses, numels, dtypes, extra, block, device) -> _Tables:
     """Device tables from host ones: cached on the element counts (blocks) and on the addresses."""
     blocks = _cached(_BLOCKS, (device, block, *numels.tolist()), lambda: _build_blocks(numels.tolist(), block, device))
-    rows = _cached(_ADDRESSES, (device, len(names), addresses.numpy().tobytes()), lambda: addresses.to(device).unbind(0))
+    rows = _cached(_ADDRESSES, (device, len(names), addresses.numpy().tobytes()),
+                   lambda: addresses.to(device).unbind(0))
     return _Tables(dict(zip(names, rows)), {n: _TL_DTYPES[d] for n, d in zip(names, dtypes)}, blocks, extra)
 
 

@@ -336,8 +336,9 @@ class FusedOptimizer(Optimizer):
                     )
                 raise _dispatch.BackendUnavailableError(
                     f"fused=True needs a fused kernel backend, but group {index} on {device} would run "
-                    f"the reference backend: no kernel backend supports it here ({_dispatch.available_backends(device)} "
-                    "available); pass fused=None to accept the reference backend"
+                    f"the reference backend: no kernel backend supports it here "
+                    f"({_dispatch.available_backends(device)} available); pass fused=None to accept the reference "
+                    "backend"
                 )
             plans.append(GroupPlan(group, params, grads, name, update))
         return plans
