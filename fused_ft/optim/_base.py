@@ -19,6 +19,7 @@ fp32, storing the parameter once (the "fp32 math, one final store" rule of optim
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
@@ -70,7 +71,7 @@ def check_implementation_flags(group: Mapping[str, Any]) -> None:
         raise ValueError("Invalid fused=True with foreach=True: choose one")
 
 
-def _refuse_grad(index: int, i: int, p: torch.Tensor, g: torch.Tensor) -> None:
+def _refuse_grad(index: int, i: int, p: torch.Tensor) -> None:
     # built only on failure: formatting this for every parameter cost ~2% of a ViT-B SGD step
     raise ValueError(
         f"Invalid grad: group {index} param {i} (shape {tuple(p.shape)}) has a sparse gradient; fused_ft "
@@ -96,7 +97,7 @@ def _by_device(index: int, params: list[torch.Tensor]) -> dict[torch.device, tup
         grads = [g for g in grads if g is not None]
         one_device, dtypes = len({p.device for p in kept}) <= 1, {p.dtype for p in kept}
     if sparse >= 0:
-        _refuse_grad(index, sparse, params[sparse], params[sparse].grad)
+        _refuse_grad(index, sparse, params[sparse])
     if not kept:
         return {torch.device("cpu"): ([], [], frozenset())}  # groups without grads still tick (LAMB's step)
     if one_device:
@@ -163,13 +164,18 @@ class FusedOptimizer(Optimizer):
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         check_group(group, {**IMPLEMENTATION_RULES, **self._RULES}, (check_implementation_flags, *self._CROSS_CHECKS))
 
+    @functools.cached_property
+    def _rule_names(self) -> frozenset[str]:
+        return frozenset(IMPLEMENTATION_RULES) | frozenset(self._RULES)
+
     def _check_group_for_step(self, group: dict) -> None:
-        """``_check_hyperparameters`` where the group changed since it last passed: a scheduler that
-        changes lr is caught at the next step, an unchanged group costs one tuple comparison (the
-        full check was a tenth of a small model's step). Tensor values are compared by identity and
-        version, so an in-place change is seen too."""
+        """``_check_hyperparameters`` where the group's checked values changed since they last passed:
+        a scheduler that changes lr is caught at the next step, an unchanged group costs one dict
+        comparison (the full check was a tenth of a small model's step). Tensor values are compared
+        by identity and version, so an in-place change is seen too; a list is copied for the same
+        reason. Only the keys the rules check count (LAMB's group step changes every step)."""
         seen = {k: (id(v), v._version) if isinstance(v, torch.Tensor) else tuple(v) if isinstance(v, list) else v
-                for k, v in group.items() if k != "params"}  # a list is copied: it could change in place
+                for k, v in group.items() if k in self._rule_names}
         if self._checked_groups.get(id(group)) != seen:
             self._check_hyperparameters(group)
             self._checked_groups[id(group)] = seen
