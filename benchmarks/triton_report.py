@@ -43,7 +43,6 @@ LAUNCH_SECONDS = 6e-6
 MAX_REGISTERS = 64
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 LISTS = {"ViT-B/16": "vit_base_patch16_224", "ViT-L/14": "vit_large_patch14_clip_224"}
-KERNELS_FILE = "triton_kernels.py"
 
 
 # -- 1. capture (child process) ---------------------------------------------------------------------
