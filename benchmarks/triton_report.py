@@ -15,7 +15,7 @@
 3. Predict a step on H100 SXM and H200: bytes at the measured STREAM-triad bandwidth (2.97 and
    4.15 TB/s), plus launches x 6 us, plus the host time measured by ``benchmarks.host_overhead``;
    beside torch ``fused=True`` at the same bandwidth, its launch count (multi_tensor_apply's rules)
-   and its host time.
+   and its host time with its kernels stubbed (on a GPU the host only launches them).
 
 ``--check`` compiles one fp32 and one bf16 variant of each kernel for sm_90 and prints JSON (the CI
 test's evidence, ``tests/test_triton_compile.py``).
@@ -93,7 +93,7 @@ def capture() -> dict:
         launched.append(key)
 
     TL._execute = record
-    launches: dict[str, dict[str, int]] = {}
+    launches: dict[str, dict[str, list[str]]] = {}  # list -> update -> the steady step's variant keys
     for list_name, model in LISTS.items():
         shapes = vit_shapes(model)
         cases = [(u.optimizer, name, dict(u.kwargs)) for name, u in UPDATES.items()]
@@ -113,8 +113,7 @@ def capture() -> dict:
                 if case in UPDATES and dtype_name == "float32":
                     launches.setdefault(list_name, {})[case] = list(launched)
                 del opt, params
-    return {"variants": list(variants.values()), "launches": launches,
-            "numels": {n: sum(s.numel() for s in vit_shapes(m)) for n, m in LISTS.items()}}
+    return {"variants": list(variants.values()), "launches": launches}
 
 
 def capture_in_child(what: str) -> dict:
