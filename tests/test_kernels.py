@@ -374,3 +374,37 @@ def test_bf16_parameters_follow_the_fp32_trajectory(update, backend):
         gap = (b.detach().float() - a.detach()).abs().max().item()
         assert moved > 10 * torch.finfo(torch.bfloat16).eps * a.detach().abs().max().item(), (i, moved)
         assert gap <= 0.1 * moved, f"param {i}: bf16 is {gap:.3g} from fp32 after a move of {moved:.3g}"
+
+
+@pytest.mark.parametrize("update", ["sgd", "adamw", "lamb"])
+def test_host_helpers_without_the_extension_give_the_same_steps(update, monkeypatch):
+    """The step's C++ host helpers (planning, address tables, AdamW's step counts) have Python
+    fallbacks for installs without a compiler, which CI never otherwise runs: the same triton steps,
+    bit for bit, with and without them, on a list of five tensors with gradients (an odd count), a
+    gradient-free parameter and a
+    misaligned view; and every address row 16-byte aligned."""
+    from fused_ft.kernels import _layout
+    from fused_ft.optim import _base
+
+    def run():
+        torch.manual_seed(0)
+        params = [torch.randn(s).requires_grad_() for s in [(300,), (7, 5), (9,), (3,), (2,)]]
+        params.append(torch.nn.Parameter(torch.randn(41)[1:]))  # starts 4 bytes in: an aligned copy
+        opt = OPTIMIZERS[UPDATES[update].optimizer].cls(params, **UPDATES[update].kwargs, backend="triton")
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params[:2] + params[3:]:  # params[2] never gets a gradient
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return [p.detach().clone() for p in params], opt
+    with_cpp, _ = run()
+    for module in (_base, _layout, adamw_mod):
+        monkeypatch.setattr(module, "_C", None)
+    TL._ADDRESSES.clear()
+    without, opt = run()
+    for a, b in zip(without, with_cpp):
+        assert torch.equal(a, b)
+    # every address row starts 16-byte aligned (the table of an odd number of tensors is padded)
+    assert all(row.data_ptr() % 16 == 0 for rows in TL._ADDRESSES.values() for row in rows)
+    if update == "adamw":
+        assert [opt.state[p]["step"].item() for p in opt.param_groups[0]["params"] if p in opt.state] == [3.0] * 5
