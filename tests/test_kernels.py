@@ -381,8 +381,7 @@ def test_host_helpers_without_the_extension_give_the_same_steps(update, monkeypa
     """The step's C++ host helpers (planning, address tables, AdamW's step counts) have Python
     fallbacks for installs without a compiler, which CI never otherwise runs: the same triton steps,
     bit for bit, with and without them, on a list of five tensors with gradients (an odd count), a
-    gradient-free parameter and a
-    misaligned view; and every address row 16-byte aligned."""
+    gradient-free parameter and a misaligned view; and every address row 16-byte aligned."""
     from fused_ft.kernels import _layout
     from fused_ft.optim import _base
 
