@@ -38,11 +38,12 @@ double sum_squares(std::vector<at::Tensor> tensors) {
 void lamb_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> exp_avgs,
            std::vector<at::Tensor> exp_avg_sqs, double clip_divisor, double lr, double beta1, double beta2,
            double beta3, double bias_correction1, double bias_correction2, double eps, double weight_decay,
-           double decay, bool adapt, bool trust_clip) {
+           double decay, bool adapt, bool trust_clip, int64_t rounding_mode, int64_t rounding_key, std::vector<at::Tensor> compensations) {
   check_lists(params, grads, "grads");
   check_lists(params, exp_avgs, "exp_avgs");
   check_lists(params, exp_avg_sqs, "exp_avg_sqs");
   const bool averaging = beta3 == 1 - beta1;
+  const Rounding rounding = make_rounding(rounding_mode, rounding_key, compensations, params);
   const double bc2_sqrt = std::sqrt(bias_correction2);
   const float f_b1 = beta1, f_b2 = beta2, f_w2 = 1 - beta2, f_b3 = beta3, f_wd = weight_decay, f_decay = decay;
   const float inv_clip = 1.0 / clip_divisor, f_lr = lr;
@@ -57,7 +58,7 @@ void lamb_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::v
     dispatch_pg(p, g, [&](auto p_tag, auto g_tag) {
       using P = decltype(p_tag);
       using G = decltype(g_tag);
-      P* pp = p.data_ptr<P>();
+      const ParamIO<P> io(p.data_ptr<P>(), rounding, t);
       const G* gp = g.data_ptr<G>();
       auto update = [&](const auto& m, const auto& v, const auto& x) {
         using V = std::decay_t<decltype(m)>;
@@ -72,14 +73,14 @@ void lamb_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::v
         const V v = splat<V>(f_b2) * ld(vp + i, w) + splat<V>(f_w2) * d * d;
         st(mp + i, m);
         st(vp + i, v);
-        const V x = ld(pp + i, w) * splat<V>(f_decay);
+        const V x = io.load(i, w) * splat<V>(f_decay);
         return std::make_pair(x, update(m, v, x));
       };
       if (!adapt) {
         parallel_chunks(chunks, [&](const Chunk& c, int64_t) {
           vector_loop(c.begin, c.end, [&](int64_t i, auto w) {
             const auto [x, u] = moments(i, w);
-            st(pp + i, x - splat<decltype(w)>(f_lr) * u);
+            io.store(i, x - splat<decltype(w)>(f_lr) * u);
           });
         });
         return;
@@ -98,7 +99,7 @@ void lamb_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::v
       parallel_chunks(chunks, [&](const Chunk& c, int64_t) {
         vector_loop(c.begin, c.end, [&](int64_t i, auto w) {
           using V = decltype(w);
-          st(pp + i, ld(pp + i, w) * splat<V>(f_decay) - splat<V>(step) * ld(up + i, w));
+          io.store(i, io.load(i, w) * splat<V>(f_decay) - splat<V>(step) * ld(up + i, w));
         });
       });
     });

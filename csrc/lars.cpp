@@ -28,19 +28,20 @@ void next_batch(const std::vector<at::Tensor>& tensors, int64_t& next, std::vect
 
 void lars_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> bufs,
            std::vector<bool> new_buffer, double lr, double momentum, double dampening, double weight_decay,
-           bool nesterov, double trust_coeff, double eps, bool trust_clip, bool adapt) {
+           bool nesterov, double trust_coeff, double eps, bool trust_clip, bool adapt, int64_t rounding_mode, int64_t rounding_key, std::vector<at::Tensor> compensations) {
   check_lists(params, grads, "grads");
   const bool has_momentum = momentum != 0;
   if (has_momentum) check_lists(params, bufs, "momentum_buffers");
   const int64_t n = static_cast<int64_t>(params.size());
+  const Rounding rounding = make_rounding(rounding_mode, rounding_key, compensations, params);
   const float f_lr = lr, f_mom = momentum, f_wd = adapt ? weight_decay : 0.f;
   float* ratios = workspace(n);
   std::fill(ratios, ratios + n, 1.f);
 
   auto update_chunk = [&](const Chunk& c) {
     const bool fresh = has_momentum && new_buffer[c.tensor];
-    sgd_chunk(params[c.tensor], grads[c.tensor], has_momentum ? bufs[c.tensor].data_ptr<float>() : nullptr, c, 1.f,
-              f_wd, ratios[c.tensor], f_lr, fresh ? 0.f : f_mom, fresh ? 1.f : 1 - dampening, f_mom, nesterov);
+    sgd_chunk(params[c.tensor], grads[c.tensor], has_momentum ? bufs[c.tensor].data_ptr<float>() : nullptr, c, rounding,
+              1.f, f_wd, ratios[c.tensor], f_lr, fresh ? 0.f : f_mom, fresh ? 1.f : 1 - dampening, f_mom, nesterov);
   };
   if (!adapt) {
     parallel_chunks(make_chunks(params), [&](const Chunk& c, int64_t) { update_chunk(c); });
@@ -49,9 +50,10 @@ void lars_(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::v
   auto norm_chunk = [&](const Chunk& c) {
     SumSq s;
     dispatch_pg(params[c.tensor], grads[c.tensor], [&](auto p_tag, auto g_tag) {
-      const auto* pp = params[c.tensor].data_ptr<decltype(p_tag)>();
+      using P = decltype(p_tag);
+      const ParamIO<P> io(params[c.tensor].data_ptr<P>(), rounding, c.tensor);
       const auto* gp = grads[c.tensor].data_ptr<decltype(g_tag)>();
-      s = range_sum_pairs(c.begin, c.end, [&](int64_t i, auto w) { return std::make_pair(ld(pp + i, w), ld(gp + i, w)); });
+      s = range_sum_pairs(c.begin, c.end, [&](int64_t i, auto w) { return std::make_pair(io.load(i, w), ld(gp + i, w)); });
     });
     return s;
   };

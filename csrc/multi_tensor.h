@@ -15,6 +15,8 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace fused_ft {
@@ -151,6 +153,134 @@ inline void st(T* p, const V& v) {
   if constexpr (std::is_same_v<V, Vec>) store_vec(p, v); else store_one(p, v);
 }
 
+// -- how bf16 parameters are stored (fused_ft/_precision.py is the reference of every line here) --
+// kNearest rounds to nearest-even (c10's conversion). kStochastic adds 16 random bits below bf16's
+// last mantissa bit and truncates: unbiased. kKahan keeps the 16 bits that rounding dropped in an
+// int16 compensation, so weight and compensation together are the exact fp32 value, which loads
+// merge back. Random bits are a counter-based hash of (key, tensor, element): the same integers as
+// the reference and the Triton kernels compute.
+enum RoundingMode : int64_t { kNearest = 0, kStochastic = 1, kKahan = 2 };
+
+struct Rounding {
+  int64_t mode = kNearest;
+  uint32_t key = 0;                                          // kStochastic: the update call's key
+  const std::vector<at::Tensor>* compensations = nullptr;    // kKahan: int16, one per tensor
+};
+
+constexpr uint32_t kGolden = 0x9E3779B9u;
+
+// Wellons' lowbias32: a bijective integer hash with good avalanche.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+inline uint32_t f32_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+}
+inline float f32_from_bits(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+}
+inline c10::BFloat16 bf16_from_bits(uint32_t b) {
+  return c10::BFloat16(static_cast<uint16_t>(b), c10::BFloat16::from_bits());
+}
+
+inline c10::BFloat16 round_stochastic(float x, uint32_t random) {
+  if (std::isnan(x)) return c10::BFloat16(x);
+  return bf16_from_bits((f32_bits(x) + (random & 0xFFFFu)) >> 16);
+}
+
+// x rounded half away from zero, and the signed low 16 bits that rounding dropped
+inline void split_master(float x, c10::BFloat16& weight, int16_t& comp) {
+  if (std::isnan(x)) {
+    weight = c10::BFloat16(x);
+    comp = 0;
+    return;
+  }
+  const uint32_t u = f32_bits(x) + 0x8000u;
+  weight = bf16_from_bits(u >> 16);
+  comp = static_cast<int16_t>(static_cast<int32_t>(u & 0xFFFFu) - 0x8000);
+}
+
+inline float merge_master(c10::BFloat16 weight, int16_t comp) {
+  return f32_from_bits((static_cast<uint32_t>(weight.x) << 16) + static_cast<uint32_t>(static_cast<int32_t>(comp)));
+}
+
+// One tensor's parameter loads and stores under a Rounding (float and half parameters: plain).
+template <typename P>
+struct ParamIO {
+  P* p;
+  int64_t mode = kNearest;
+  uint32_t key = 0;
+  int16_t* comp = nullptr;
+
+  ParamIO(P* p_, const Rounding& r, int64_t tensor) : p(p_) {
+    if constexpr (std::is_same_v<P, c10::BFloat16>) {
+      mode = r.mode;
+      if (mode == kStochastic) key = mix32(r.key + static_cast<uint32_t>(tensor) * kGolden);
+      if (mode == kKahan) comp = (*r.compensations)[tensor].template data_ptr<int16_t>();
+    }
+  }
+
+  template <typename V>
+  V load(int64_t i, V w) const {
+    if constexpr (std::is_same_v<P, c10::BFloat16>) {
+      if (mode == kKahan) {
+        if constexpr (std::is_same_v<V, Vec>) {
+          float tmp[Vec::size()];
+          for (int k = 0; k < Vec::size(); ++k) tmp[k] = merge_master(p[i + k], comp[i + k]);
+          return Vec::loadu(tmp);
+        } else {
+          return merge_master(p[i], comp[i]);
+        }
+      }
+    }
+    return ld(p + i, w);
+  }
+
+  template <typename V>
+  void store(int64_t i, const V& x) const {
+    if constexpr (std::is_same_v<P, c10::BFloat16>) {
+      if (mode != kNearest) {
+        float tmp[Vec::size()];
+        int n = 1;
+        if constexpr (std::is_same_v<V, Vec>) {
+          x.store(tmp);
+          n = Vec::size();
+        } else {
+          tmp[0] = x;
+        }
+        if (mode == kStochastic) {
+          for (int k = 0; k < n; ++k) {
+            p[i + k] = round_stochastic(tmp[k], mix32(static_cast<uint32_t>(i + k) * kGolden + key));
+          }
+        } else {
+          for (int k = 0; k < n; ++k) split_master(tmp[k], p[i + k], comp[i + k]);
+        }
+        return;
+      }
+    }
+    st(p + i, x);
+  }
+};
+
+inline Rounding make_rounding(int64_t mode, int64_t key, const std::vector<at::Tensor>& compensations,
+                              const std::vector<at::Tensor>& params) {
+  TORCH_CHECK(mode >= kNearest && mode <= kKahan, "fused_ft: unknown rounding mode ", mode);
+  if (mode == kKahan) {
+    TORCH_CHECK(compensations.size() == params.size(), "fused_ft: compensations list has ", compensations.size(),
+                " tensors, expected ", params.size());
+  }
+  return Rounding{mode, static_cast<uint32_t>(key), &compensations};
+}
+
 // Dispatch one tensor's (param, grad) storage types: float, bfloat16, half.
 template <typename F>
 inline void dispatch_pg(const at::Tensor& p, const at::Tensor& g, const F& f) {
@@ -238,19 +368,20 @@ inline V momentum_direction(float* bp, int64_t i, const V& d, float keep, float 
 // 1 for a new buffer), then p -= lr * direction. The scalars arrive by value on purpose: as locals
 // whose address never escapes they stay in registers, where floats captured by reference from the
 // caller must be reloaded after every store through a float pointer that might alias them.
-inline void sgd_chunk(const at::Tensor& p, const at::Tensor& g, float* bp, const Chunk& c, float sign, float wd,
-                      float ratio, float lr, float keep, float scale, float momentum, bool nesterov) {
+inline void sgd_chunk(const at::Tensor& p, const at::Tensor& g, float* bp, const Chunk& c, const Rounding& r,
+                      float sign, float wd, float ratio, float lr, float keep, float scale, float momentum,
+                      bool nesterov) {
   dispatch_pg(p, g, [&](auto p_tag, auto g_tag) {
     using P = decltype(p_tag);
     using G = decltype(g_tag);
-    P* pp = p.data_ptr<P>();
+    const ParamIO<P> io(p.data_ptr<P>(), r, c.tensor);
     const G* gp = g.data_ptr<G>();
     vector_loop(c.begin, c.end, [&](int64_t i, auto w) {
       using V = decltype(w);
-      const V x = ld(pp + i, w);
+      const V x = io.load(i, w);
       V d = (ld(gp + i, w) * splat<V>(sign) + splat<V>(wd) * x) * splat<V>(ratio);
       if (bp) d = momentum_direction(bp, i, d, keep, scale, momentum, nesterov);
-      st(pp + i, x - splat<V>(lr) * d);
+      io.store(i, x - splat<V>(lr) * d);
     });
   });
 }

@@ -40,8 +40,8 @@ class Rule:
 
     ``low``/``high`` bound the value (``high_open`` makes the upper bound exclusive, as for betas);
     ``kind`` is ``"number"``, ``"bool"``, ``"optional_bool"``, ``"pair"`` (two numbers, e.g. betas) or
-    ``"optional_number"`` (None allowed, e.g. LAMB's max_grad_norm); ``tensor_ok`` allows a
-    1-element tensor (torch accepts a tensor lr).
+    ``"optional_number"`` (None allowed, e.g. LAMB's max_grad_norm), ``"int"`` (an int, not a bool) or
+    ``"choice"`` (one of ``choices``); ``tensor_ok`` allows a 1-element tensor (torch accepts a tensor lr).
     """
 
     kind: str = "number"
@@ -49,8 +49,19 @@ class Rule:
     high: float | None = None
     high_open: bool = False
     tensor_ok: bool = False
+    choices: tuple = ()
 
     def check(self, name: str, value: Any) -> None:
+        if self.kind == "choice":
+            if not isinstance(value, str) or value not in self.choices:
+                raise ValueError(f"Invalid {name}: {value!r} (choose from {', '.join(map(repr, self.choices))})")
+            return
+        if self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Invalid {name}: {value!r} (must be an int)")
+            if self.low is not None and value < self.low:
+                raise ValueError(f"Invalid {name}: {value} (must be >= {self.low:g})")
+            return
         if self.kind == "bool":
             if not isinstance(value, bool):
                 raise TypeError(f"Invalid {name}: {value!r} (must be a bool)")

@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import torch
 
 from fused_ft._native import _C
-from fused_ft.optim._base import new_state
+from fused_ft._precision import new_state
 
 
 def dense(t: torch.Tensor) -> bool:

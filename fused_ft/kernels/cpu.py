@@ -6,14 +6,15 @@ one parallel, vectorized pass (two, tensor by tensor, for LARS and LAMB) over th
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Any, Mapping
 
 import torch
 
-from fused_ft.kernels._layout import flat_slots, new_momentum_buffers, kernel_unsupported_reason
-
 from fused_ft._native import IMPORT_ERROR as _IMPORT_ERROR
 from fused_ft._native import _C
+from fused_ft._precision import Rounding
+from fused_ft.kernels._layout import flat_slots, kernel_unsupported_reason, new_momentum_buffers
 
 __all__ = ["sgd", "adamw", "lars", "lamb", "lamb_clip", "unavailable_reason", "unsupported_reason"]
 
@@ -31,35 +32,62 @@ def unsupported_reason(optimizer: str, options: Mapping[str, Any], dtypes: froze
     return kernel_unsupported_reason("cpu", optimizer, options, dtypes)
 
 
-def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+def _rounding_slot(rounding: Rounding | None) -> dict[str, list[torch.Tensor]]:
+    """kahan's compensations travel as a slot (copied with their parameters when those are not flat)."""
+    return {"compensations": list(rounding.compensations)} if rounding is not None and rounding.mode == "kahan" else {}
+
+
+def _rounding_args(rounding: Rounding | None, flat: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
+    return dict(rounding_mode=0 if rounding is None else rounding.mode_code,
+                rounding_key=0 if rounding is None else rounding.key, compensations=flat.get("compensations", []))
+
+
+@contextmanager
+def _flat(slots: dict[str, list[torch.Tensor]], written: tuple[str, ...]):
+    """``flat_slots`` by name: the slots with every column that is not flat replaced by contiguous copies."""
+    names = list(slots)
+    with flat_slots(list(slots.values()), written=[names.index(n) for n in written if n in slots]) as s:
+        yield dict(zip(names, s))
+
+
+def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+        rounding=None):
     has_momentum = momentum != 0
     new = new_momentum_buffers(params, momentum_buffers) if has_momentum else []
-    slots = [params, grads] + ([momentum_buffers] if has_momentum else [])
-    with flat_slots(slots, written=(0, 2) if has_momentum else (0,)) as s:
-        _C.sgd_(s[0], s[1], s[2] if has_momentum else [], new, lr, momentum, dampening, weight_decay, nesterov,
-                maximize)
+    slots = {"params": params, "grads": grads, **({"momentum_buffers": momentum_buffers} if has_momentum else {}),
+             **_rounding_slot(rounding)}
+    with _flat(slots, written=("params", "momentum_buffers", "compensations")) as s:
+        _C.sgd_(params=s["params"], grads=s["grads"], momentum_buffers=s.get("momentum_buffers", []), new_buffer=new,
+                lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                maximize=maximize, **_rounding_args(rounding, s))
 
 
 def adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step_sizes, bias_correction2_sqrts, lr, beta1, beta2,
-    eps, weight_decay, amsgrad, maximize,
+    eps, weight_decay, amsgrad, maximize, rounding=None,
 ):
-    slots = [params, grads, exp_avgs, exp_avg_sqs] + ([max_exp_avg_sqs] if amsgrad else [])
-    with flat_slots(slots, written=(0, 2, 3, 4) if amsgrad else (0, 2, 3)) as s:
-        _C.adamw_(s[0], s[1], s[2], s[3], s[4] if amsgrad else [], step_sizes, bias_correction2_sqrts, lr, beta1, beta2, eps,
-                  weight_decay, amsgrad, maximize)
+    slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+             **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {}), **_rounding_slot(rounding)}
+    with _flat(slots, written=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "compensations")) as s:
+        _C.adamw_(params=s["params"], grads=s["grads"], exp_avgs=s["exp_avgs"], exp_avg_sqs=s["exp_avg_sqs"],
+                  max_exp_avg_sqs=s.get("max_exp_avg_sqs", []), step_sizes=step_sizes,
+                  bias_correction2_sqrts=bias_correction2_sqrts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                  weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, **_rounding_args(rounding, s))
 
 
 def lars(
     params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps,
-    trust_clip, always_adapt,
+    trust_clip, always_adapt, rounding=None,
 ):
     has_momentum = momentum != 0
     new = new_momentum_buffers(params, momentum_buffers) if has_momentum else []
-    slots = [params, grads] + ([momentum_buffers] if has_momentum else [])
-    with flat_slots(slots, written=(0, 2) if has_momentum else (0,)) as s:
-        _C.lars_(s[0], s[1], s[2] if has_momentum else [], new, lr, momentum, dampening, weight_decay, nesterov,
-                 trust_coeff, eps, trust_clip, weight_decay != 0 or always_adapt)
+    slots = {"params": params, "grads": grads, **({"momentum_buffers": momentum_buffers} if has_momentum else {}),
+             **_rounding_slot(rounding)}
+    with _flat(slots, written=("params", "momentum_buffers", "compensations")) as s:
+        _C.lars_(params=s["params"], grads=s["grads"], momentum_buffers=s.get("momentum_buffers", []),
+                 new_buffer=new, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                 nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
+                 adapt=weight_decay != 0 or always_adapt, **_rounding_args(rounding, s))
 
 
 def lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> float | None:
@@ -67,15 +95,20 @@ def lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> float |
     if max_grad_norm is None or not grads:
         return None
     with flat_slots([grads], written=()) as s:
-        return max(1.0, math.sqrt(_C.sum_squares(s[0])) / max_grad_norm)
+        return max(1.0, math.sqrt(_C.sum_squares(tensors=s[0])) / max_grad_norm)
 
 
 def lamb(
     params, grads, exp_avgs, exp_avg_sqs, *, clip, lr, beta1, beta2, beta3, bias_correction1, bias_correction2, eps,
-    weight_decay, decoupled_decay_factor, adapt, trust_clip, caution,
+    weight_decay, decoupled_decay_factor, adapt, trust_clip, caution, rounding=None,
 ):
     if caution:
         raise AssertionError("dispatch routes caution=True to the reference backend")
-    with flat_slots([params, grads, exp_avgs, exp_avg_sqs], written=(0, 2, 3)) as s:
-        _C.lamb_(*s, 1.0 if clip is None else clip, lr, beta1, beta2, beta3, bias_correction1, bias_correction2, eps,
-                 weight_decay, 1.0 - decoupled_decay_factor, adapt, trust_clip)
+    slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+             **_rounding_slot(rounding)}
+    with _flat(slots, written=("params", "exp_avgs", "exp_avg_sqs", "compensations")) as s:
+        _C.lamb_(params=s["params"], grads=s["grads"], exp_avgs=s["exp_avgs"], exp_avg_sqs=s["exp_avg_sqs"],
+                 clip_divisor=1.0 if clip is None else clip, lr=lr, beta1=beta1, beta2=beta2, beta3=beta3,
+                 bias_correction1=bias_correction1, bias_correction2=bias_correction2, eps=eps,
+                 weight_decay=weight_decay, decay=1.0 - decoupled_decay_factor, adapt=adapt, trust_clip=trust_clip,
+                 **_rounding_args(rounding, s))

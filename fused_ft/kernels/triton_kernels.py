@@ -42,16 +42,56 @@ def _block_of(index, block_tensor, block_start, numels, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _store_param(ptr, x, mask, DTYPE: tl.constexpr):
-    """Store fp32 ``x`` in the parameter's dtype, rounding to nearest-even.
+def _mix32(x):
+    """Wellons' lowbias32 on uint32 (fused_ft/_precision.py: the same integers in every backend)."""
+    x ^= x >> 16
+    x *= tl.full((), 0x7FEB352D, tl.uint32)
+    x ^= x >> 15
+    x *= tl.full((), 0x846CA68B, tl.uint32)
+    return x ^ (x >> 16)
 
-    bf16 is rounded with integer arithmetic: Triton's CPU interpreter (3.8) truncates fp32 to
-    bf16 even with fp_downcast_rounding="rtne", which walks every bf16 parameter towards zero.
-    The bit trick is exact round-to-nearest-even on GPUs too, so both paths agree with torch.
+
+@triton.jit
+def _tensor_key(rounding_key, t):
+    """The stochastic-rounding key of tensor ``t`` of the launch (``rounding_key``: int32 bits of a uint32)."""
+    key = rounding_key.to(tl.uint32, bitcast=True)
+    return _mix32(key + t.to(tl.uint32) * tl.full((), 0x9E3779B9, tl.uint32))
+
+
+@triton.jit
+def _load_param(ptr, comp_ptr, mask, ROUNDING: tl.constexpr):
+    """A parameter as fp32; under kahan (ROUNDING 2, bf16 only) merged with its int16 compensation,
+    which holds the 16 low bits its last rounding dropped: the exact fp32 value."""
+    if ROUNDING == 2:
+        high = tl.load(ptr, mask=mask).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+        low = tl.load(comp_ptr, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
+        return (high + low).to(tl.float32, bitcast=True)
+    return tl.load(ptr, mask=mask).to(tl.float32)
+
+
+@triton.jit
+def _store_param(ptr, x, mask, DTYPE: tl.constexpr, ROUNDING: tl.constexpr = 0, comp_ptr=None, key=None,
+                 offs=None):
+    """Store fp32 ``x`` in the parameter's dtype. ROUNDING (bf16 only): 0 to nearest-even, 1
+    stochastically (16 random bits of ``mix32(offs * golden + key)`` added below bf16's last
+    mantissa bit, then truncated), 2 kahan (rounded half away from zero, the dropped low 16 bits
+    stored as int16 at ``comp_ptr``).
+
+    Nearest-even uses integer arithmetic: Triton's CPU interpreter (3.8) truncates fp32 to bf16
+    even with fp_downcast_rounding="rtne", which walks every bf16 parameter towards zero. The bit
+    trick is exact round-to-nearest-even on GPUs too, so both paths agree with torch.
     """
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+        if ROUNDING == 1:
+            random = _mix32(offs.to(tl.uint32) * tl.full((), 0x9E3779B9, tl.uint32) + key)
+            bits = bits + (random & 0xFFFF)
+        elif ROUNDING == 2:
+            bits = bits + 0x8000
+            comp = ((bits & 0xFFFF).to(tl.int32) - 0x8000).to(tl.int16)
+            tl.store(comp_ptr, tl.where(x != x, 0, comp).to(tl.int16), mask=mask)
+        else:
+            bits = bits + (((bits >> 16) & 1) + 0x7FFF)
         rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         tl.store(ptr, tl.where(x != x, x.to(tl.bfloat16), rounded), mask=mask)  # NaN stays NaN
     else:
@@ -80,33 +120,41 @@ def _ordered_sum(values, first, end, RBLOCK: tl.constexpr):
 
 # -- SGD and LARS ----------------------------------------------------------------------------------
 @triton.jit
-def _sgd_block(p_ptr, g_ptr, buf_ptr, mask, ratio, lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum,
-               P_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ADAPT: tl.constexpr):
-    w = tl.load(p_ptr, mask=mask).to(tl.float32)
+def _sgd_block(p_ptr, g_ptr, buf_ptr, c_ptr, key, offs, mask, ratio, lr, weight_decay, grad_sign, buf_keep,
+               buf_scale, momentum, P_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+               ADAPT: tl.constexpr, ROUNDING: tl.constexpr):
+    w = _load_param(p_ptr, c_ptr, mask, ROUNDING)
     d = tl.load(g_ptr, mask=mask).to(tl.float32) * grad_sign + weight_decay * w
     if ADAPT:
         d = d * ratio
     if HAS_MOMENTUM:
         d = _momentum(d, buf_ptr, mask, buf_keep, buf_scale, momentum, NESTEROV)
-    _store_param(p_ptr, w - lr * d, mask, P_DTYPE)
+    _store_param(p_ptr, w - lr * d, mask, P_DTYPE, ROUNDING, c_ptr, key, offs)
 
 
-@triton.jit
+# The rounding key changes every step: specializing on it would compile new variants as it goes.
+@triton.jit(do_not_specialize=["rounding_key"])
 def sgd_kernel(
-    params, grads, momentum_buffers, numels, block_tensor, block_start, param_sumsq, grad_sumsq,
-    lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum, trust_coeff, eps,
+    params, grads, momentum_buffers, compensations, numels, block_tensor, block_start, param_sumsq, grad_sumsq,
+    lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum, trust_coeff, eps, rounding_key,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-    ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, BLOCK: tl.constexpr,
+    ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """SGD, and LARS as SGD with a trust ratio (ADAPT) from per-tensor sums of squares
     (``param_sumsq``, ``grad_sumsq``: None without ADAPT). ``momentum_buffers`` are fp32 (None
-    without momentum)."""
+    without momentum); ``compensations`` int16 (kahan only, see ``_store_param``)."""
     t, start, numel, offs = _block_of(tl.program_id(0), block_tensor, block_start, numels, BLOCK)
     p_ptr = _slot(params, t, P_DTYPE) + offs
     g_ptr = _slot(grads, t, G_DTYPE) + offs
     buf_ptr = None
     if HAS_MOMENTUM:
         buf_ptr = _slot(momentum_buffers, t, tl.float32) + offs
+    c_ptr = None
+    if ROUNDING == 2:
+        c_ptr = _slot(compensations, t, tl.int16) + offs
+    key = None
+    if ROUNDING == 1:
+        key = _tensor_key(rounding_key, t)
     ratio = 1.0
     if ADAPT:
         w_norm = tl.sqrt(tl.load(param_sumsq + t))
@@ -116,18 +164,19 @@ def sgd_kernel(
         if TRUST_CLIP:
             ratio = tl.minimum(ratio / lr, 1.0)
     if start + BLOCK <= numel:
-        _sgd_block(p_ptr, g_ptr, buf_ptr, None, ratio, lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum,
-                   P_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT)
+        _sgd_block(p_ptr, g_ptr, buf_ptr, c_ptr, key, offs, None, ratio, lr, weight_decay, grad_sign, buf_keep,
+                   buf_scale, momentum, P_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT, ROUNDING)
     else:
-        _sgd_block(p_ptr, g_ptr, buf_ptr, offs < numel, ratio, lr, weight_decay, grad_sign, buf_keep, buf_scale,
-                   momentum, P_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT)
+        _sgd_block(p_ptr, g_ptr, buf_ptr, c_ptr, key, offs, offs < numel, ratio, lr, weight_decay, grad_sign,
+                   buf_keep, buf_scale, momentum, P_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT, ROUNDING)
 
 
 # -- AdamW -----------------------------------------------------------------------------------------
 @triton.jit
-def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, mask, decay, beta1, beta2, eps, step_size,
-                 bias_correction2_sqrt, grad_sign, P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr):
-    w = tl.load(p_ptr, mask=mask).to(tl.float32) * decay
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, key, offs, mask, decay, beta1, beta2, eps, step_size,
+                 bias_correction2_sqrt, grad_sign, P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
+                 ROUNDING: tl.constexpr):
+    w = _load_param(p_ptr, c_ptr, mask, ROUNDING) * decay
     d = tl.load(g_ptr, mask=mask).to(tl.float32) * grad_sign
     m = tl.load(m_ptr, mask=mask)
     m = m + (1.0 - beta1) * (d - m)  # torch's lerp
@@ -138,14 +187,15 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, mask, decay, beta1, beta2
         v = tl.maximum(tl.load(vmax_ptr, mask=mask), v)
         tl.store(vmax_ptr, v, mask=mask)
     denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-    _store_param(p_ptr, w - step_size * (m / denom), mask, P_DTYPE)
+    _store_param(p_ptr, w - step_size * (m / denom), mask, P_DTYPE, ROUNDING, c_ptr, key, offs)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rounding_key"])
 def adamw_kernel(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, numels, block_tensor, block_start,
-    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, grad_sign,
-    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr,
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, compensations, numels, block_tensor, block_start,
+    decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, grad_sign, rounding_key,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, ROUNDING: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """AdamW; the state slots are fp32 (``max_exp_avg_sqs`` None without amsgrad).
 
@@ -159,18 +209,29 @@ def adamw_kernel(
     vmax_ptr = None
     if AMSGRAD:
         vmax_ptr = _slot(max_exp_avg_sqs, t, tl.float32) + offs
+    c_ptr = None
+    if ROUNDING == 2:
+        c_ptr = _slot(compensations, t, tl.int16) + offs
+    key = None
+    if ROUNDING == 1:
+        key = _tensor_key(rounding_key, t)
     if start + BLOCK <= numel:
-        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, None, decay, beta1, beta2, eps, step_size,
-                     bias_correction2_sqrt, grad_sign, P_DTYPE, AMSGRAD)
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, key, offs, None, decay, beta1, beta2, eps,
+                     step_size, bias_correction2_sqrt, grad_sign, P_DTYPE, AMSGRAD, ROUNDING)
     else:
-        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs < numel, decay, beta1, beta2, eps, step_size,
-                     bias_correction2_sqrt, grad_sign, P_DTYPE, AMSGRAD)
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, key, offs, offs < numel, decay, beta1, beta2, eps,
+                     step_size, bias_correction2_sqrt, grad_sign, P_DTYPE, AMSGRAD, ROUNDING)
 
 
 # -- norms -----------------------------------------------------------------------------------------
 @triton.jit
-def _sumsq_block(a_ptr, b_ptr, mask, other, TWO: tl.constexpr):
-    x = tl.load(a_ptr, mask=mask, other=other).to(tl.float32)
+def _sumsq_block(a_ptr, b_ptr, mask, other, TWO: tl.constexpr, a_comp_ptr=None, A_KAHAN: tl.constexpr = False):
+    if A_KAHAN:
+        x = _load_param(a_ptr, a_comp_ptr, mask, 2)
+        if mask is not None:
+            x = tl.where(mask, x, 0.0)
+    else:
+        x = tl.load(a_ptr, mask=mask, other=other).to(tl.float32)
     sum_b = 0.0
     if TWO:
         y = tl.load(b_ptr, mask=mask, other=other).to(tl.float32)
@@ -182,10 +243,11 @@ def _sumsq_block(a_ptr, b_ptr, mask, other, TWO: tl.constexpr):
 # model for nothing.
 @triton.jit(do_not_specialize=["num_blocks"])
 def block_sumsq_kernel(
-    a, b, numels, block_tensor, block_start, num_blocks, a_sums, b_sums,
-    A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, TWO: tl.constexpr, BLOCK: tl.constexpr,
+    a, b, a_compensations, numels, block_tensor, block_start, num_blocks, a_sums, b_sums,
+    A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, TWO: tl.constexpr, A_KAHAN: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Sum of squares of every block of slot ``a`` (and ``b`` when TWO), stored per block.
+    """Sum of squares of every block of slot ``a`` (and ``b`` when TWO), stored per block; with
+    A_KAHAN, ``a`` is bf16 parameters merged with their ``a_compensations``.
 
     Grid-strides over the blocks, so any number of programs gives the same bits.
     """
@@ -195,10 +257,13 @@ def block_sumsq_kernel(
         b_ptr = None
         if TWO:
             b_ptr = _slot(b, t, B_DTYPE) + offs
+        c_ptr = None
+        if A_KAHAN:
+            c_ptr = _slot(a_compensations, t, tl.int16) + offs
         if start + BLOCK <= numel:
-            sum_a, sum_b = _sumsq_block(a_ptr, b_ptr, None, None, TWO)
+            sum_a, sum_b = _sumsq_block(a_ptr, b_ptr, None, None, TWO, c_ptr, A_KAHAN)
         else:
-            sum_a, sum_b = _sumsq_block(a_ptr, b_ptr, offs < numel, 0.0, TWO)
+            sum_a, sum_b = _sumsq_block(a_ptr, b_ptr, offs < numel, 0.0, TWO, c_ptr, A_KAHAN)
         tl.store(a_sums + blk, sum_a)
         if TWO:
             tl.store(b_sums + blk, sum_b)
@@ -257,8 +322,9 @@ def _lamb_update(m, v, w, bias_correction1, bias_correction2_sqrt, eps, weight_d
 
 
 @triton.jit
-def _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, mask, other, clip, beta1, beta2, beta3, bias_correction1,
-                        bias_correction2_sqrt, eps, weight_decay, decay, AVERAGING: tl.constexpr, ADAPT: tl.constexpr):
+def _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, mask, other, clip, beta1, beta2, beta3, bias_correction1,
+                        bias_correction2_sqrt, eps, weight_decay, decay, AVERAGING: tl.constexpr, ADAPT: tl.constexpr,
+                        ROUNDING: tl.constexpr):
     d = tl.load(g_ptr, mask=mask, other=other).to(tl.float32) / clip
     m = tl.load(m_ptr, mask=mask, other=other)
     if AVERAGING:
@@ -271,9 +337,10 @@ def _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, mask, other, clip, beta1, be
     sum_w = 0.0
     sum_u = 0.0
     if ADAPT:
-        w = tl.load(p_ptr, mask=mask, other=other).to(tl.float32) * decay
+        w = _load_param(p_ptr, c_ptr, mask, ROUNDING) * decay
         u = _lamb_update(m, v, w, bias_correction1, bias_correction2_sqrt, eps, weight_decay)
         if mask is not None:
+            w = tl.where(mask, w, 0.0)
             u = tl.where(mask, u, 0.0)
         sum_w = tl.sum(w * w, axis=0)
         sum_u = tl.sum(u * u, axis=0)
@@ -282,11 +349,11 @@ def _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, mask, other, clip, beta1, be
 
 @triton.jit
 def lamb_moments_kernel(
-    params, grads, exp_avgs, exp_avg_sqs, numels, block_tensor, block_start, clip_sumsq, max_grad_norm,
-    param_block_sums, update_block_sums,
+    params, grads, exp_avgs, exp_avg_sqs, compensations, numels, block_tensor, block_start, clip_sumsq,
+    max_grad_norm, param_block_sums, update_block_sums,
     beta1, beta2, beta3, bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_CLIP: tl.constexpr, AVERAGING: tl.constexpr,
-    ADAPT: tl.constexpr, BLOCK: tl.constexpr,
+    ADAPT: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """LAMB phase 1: clip, update the moments (stored), and, for the trust ratio of phase 2, the
     per-block sums of squares of the (decayed) weights and of the update."""
@@ -296,37 +363,41 @@ def lamb_moments_kernel(
     g_ptr = _slot(grads, t, G_DTYPE) + offs
     m_ptr = _slot(exp_avgs, t, tl.float32) + offs
     v_ptr = _slot(exp_avg_sqs, t, tl.float32) + offs
+    c_ptr = None
+    if ROUNDING == 2:  # reads the weight only (the store is in lamb_apply_kernel)
+        c_ptr = _slot(compensations, t, tl.int16) + offs
     clip = 1.0
     if HAS_CLIP:
         clip = tl.maximum(tl.sqrt(tl.load(clip_sumsq)) / max_grad_norm, 1.0)
     if start + BLOCK <= numel:
-        sum_w, sum_u = _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, None, None, clip, beta1, beta2, beta3,
+        sum_w, sum_u = _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, None, None, clip, beta1, beta2, beta3,
                                            bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
-                                           AVERAGING, ADAPT)
+                                           AVERAGING, ADAPT, ROUNDING)
     else:
-        sum_w, sum_u = _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, offs < numel, 0.0, clip, beta1, beta2, beta3,
-                                           bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
-                                           AVERAGING, ADAPT)
+        sum_w, sum_u = _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, offs < numel, 0.0, clip, beta1, beta2,
+                                           beta3, bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
+                                           AVERAGING, ADAPT, ROUNDING)
     if ADAPT:
         tl.store(param_block_sums + pid, sum_w)
         tl.store(update_block_sums + pid, sum_u)
 
 
 @triton.jit
-def _lamb_apply_block(p_ptr, m_ptr, v_ptr, mask, ratio, lr, bias_correction1, bias_correction2_sqrt, eps,
-                      weight_decay, decay, P_DTYPE: tl.constexpr):
-    w = tl.load(p_ptr, mask=mask).to(tl.float32) * decay
+def _lamb_apply_block(p_ptr, m_ptr, v_ptr, c_ptr, key, offs, mask, ratio, lr, bias_correction1, bias_correction2_sqrt,
+                      eps, weight_decay, decay, P_DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
+    w = _load_param(p_ptr, c_ptr, mask, ROUNDING) * decay
     m = tl.load(m_ptr, mask=mask)
     v = tl.load(v_ptr, mask=mask)
     u = _lamb_update(m, v, w, bias_correction1, bias_correction2_sqrt, eps, weight_decay)
-    _store_param(p_ptr, w - lr * (u * ratio), mask, P_DTYPE)
+    _store_param(p_ptr, w - lr * (u * ratio), mask, P_DTYPE, ROUNDING, c_ptr, key, offs)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rounding_key"])
 def lamb_apply_kernel(
-    params, exp_avgs, exp_avg_sqs, numels, block_tensor, block_start, param_sumsq, update_sumsq,
-    lr, bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
-    P_DTYPE: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, BLOCK: tl.constexpr,
+    params, exp_avgs, exp_avg_sqs, compensations, numels, block_tensor, block_start, param_sumsq, update_sumsq,
+    lr, bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay, rounding_key,
+    P_DTYPE: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, ROUNDING: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """LAMB phase 2: recompute the update from the stored moments, apply it with the trust ratio."""
     t, start, numel, offs = _block_of(tl.program_id(0), block_tensor, block_start, numels, BLOCK)
@@ -340,9 +411,15 @@ def lamb_apply_kernel(
         ratio = tl.where((w_norm > 0) & (u_norm > 0), w_norm / tl.where(u_norm > 0, u_norm, 1.0), 1.0)
         if TRUST_CLIP:
             ratio = tl.minimum(ratio, 1.0)
+    c_ptr = None
+    if ROUNDING == 2:
+        c_ptr = _slot(compensations, t, tl.int16) + offs
+    key = None
+    if ROUNDING == 1:
+        key = _tensor_key(rounding_key, t)
     if start + BLOCK <= numel:
-        _lamb_apply_block(p_ptr, m_ptr, v_ptr, None, ratio, lr, bias_correction1, bias_correction2_sqrt, eps,
-                          weight_decay, decay, P_DTYPE)
+        _lamb_apply_block(p_ptr, m_ptr, v_ptr, c_ptr, key, offs, None, ratio, lr, bias_correction1,
+                          bias_correction2_sqrt, eps, weight_decay, decay, P_DTYPE, ROUNDING)
     else:
-        _lamb_apply_block(p_ptr, m_ptr, v_ptr, offs < numel, ratio, lr, bias_correction1, bias_correction2_sqrt,
-                          eps, weight_decay, decay, P_DTYPE)
+        _lamb_apply_block(p_ptr, m_ptr, v_ptr, c_ptr, key, offs, offs < numel, ratio, lr, bias_correction1,
+                          bias_correction2_sqrt, eps, weight_decay, decay, P_DTYPE, ROUNDING)

@@ -28,13 +28,15 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import triton.language as tl
 
+from fused_ft._precision import Rounding, tensor_key
 from fused_ft.kernels import triton_kernels as K
 from fused_ft.kernels._layout import flat_addresses, flat_slots, kernel_unsupported_reason, new_momentum_buffers
 
 __all__ = ["sgd", "adamw", "lars", "lamb", "lamb_clip", "launches", "compiled_variants", "unsupported_reason",
            "launch_config"]
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+              torch.int16: tl.int16}
 _TL_16BIT = (tl.float16, tl.bfloat16)
 ALIGN = 16  # bytes: what the kernels' tl.multiple_of hints promise for every tensor's address
 RBLOCK = 1024  # block sums read per iteration when reducing a tensor's (or the clip's) sums
@@ -205,14 +207,16 @@ class _Tables:
     dtype: dict[str, Any]  # triton.language dtypes
     blocks: _Blocks
     extra: Any
+    first: int = 0  # the list position of the launch's first tensor (launches split by dtype start later)
 
 
-def _tables(names, addresses, numels, dtypes, extra, block, device) -> _Tables:
+def _tables(names, addresses, numels, dtypes, extra, block, device, first=0) -> _Tables:
     """Device tables from host ones: cached on the element counts (blocks) and on the addresses."""
     blocks = _cached(_BLOCKS, (device, block, *numels.tolist()), lambda: _build_blocks(numels.tolist(), block, device))
     rows = _cached(_ADDRESSES, (device, len(names), addresses.numpy().tobytes()),
                    lambda: addresses.to(device).unbind(0))
-    return _Tables(dict(zip(names, rows)), {n: _TL_DTYPES[d] for n, d in zip(names, dtypes)}, blocks, extra)
+    return _Tables(dict(zip(names, rows)), {n: _TL_DTYPES.get(d, d) for n, d in zip(names, dtypes)}, blocks, extra,
+                   first)
 
 
 def _run(
@@ -243,15 +247,34 @@ def _run(
             addresses, numels, not_flat, _ = flat_addresses(chosen, ALIGN)
         dtypes = [column[0].dtype for column in chosen]
         share = None if extra is None else extra[0 if index is None else index[0]]
+        first = 0 if index is None else index[0]
         if not not_flat:
-            body(_tables(names, addresses, numels, dtypes, share, block, device))
+            body(_tables(names, addresses, numels, dtypes, share, block, device, first))
             continue
-        with flat_slots(chosen, [names.index(n) for n in written], align=ALIGN) as flat:
+        with flat_slots(chosen, [names.index(n) for n in written if n in names], align=ALIGN) as flat:
             addresses, numels, _, _ = flat_addresses(flat, ALIGN)
-            body(_tables(names, addresses, numels, dtypes, share, block, device))
+            body(_tables(names, addresses, numels, dtypes, share, block, device, first))
 
 
 # -- updates (same signatures as the reference implementations) ---------------------------------
+def _with_compensations(slots: dict, rounding: Rounding | None) -> dict:
+    """kahan's int16 compensations travel as a slot (with stand-ins for parameters that are not bf16)."""
+    if rounding is not None and rounding.mode == "kahan":
+        slots["compensations"] = list(rounding.compensations)
+    return slots
+
+
+def _rounding_args(t: _Tables, rounding: Rounding | None) -> dict[str, Any]:
+    """The kernels' ROUNDING code and key for one launch: bf16 parameters only. The kernel derives each
+    tensor's key from the launch's key and the tensor's place in the launch, as the reference does from
+    its place in the list; a launch split off a mixed list starts from its first tensor's key."""
+    if rounding is None or t.dtype["params"] != tl.bfloat16:
+        return dict(ROUNDING=0, rounding_key=0, compensations=None)
+    key = rounding.key if t.first == 0 else tensor_key(rounding.key, t.first)
+    return dict(ROUNDING=rounding.mode_code, rounding_key=key - (1 << 32) if key >= 1 << 31 else key,  # int32 bits
+                compensations=t.slot.get("compensations"))
+
+
 def _momentum_setup(params, grads, momentum_buffers, momentum: float):
     """SGD's and LARS's slots: params, grads and, with momentum, the buffers (created here when new).
     Returns the slots, the written ones, and the first-step flags (None without momentum)."""
@@ -269,8 +292,9 @@ def _momentum_args(momentum: float, dampening: float, is_new: bool | None) -> di
                 momentum=momentum)
 
 
-def _sgd_launch(t: _Tables, config: LaunchConfig, sums: torch.Tensor | None, *, lr, momentum, dampening,
-                weight_decay, nesterov, grad_sign=1.0, trust_coeff=0.0, eps=0.0, trust_clip=False) -> None:
+def _sgd_launch(t: _Tables, config: LaunchConfig, sums: torch.Tensor | None, rounding: Rounding | None, *, lr,
+                momentum, dampening, weight_decay, nesterov, grad_sign=1.0, trust_coeff=0.0, eps=0.0,
+                trust_clip=False) -> None:
     """The SGD kernel for SGD, and for LARS when ``sums`` holds the per-tensor sums of squares."""
     _launch(
         K.sgd_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=momentum != 0),
@@ -279,26 +303,28 @@ def _sgd_launch(t: _Tables, config: LaunchConfig, sums: torch.Tensor | None, *, 
         grad_sumsq=None if sums is None else sums[1], lr=lr, weight_decay=weight_decay, grad_sign=grad_sign,
         **_momentum_args(momentum, dampening, t.extra), trust_coeff=trust_coeff, eps=eps,
         P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov,
-        ADAPT=sums is not None, TRUST_CLIP=trust_clip,
+        ADAPT=sums is not None, TRUST_CLIP=trust_clip, **_rounding_args(t, rounding),
     )
 
 
-def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+        rounding=None):
     if not params:
         return
     config = launch_config(params[0].device)
     slots, written, new = _momentum_setup(params, grads, momentum_buffers, momentum)
+    _with_compensations(slots, rounding)
 
     def body(t: _Tables) -> None:
-        _sgd_launch(t, config, None, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        _sgd_launch(t, config, None, rounding, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                     nesterov=nesterov, grad_sign=-1.0 if maximize else 1.0)
 
-    _run(slots, written, body, config.block, extra=new)
+    _run(slots, (*written, "compensations"), body, config.block, extra=new)
 
 
 def adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step_sizes, bias_correction2_sqrts, lr, beta1, beta2,
-    eps, weight_decay, amsgrad, maximize,
+    eps, weight_decay, amsgrad, maximize, rounding=None,
 ):
     if not params:
         return
@@ -306,6 +332,7 @@ def adamw(
     slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         slots["max_exp_avg_sqs"] = max_exp_avg_sqs
+    _with_compensations(slots, rounding)
 
     def body(t: _Tables) -> None:
         step_size, bias_correction2_sqrt = t.extra
@@ -315,7 +342,7 @@ def adamw(
             exp_avg_sqs=t.slot["exp_avg_sqs"], max_exp_avg_sqs=t.slot.get("max_exp_avg_sqs"),
             **t.blocks.geometry(), decay=1.0 - lr * weight_decay, beta1=beta1, beta2=beta2, eps=eps,
             step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt, grad_sign=-1.0 if maximize else 1.0,
-            P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], AMSGRAD=amsgrad,
+            P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], AMSGRAD=amsgrad, **_rounding_args(t, rounding),
         )
 
     _run(slots, [n for n in slots if n != "grads"], body, config.block,
@@ -336,29 +363,31 @@ def _tensor_sums(t: _Tables, block_sums: torch.Tensor, num_warps: int) -> torch.
 
 def lars(
     params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps,
-    trust_clip, always_adapt,
+    trust_clip, always_adapt, rounding=None,
 ):
     if not params:
         return
     config = launch_config(params[0].device)
     adapt = weight_decay != 0 or always_adapt
     slots, written, new = _momentum_setup(params, grads, momentum_buffers, momentum)
+    _with_compensations(slots, rounding)
 
     def body(t: _Tables) -> None:
         sums = None
         if adapt:
             block_sums = t.blocks.scratch("block_sums", (2, t.blocks.num_blocks))
+            kahan = _rounding_args(t, rounding)["ROUNDING"] == 2
             _launch(
                 K.block_sumsq_kernel, _reduction_grid(t.blocks.num_blocks), config.num_warps,
-                a=t.slot["params"], b=t.slot["grads"], **t.blocks.geometry(), num_blocks=t.blocks.num_blocks,
-                a_sums=block_sums[0], b_sums=block_sums[1], A_DTYPE=t.dtype["params"], B_DTYPE=t.dtype["grads"],
-                TWO=True,
+                a=t.slot["params"], b=t.slot["grads"], a_compensations=t.slot["compensations"] if kahan else None,
+                **t.blocks.geometry(), num_blocks=t.blocks.num_blocks, a_sums=block_sums[0], b_sums=block_sums[1],
+                A_DTYPE=t.dtype["params"], B_DTYPE=t.dtype["grads"], TWO=True, A_KAHAN=kahan,
             )
             sums = _tensor_sums(t, block_sums, config.num_warps)
-        _sgd_launch(t, config, sums, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        _sgd_launch(t, config, sums, rounding, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                     nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip)
 
-    _run(slots, written, body, config.block, extra=new)
+    _run(slots, (*written, "compensations"), body, config.block, extra=new)
 
 
 @dataclass
@@ -397,29 +426,33 @@ def lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> _Clip |
 
 def lamb(
     params, grads, exp_avgs, exp_avg_sqs, *, clip, lr, beta1, beta2, beta3, bias_correction1, bias_correction2, eps,
-    weight_decay, decoupled_decay_factor, adapt, trust_clip, caution,
+    weight_decay, decoupled_decay_factor, adapt, trust_clip, caution, rounding=None,
 ):
     if caution:
         raise AssertionError("dispatch routes caution=True to the reference backend")
     if not params:
         return
     config = launch_config(params[0].device)
-    slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    slots = _with_compensations({"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
+                                rounding)
     update = dict(bias_correction1=bias_correction1, bias_correction2_sqrt=bias_correction2**0.5, eps=eps,
                   weight_decay=weight_decay, decay=1.0 - decoupled_decay_factor)
 
     def body(t: _Tables) -> None:
         block_sums = t.blocks.scratch("block_sums", (2, t.blocks.num_blocks)) if adapt else None
+        rounding_args = _rounding_args(t, rounding)
+        reads_kahan = rounding_args["ROUNDING"] == 2 and adapt  # moments read the weight only for the ratio
         _launch(
             K.lamb_moments_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=True),
             params=t.slot["params"], grads=t.slot["grads"], exp_avgs=t.slot["exp_avgs"],
-            exp_avg_sqs=t.slot["exp_avg_sqs"], **t.blocks.geometry(),
+            exp_avg_sqs=t.slot["exp_avg_sqs"], compensations=rounding_args["compensations"] if reads_kahan else None,
+            **t.blocks.geometry(),
             clip_sumsq=None if clip is None else clip.sumsq, max_grad_norm=1.0 if clip is None else clip.max_grad_norm,
             param_block_sums=None if block_sums is None else block_sums[0],
             update_block_sums=None if block_sums is None else block_sums[1],
             beta1=beta1, beta2=beta2, beta3=beta3, **update,
             P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], HAS_CLIP=clip is not None,
-            AVERAGING=beta3 == 1 - beta1, ADAPT=adapt,
+            AVERAGING=beta3 == 1 - beta1, ADAPT=adapt, ROUNDING=2 if reads_kahan else 0,
         )
         sums = _tensor_sums(t, block_sums, config.num_warps) if adapt else None
         _launch(
@@ -427,7 +460,7 @@ def lamb(
             params=t.slot["params"], exp_avgs=t.slot["exp_avgs"], exp_avg_sqs=t.slot["exp_avg_sqs"],
             **t.blocks.geometry(), param_sumsq=None if sums is None else sums[0],
             update_sumsq=None if sums is None else sums[1], lr=lr, **update,
-            P_DTYPE=t.dtype["params"], ADAPT=adapt, TRUST_CLIP=trust_clip,
+            P_DTYPE=t.dtype["params"], ADAPT=adapt, TRUST_CLIP=trust_clip, **rounding_args,
         )
 
-    _run(slots, ("params", "exp_avgs", "exp_avg_sqs"), body, config.block)
+    _run(slots, ("params", "exp_avgs", "exp_avg_sqs", "compensations"), body, config.block)

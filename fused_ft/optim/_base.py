@@ -15,7 +15,8 @@ parameters that took gradients before they had a hook (unfrozen since the last s
 keep calling it, schedulers count it. Closures, GradScaler and gradient accumulation across backward passes cannot work.
 
 Parameters in bf16/fp16 keep their optimizer state in fp32 and every backend does its math in
-fp32, storing the parameter once (the "fp32 math, one final store" rule of optimi/apex).
+fp32, storing the parameter once (the "fp32 math, one final store" rule of optimi/apex). How that
+store rounds bf16 parameters is the group's ``bf16_update`` (see :mod:`fused_ft._precision`).
 """
 from __future__ import annotations
 
@@ -29,12 +30,23 @@ from torch.optim import Optimizer
 
 from fused_ft import _dispatch
 from fused_ft._native import _C
+from fused_ft._precision import BF16_UPDATES, COMPENSATION_KEY, LOW_PRECISION, Rounding, stream_key
 from fused_ft.optim import _dtensor
 from fused_ft._validation import BOOL, OPTIONAL_BOOL, Rule, check_group, check_params
 
-__all__ = ["FusedOptimizer", "GroupPlan", "LOW_PRECISION", "state_dtype", "new_state"]
+__all__ = ["FusedOptimizer", "GroupPlan", "SHARED_ARGS_DOC"]
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+# The Args lines every optimizer shares, substituted for ``{shared_args}`` in each class docstring.
+SHARED_ARGS_DOC = """backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
+        step_in_backward (bool): update each parameter during backward, as soon as its gradient
+            is complete, and free the gradient (see :mod:`fused_ft.optim._base`) (default: False).
+        bf16_update (str): how bf16 parameters are stored after each update (fp32 ones ignore it,
+            fp16 ones refuse it): ``"nearest"`` (default), ``"stochastic"`` (unbiased stochastic
+            rounding; no state) or ``"kahan"`` (a 2-byte compensation per parameter, state
+            ``kahan_comp``, that makes updates fp32-exact). See :mod:`fused_ft._precision`.
+        bf16_seed (int, optional): seed of stochastic rounding's random bits, kept in each param
+            group and its state_dict; with the group's update count (``bf16_step``) it fixes every
+            bit (default: None, drawn from torch's generator when ``bf16_update="stochastic"``)."""
 
 # Arguments that select torch's own implementations; shared by every optimizer's rules.
 IMPLEMENTATION_RULES: Mapping[str, Rule] = {
@@ -43,16 +55,21 @@ IMPLEMENTATION_RULES: Mapping[str, Rule] = {
     "fused": OPTIONAL_BOOL,
     "differentiable": BOOL,
     "capturable": BOOL,
+    "bf16_update": Rule(kind="choice", choices=BF16_UPDATES),
+    "bf16_seed": Rule(kind="int", low=0),
 }
 
 
-def state_dtype(param: torch.Tensor) -> torch.dtype:
-    """Optimizer state is fp32 for low-precision parameters, the parameter's dtype otherwise."""
-    return torch.float32 if param.dtype in LOW_PRECISION else param.dtype
-
-
-def new_state(param: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(param, dtype=state_dtype(param), memory_format=torch.preserve_format)
+def _check_rounding_dtypes(group: Mapping[str, Any], dtypes: Iterable[torch.dtype], index: int) -> None:
+    """bf16_update changes how bf16 parameters are stored; fp32 ones ignore it (a bf16 model often keeps
+    a few fp32 tensors), fp16 ones are refused: its 5-bit exponent makes fp16 weights without an fp32
+    master copy a different problem (loss scaling), which torch.amp solves."""
+    mode = group.get("bf16_update", "nearest")
+    if mode != "nearest" and torch.float16 in set(dtypes):
+        raise ValueError(
+            f"Invalid bf16_update={mode!r} for float16 parameters (group {index}): it applies to bfloat16 "
+            "parameters; keep fp16 models in fp32 with torch.autocast, or convert them to bfloat16"
+        )
 
 
 def check_implementation_flags(group: Mapping[str, Any]) -> None:
@@ -120,6 +137,7 @@ class GroupPlan:
     grads: list[torch.Tensor]
     backend: str
     update: Callable[..., None]
+    dtypes: frozenset = frozenset()
 
 
 class FusedOptimizer(Optimizer):
@@ -133,7 +151,8 @@ class FusedOptimizer(Optimizer):
     _WHOLE_TENSOR_NORMS: ClassVar[bool] = False
 
     def __init__(
-        self, params: Iterable, defaults: dict[str, Any], *, backend: str = "auto", step_in_backward: bool = False
+        self, params: Iterable, defaults: dict[str, Any], *, backend: str = "auto", step_in_backward: bool = False,
+        bf16_update: str = "nearest", bf16_seed: int | None = None,
     ) -> None:
         self.backend = _dispatch.check_backend_name(backend)
         if not isinstance(step_in_backward, bool):
@@ -148,7 +167,9 @@ class FusedOptimizer(Optimizer):
             # GradScaler then passes its scale to step(), which refuses it (see step()) instead of
             # letting scaled gradients update the weights during backward
             self._step_supports_amp_scaling = True
-        defaults = {**defaults, "frozen": False}
+        if bf16_seed is None:  # drawn only when used, so that other modes leave torch's generator alone
+            bf16_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if bf16_update == "stochastic" else 0
+        defaults = {**defaults, "frozen": False, "bf16_update": bf16_update, "bf16_seed": bf16_seed}
         self._check_hyperparameters(defaults)
         if isinstance(params, torch.Tensor):
             raise TypeError(
@@ -195,6 +216,7 @@ class FusedOptimizer(Optimizer):
         check_params(tensors, seen, len(self.param_groups))
         group = {**self.defaults, **param_group}
         self._check_hyperparameters(group)
+        _check_rounding_dtypes(group, (t.dtype for t in tensors), len(self.param_groups))
         self._check_backend_for(group, tensors)
         super().add_param_group({**param_group, "params": params})
         if getattr(self, "step_in_backward", False):
@@ -277,8 +299,16 @@ class FusedOptimizer(Optimizer):
                 group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts every loaded state tensor to its parameter's dtype: kahan's int16 compensations
+        # would become bf16 numbers, so they are set aside and put back as they were
+        compensations = {k: s[COMPENSATION_KEY] for k, s in state_dict.get("state", {}).items()
+                         if isinstance(s, dict) and COMPENSATION_KEY in s}
         super().load_state_dict(state_dict)
-        # torch casts loaded state to the parameter's dtype; fused_ft keeps low-precision params' state in fp32.
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        by_id = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"])))
+        for k, comp in compensations.items():
+            self.state[by_id[k]][COMPENSATION_KEY] = comp.to(device=by_id[k].device, copy=True)
+        # fused_ft keeps low-precision params' state in fp32.
         for p, p_state in self.state.items():
             if p.dtype in LOW_PRECISION:
                 for key, value in p_state.items():
@@ -322,6 +352,8 @@ class FusedOptimizer(Optimizer):
     def _plan_group(self, index: int, group: dict, params: list[torch.Tensor] | None = None) -> list[GroupPlan]:
         self._check_group_for_step(group)
         by_device = _by_device(index, group["params"] if params is None else params)
+        if group["bf16_update"] != "nearest":
+            _check_rounding_dtypes(group, (d for _, _, dtypes in by_device.values() for d in dtypes), index)
         plans = []
         for device, (params, grads, dtypes) in by_device.items():  # a grad has its parameter's dtype
             backend = self.backend
@@ -346,7 +378,7 @@ class FusedOptimizer(Optimizer):
                     f"({_dispatch.available_backends(device)} available); pass fused=None to accept the reference "
                     "backend"
                 )
-            plans.append(GroupPlan(group, params, grads, name, update))
+            plans.append(GroupPlan(group, params, grads, name, update, dtypes))
         return plans
 
     def _before_updates(self, plans: list[GroupPlan]) -> None:
@@ -354,3 +386,28 @@ class FusedOptimizer(Optimizer):
 
     def _update_group(self, plan: GroupPlan) -> None:
         raise NotImplementedError
+
+    def _rounding(self, plan: GroupPlan) -> Rounding | None:
+        """How this update stores the plan's bf16 parameters (None: to nearest). Called by each
+        ``_update_group`` after it created its own state: it advances the group's random stream
+        (``bf16_step``, one per update call) or creates kahan's compensation buffers."""
+        group = plan.group
+        mode = group["bf16_update"]
+        if mode == "nearest" or torch.bfloat16 not in plan.dtypes:
+            return None
+        if mode == "stochastic":
+            counter = group.get("bf16_step", 0)
+            group["bf16_step"] = counter + 1
+            return Rounding(mode, key=stream_key(group["bf16_seed"], counter))
+        compensations = []
+        for p, g in zip(plan.params, plan.grads):
+            if p.dtype != torch.bfloat16:
+                compensations.append(_dtensor.local(g))  # a stand-in of the right size, never touched
+                continue
+            state = self.state[p]
+            comp = state.get(COMPENSATION_KEY)
+            if comp is None:
+                comp = state[COMPENSATION_KEY] = torch.zeros_like(p, dtype=torch.int16,
+                                                                  memory_format=torch.preserve_format)
+            compensations.append(_dtensor.local(comp))
+        return Rounding(mode, compensations=compensations)

@@ -12,8 +12,9 @@ import torch
 
 from fused_ft._native import _C
 from fused_ft._validation import BETAS, BOOL, LR, NONNEG, scalar_value
-from fused_ft.optim import _fp32
-from fused_ft.optim._base import FusedOptimizer, GroupPlan, new_state
+from fused_ft import _precision
+from fused_ft._precision import new_state
+from fused_ft.optim._base import FusedOptimizer, GroupPlan, SHARED_ARGS_DOC
 
 __all__ = ["AdamW", "adamw"]
 
@@ -42,9 +43,7 @@ class AdamW(FusedOptimizer):
         capturable (bool): must be False (no CUDA graph capture yet).
         differentiable (bool): must be False.
         fused (bool, optional): True demands a fused kernel backend (``triton`` or ``cpu``).
-        backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
-        step_in_backward (bool): update each parameter during backward, as soon as its gradient
-            is complete, and free the gradient (see :mod:`fused_ft.optim._base`) (default: False).
+        {shared_args}
 
     Example:
         >>> import torch, fused_ft
@@ -73,6 +72,8 @@ class AdamW(FusedOptimizer):
         fused: bool | None = None,
         backend: str = "auto",
         step_in_backward: bool = False,
+        bf16_update: str = "nearest",
+        bf16_seed: int | None = None,
     ) -> None:
         if isinstance(betas, (tuple, list)) and all(isinstance(b, torch.Tensor) for b in betas):
             betas = tuple(scalar_value(b) for b in betas)  # torch accepts 1-element tensors and stores floats
@@ -81,7 +82,8 @@ class AdamW(FusedOptimizer):
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=True,  # the key torch.optim.AdamW stores, so state dicts look the same
         )
-        super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward)
+        super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward,
+                         bf16_update=bf16_update, bf16_seed=bf16_seed)
 
     def _update_group(self, plan: GroupPlan) -> None:
         group = plan.group
@@ -104,8 +106,11 @@ class AdamW(FusedOptimizer):
         adamw(
             plan.params, plan.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, update=plan.update,
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"], maximize=group["maximize"],
+            amsgrad=group["amsgrad"], maximize=group["maximize"], rounding=self._rounding(plan),
         )
+
+
+AdamW.__doc__ = AdamW.__doc__.replace("{shared_args}", SHARED_ARGS_DOC)
 
 
 @torch.no_grad()
@@ -125,6 +130,7 @@ def adamw(
     amsgrad: bool,
     maximize: bool,
     update: Any = None,
+    rounding: _precision.Rounding | None = None,
 ) -> None:
     """Functional AdamW over lists of tensors; see :class:`AdamW`. Increments ``state_steps``.
 
@@ -141,7 +147,7 @@ def adamw(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
         step_sizes=[corrections[t][0] for t in steps], bias_correction2_sqrts=[corrections[t][1] for t in steps],
         lr=lr, beta1=beta1, beta2=beta2, eps=float(eps), weight_decay=float(weight_decay),
-        amsgrad=amsgrad, maximize=maximize,
+        amsgrad=amsgrad, maximize=maximize, rounding=rounding,
     )
 
 
@@ -158,10 +164,10 @@ def _increment_steps(state_steps: list[torch.Tensor]) -> list[float]:
 
 def _reference_adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step_sizes, bias_correction2_sqrts, lr, beta1, beta2,
-    eps, weight_decay, amsgrad, maximize,
+    eps, weight_decay, amsgrad, maximize, rounding=None,
 ):
-    work = _fp32.upcast(params)
-    g = _fp32.upcast(grads)
+    work = _precision.upcast(params, rounding)
+    g = _precision.upcast(grads)
     if maximize:
         g = torch._foreach_neg(g)
     if weight_decay != 0:
@@ -177,4 +183,4 @@ def _reference_adamw(
     torch._foreach_div_(denom, bias_correction2_sqrts)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(work, exp_avgs, denom, [-s for s in step_sizes])
-    _fp32.store(params, work)
+    _precision.store(params, work, rounding)

@@ -12,8 +12,10 @@ import torch
 
 from fused_ft import _dispatch
 from fused_ft._validation import BETAS, BOOL, LR, NONNEG, Rule, scalar_value
-from fused_ft.optim import _dtensor, _fp32
-from fused_ft.optim._base import FusedOptimizer, GroupPlan, new_state
+from fused_ft import _precision
+from fused_ft.optim import _dtensor
+from fused_ft._precision import new_state
+from fused_ft.optim._base import FusedOptimizer, GroupPlan, SHARED_ARGS_DOC
 
 __all__ = ["LAMB", "lamb", "lamb_trust_ratio"]
 
@@ -62,9 +64,7 @@ class LAMB(FusedOptimizer):
         decoupled_decay (bool): decoupled weight decay (default: False).
         corrected_weight_decay (bool): scale decoupled decay by ``lr**2 / max_lr`` (default: False).
         foreach (bool, optional): accepted for compatibility with timm.
-        backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
-        step_in_backward (bool): update each parameter during backward, as soon as its gradient
-            is complete, and free the gradient (see :mod:`fused_ft.optim._base`) (default: False).
+        {shared_args}
 
     Example:
         >>> import torch, fused_ft
@@ -102,6 +102,8 @@ class LAMB(FusedOptimizer):
         *,
         backend: str = "auto",
         step_in_backward: bool = False,
+        bf16_update: str = "nearest",
+        bf16_seed: int | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
@@ -114,7 +116,8 @@ class LAMB(FusedOptimizer):
         # timm's key: the constructor lr, the max lr of corrected weight decay (lr**2 / max_lr)
         defaults["max_lr_snapshot"] = scalar_value(lr)
         self._clips: dict[str, Any] = {}
-        super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward)
+        super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward,
+                         bf16_update=bf16_update, bf16_seed=bf16_seed)
 
     def _check_step_in_backward(self, defaults) -> None:
         if defaults.get("max_grad_norm") is not None:
@@ -168,7 +171,7 @@ class LAMB(FusedOptimizer):
             bias_correction1=bias_correction1, bias_correction2=bias_correction2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled_decay=group["decoupled_decay"],
             max_lr=group["max_lr_snapshot"] if corrected else None, trust_clip=group["trust_clip"],
-            always_adapt=group["always_adapt"], caution=group["caution"],
+            always_adapt=group["always_adapt"], caution=group["caution"], rounding=self._rounding(plan),
         )
 
 
@@ -176,7 +179,7 @@ def _reference_lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None)
     """``max(1, ||grads||_2 / max_grad_norm)`` over all gradients (fp32), or None when clipping is off."""
     if max_grad_norm is None or not grads:
         return None
-    norms = _dtensor.global_norms(_fp32.upcast(grads))
+    norms = _dtensor.global_norms(_precision.upcast(grads))
     return (torch.linalg.vector_norm(torch.stack(norms)) / max_grad_norm).clamp_(min=1.0)
 
 
@@ -184,6 +187,9 @@ def lamb_trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, *, trust_clip: 
     """Per-tensor LAMB ratios from stacked weight and update norms (1 where either norm is 0)."""
     ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
     return torch.clamp(ratio, max=1.0) if trust_clip else ratio
+
+
+LAMB.__doc__ = LAMB.__doc__.replace("{shared_args}", SHARED_ARGS_DOC)
 
 
 @torch.no_grad()
@@ -208,6 +214,7 @@ def lamb(
     always_adapt: bool,
     caution: bool = False,
     update: Any = None,
+    rounding: _precision.Rounding | None = None,
 ) -> None:
     """Functional LAMB over one group's tensors; see :class:`LAMB`.
 
@@ -224,18 +231,18 @@ def lamb(
         beta2=float(beta2), beta3=float(beta3), bias_correction1=float(bias_correction1),
         bias_correction2=float(bias_correction2), eps=float(eps),
         weight_decay=0.0 if decoupled_decay else float(weight_decay), decoupled_decay_factor=decay,
-        adapt=weight_decay != 0 or always_adapt, trust_clip=trust_clip, caution=caution,
+        adapt=weight_decay != 0 or always_adapt, trust_clip=trust_clip, caution=caution, rounding=rounding,
     )
 
 
 def _reference_lamb(
     params, grads, exp_avgs, exp_avg_sqs, *, clip, lr, beta1, beta2, beta3, bias_correction1,
-    bias_correction2, eps, weight_decay, decoupled_decay_factor, adapt, trust_clip, caution,
+    bias_correction2, eps, weight_decay, decoupled_decay_factor, adapt, trust_clip, caution, rounding=None,
 ):
     if not params:
         return
-    work = _fp32.upcast(params)
-    g = _fp32.upcast(grads)
+    work = _precision.upcast(params, rounding)
+    g = _precision.upcast(grads)
     if clip is not None:
         g = [x / clip for x in g]  # new tensors: p.grad stays untouched
     if beta3 == 1 - beta1:
@@ -264,4 +271,4 @@ def _reference_lamb(
         )
         torch._foreach_mul_(updates, list(ratios.unbind(0)))
     torch._foreach_add_(work, updates, alpha=-lr)
-    _fp32.store(params, work)
+    _precision.store(params, work, rounding)

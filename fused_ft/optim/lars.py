@@ -11,8 +11,9 @@ from typing import Any, Iterable
 import torch
 
 from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG
-from fused_ft.optim import _dtensor, _fp32
-from fused_ft.optim._base import FusedOptimizer, GroupPlan
+from fused_ft import _precision
+from fused_ft.optim import _dtensor
+from fused_ft.optim._base import FusedOptimizer, GroupPlan, SHARED_ARGS_DOC
 from fused_ft.optim._momentum import with_momentum_buffers
 from fused_ft.optim.sgd import _check_nesterov
 
@@ -45,9 +46,7 @@ class LARS(FusedOptimizer):
         trust_clip (bool): LARC clipping of the ratio (default: False).
         always_adapt (bool): adapt also where weight decay is 0 (default: False).
         foreach (bool, optional): accepted for compatibility with timm.
-        backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
-        step_in_backward (bool): update each parameter during backward, as soon as its gradient
-            is complete, and free the gradient (see :mod:`fused_ft.optim._base`) (default: False).
+        {shared_args}
 
     Example:
         >>> import torch, fused_ft
@@ -81,19 +80,26 @@ class LARS(FusedOptimizer):
         *,
         backend: str = "auto",
         step_in_backward: bool = False,
+        bf16_update: str = "nearest",
+        bf16_seed: int | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, always_adapt=always_adapt, foreach=foreach,
         )
-        super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward)
+        super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward,
+                         bf16_update=bf16_update, bf16_seed=bf16_seed)
 
     def _update_group(self, plan: GroupPlan) -> None:
         group = plan.group
         hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coeff",
                                        "eps", "trust_clip", "always_adapt")}
         with_momentum_buffers(self.state, plan.params, group["momentum"],
-                              lambda buffers: lars(plan.params, plan.grads, buffers, update=plan.update, **hyper))
+                              lambda buffers: lars(plan.params, plan.grads, buffers, update=plan.update,
+                                                   rounding=self._rounding(plan), **hyper))
+
+
+LARS.__doc__ = LARS.__doc__.replace("{shared_args}", SHARED_ARGS_DOC)
 
 
 @torch.no_grad()
@@ -112,12 +118,13 @@ def lars(
     trust_clip: bool,
     always_adapt: bool,
     update: Any = None,
+    rounding: _precision.Rounding | None = None,
 ) -> None:
     """Functional LARS over lists of tensors; see :class:`LARS`."""
     (update or _reference_lars)(
         params, grads, momentum_buffers, lr=float(lr), momentum=float(momentum), dampening=float(dampening),
         weight_decay=float(weight_decay), nesterov=nesterov, trust_coeff=float(trust_coeff), eps=float(eps),
-        trust_clip=trust_clip, always_adapt=always_adapt,
+        trust_clip=trust_clip, always_adapt=always_adapt, rounding=rounding,
     )
 
 
@@ -130,12 +137,12 @@ def lars_trust_ratio(w_norm, g_norm, *, trust_coeff, weight_decay, eps, trust_cl
 
 def _reference_lars(
     params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps,
-    trust_clip, always_adapt,
+    trust_clip, always_adapt, rounding=None,
 ):
     if not params:
         return
-    work = _fp32.upcast(params)
-    g = _fp32.upcast(grads)
+    work = _precision.upcast(params, rounding)
+    g = _precision.upcast(grads)
     if weight_decay != 0 or always_adapt:
         ratios = lars_trust_ratio(
             torch.stack(_dtensor.global_norms(work)), torch.stack(_dtensor.global_norms(g)),
@@ -148,4 +155,4 @@ def _reference_lars(
     # what remains is exactly SGD's momentum update, with no further weight decay
     _reference_sgd(work, g, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening, weight_decay=0.0,
                    nesterov=nesterov, maximize=False)
-    _fp32.store(params, work)
+    _precision.store(params, work, rounding)

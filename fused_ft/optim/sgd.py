@@ -11,8 +11,8 @@ from typing import Any, Iterable
 import torch
 
 from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG, Rule
-from fused_ft.optim import _fp32
-from fused_ft.optim._base import FusedOptimizer, GroupPlan
+from fused_ft import _precision
+from fused_ft.optim._base import FusedOptimizer, GroupPlan, SHARED_ARGS_DOC
 from fused_ft.optim._momentum import with_momentum_buffers
 
 __all__ = ["SGD", "sgd"]
@@ -48,9 +48,7 @@ class SGD(FusedOptimizer):
         foreach (bool, optional): accepted for compatibility; every fused_ft backend is multi-tensor.
         differentiable (bool): must be False (fused_ft updates outside autograd).
         fused (bool, optional): True demands a fused kernel backend (``triton`` or ``cpu``).
-        backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
-        step_in_backward (bool): update each parameter during backward, as soon as its gradient
-            is complete, and free the gradient (see :mod:`fused_ft.optim._base`) (default: False).
+        {shared_args}
 
     Example:
         >>> import torch, fused_ft
@@ -86,18 +84,25 @@ class SGD(FusedOptimizer):
         fused: bool | None = None,
         backend: str = "auto",
         step_in_backward: bool = False,
+        bf16_update: str = "nearest",
+        bf16_seed: int | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
             maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused,
         )
-        super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward)
+        super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward,
+                         bf16_update=bf16_update, bf16_seed=bf16_seed)
 
     def _update_group(self, plan: GroupPlan) -> None:
         group = plan.group
         hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")}
         with_momentum_buffers(self.state, plan.params, group["momentum"],
-                              lambda buffers: sgd(plan.params, plan.grads, buffers, update=plan.update, **hyper))
+                              lambda buffers: sgd(plan.params, plan.grads, buffers, update=plan.update,
+                                                  rounding=self._rounding(plan), **hyper))
+
+
+SGD.__doc__ = SGD.__doc__.replace("{shared_args}", SHARED_ARGS_DOC)
 
 
 @torch.no_grad()
@@ -113,6 +118,7 @@ def sgd(
     nesterov: bool,
     maximize: bool,
     update: Any = None,
+    rounding: _precision.Rounding | None = None,
 ) -> None:
     """Functional SGD over lists of tensors; see :class:`SGD`.
 
@@ -121,15 +127,16 @@ def sgd(
     """
     (update or _reference_sgd)(
         params, grads, momentum_buffers, lr=float(lr), momentum=float(momentum), dampening=float(dampening),
-        weight_decay=float(weight_decay), nesterov=nesterov, maximize=maximize,
+        weight_decay=float(weight_decay), nesterov=nesterov, maximize=maximize, rounding=rounding,
     )
 
 
-def _reference_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize):
+def _reference_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                   rounding=None):
     if not params:
         return
-    work = _fp32.upcast(params)
-    g = _fp32.upcast(grads)
+    work = _precision.upcast(params, rounding)
+    g = _precision.upcast(grads)
     if maximize:
         g = torch._foreach_neg(g)
     if weight_decay != 0:
@@ -145,4 +152,4 @@ def _reference_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, 
                 momentum_buffers[i] = torch.clone(g[i]).detach()
         g = torch._foreach_add(g, momentum_buffers, alpha=momentum) if nesterov else list(momentum_buffers)
     torch._foreach_add_(work, g, alpha=-lr)
-    _fp32.store(params, work)
+    _precision.store(params, work, rounding)
