@@ -22,6 +22,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-only -p no:xdist
 	$(PY) -m benchmarks.compare --rounds 12
+	$(PY) -m benchmarks.bf16_rounding --rounds 12
 	$(PY) -m benchmarks.host_overhead
 	$(PY) -m benchmarks.triton_report
 

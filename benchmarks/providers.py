@@ -39,11 +39,12 @@ def providers_for(update: str) -> list[str]:
     return names + ["timm"]
 
 
-def build_optimizer(provider: str, update: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+def build_optimizer(provider: str, update: str, params: list[torch.Tensor], **options) -> torch.optim.Optimizer:
+    """``options``: fused_ft-only arguments (``bf16_update``)."""
     u = UPDATES[update]
     spec = OPTIMIZERS[u.optimizer]
     if provider.startswith("fused_ft-"):
-        return spec.cls(params, **u.kwargs, backend=provider.removeprefix("fused_ft-"))
+        return spec.cls(params, **u.kwargs, backend=provider.removeprefix("fused_ft-"), **options)
     if provider in TORCH_IMPLS:
         return spec.reference(params, **u.kwargs, **TORCH_IMPLS[provider])
     if provider == "timm":
@@ -62,12 +63,14 @@ class Setup:
         self.optimizer.step()
 
 
-def make_setup(provider: str, update: str, shapes: list[torch.Size], seed: int = 0) -> Setup:
+def make_setup(provider: str, update: str, shapes: list[torch.Size], seed: int = 0,
+               dtype: torch.dtype = torch.float32, **options) -> Setup:
+    """Parameters and gradients of ``dtype``, the provider's optimizer (``options``: see build_optimizer)."""
     g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=g).mul_(0.02).requires_grad_() for s in shapes]
+    params = [torch.randn(s, generator=g).mul_(0.02).to(dtype).requires_grad_() for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g).mul_(1e-3)
-    setup = Setup(params, build_optimizer(provider, update, params))
+        p.grad = torch.randn(p.shape, generator=g).mul_(1e-3).to(dtype)
+    setup = Setup(params, build_optimizer(provider, update, params, **options))
     setup.step()  # allocates state; later steps are the steady state
     return setup
 

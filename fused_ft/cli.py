@@ -103,7 +103,8 @@ def _memory(args: argparse.Namespace) -> None:
     for name in args.methods:
         method(name)  # an unknown method fails before any profiling
     rows = memory_report.run_table(args.models, args.methods, batch_size=args.batch_size,
-                                   step_in_backward=args.step_in_backward, grad_checkpointing=args.grad_checkpointing)
+                                   step_in_backward=args.step_in_backward, grad_checkpointing=args.grad_checkpointing,
+                                   param_dtype=args.param_dtype, bf16_updates=args.bf16_update)
     print(memory_report.render(rows, args.format))
     if args.plot:
         memory_report.plot(rows, args.plot)
@@ -120,6 +121,32 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
+    _precision_arguments(parser, several_updates=False)
+
+
+def _precision_arguments(parser: argparse.ArgumentParser, several_updates: bool) -> None:
+    from fused_ft._precision import BF16_UPDATES
+
+    parser.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="weights' dtype; bf16 keeps no fp32 master copy (default: fp32)")
+    if several_updates:
+        parser.add_argument("--bf16-update", type=_choice_list(BF16_UPDATES), default=list(BF16_UPDATES),
+                            help="with --param-dtype bf16: comma-separated ways to store bf16 weights, one row each "
+                                 f"(default: {','.join(BF16_UPDATES)})")
+    else:
+        parser.add_argument("--bf16-update", default="nearest", choices=BF16_UPDATES,
+                            help="with --param-dtype bf16: how the optimizer stores the weights (default: nearest)")
+
+
+def _choice_list(choices):
+    """argparse type: comma-separated values, each one of ``choices``."""
+    def parse(text: str) -> list[str]:
+        values = _csv_list(text)
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"must be comma-separated values from {', '.join(choices)}, got {text!r}")
+        return values
+    return parse
 
 
 def _base_config(args: argparse.Namespace, **overrides):
@@ -133,7 +160,8 @@ def _base_config(args: argparse.Namespace, **overrides):
                           seed=overrides.pop("seed", 0), out=args.out, pretrained=pretrained,
                           checkpoint=str(args.checkpoint) if args.checkpoint else None, image_size=args.image_size,
                           after_linear_probe=args.after_linear_probe, device=args.device,
-                          num_workers=args.num_workers, fsdp=args.fsdp, **overrides)
+                          num_workers=args.num_workers, fsdp=args.fsdp, param_dtype=args.param_dtype,
+                          bf16_update=args.bf16_update, **overrides)
 
 
 def _finetune(args: argparse.Namespace) -> None:
@@ -210,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--grad-checkpointing", action="store_true")
     mem.add_argument("--format", default="table", choices=["table", "md", "csv", "json"])
     mem.add_argument("--plot", default=None, help="write a stacked-bar PNG here")
+    _precision_arguments(mem, several_updates=True)
 
     fine = commands.add_parser("finetune", help="fine-tune one model with one method (the paper's protocol)")
     _run_arguments(fine)

@@ -25,6 +25,7 @@ from torch.utils.data.distributed import DistributedSampler
 from fused_ft._validation import check_positive_int, check_positive_number
 from fused_ft.data import DataBundle, load_data
 from fused_ft.distributed import Context, full_state, load_full_state, setup, wrap
+from fused_ft.memory import param_dtype_of
 from fused_ft.methods import create_optimizer, method as get_method
 from fused_ft.unfreeze import GradualUnfreeze
 
@@ -51,6 +52,8 @@ class FinetuneConfig:
     num_workers: int = 0
     progress: bool = True
     fsdp: bool = False  # under torchrun: FSDP2 instead of DDP
+    param_dtype: str = "fp32"  # "bf16": pure-bf16 weights (no fp32 master copy); inputs follow
+    bf16_update: str = "nearest"  # how the optimizer stores bf16 weights (see fused_ft.SGD)
 
 
 def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
@@ -70,11 +73,12 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
     """Top-1 accuracy; under torch.distributed each rank counts a disjoint slice and the counts are summed."""
     ctx = ctx or Context()
     model.eval()
+    dtype = next(model.parameters()).dtype
     if ctx.distributed:
         dataset = Subset(dataset, range(ctx.rank, len(dataset), ctx.world))
     correct = total = 0
     for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
-        x, y = batch[0].to(device), batch[1].to(device)
+        x, y = batch[0].to(device, dtype), batch[1].to(device)
         with _autocast(device):
             logits = model(x)
         correct += int((logits.argmax(1) == y).sum())
@@ -89,7 +93,12 @@ def _autocast(device: torch.device):
 
 
 def _validate(config: FinetuneConfig) -> None:
+    from fused_ft._precision import BF16_UPDATES
+
     get_method(config.method)
+    param_dtype_of(config.param_dtype)
+    if config.bf16_update not in BF16_UPDATES:
+        raise ValueError(f"Invalid bf16_update: {config.bf16_update!r} (choose from {', '.join(BF16_UPDATES)})")
     check_positive_int("epochs", config.epochs)
     check_positive_int("batch_size", config.batch_size)
     check_positive_number("lr", config.lr)
@@ -120,9 +129,11 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
     data = data or load_data(config.data, image_size=config.image_size or 224)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model = build_model(config, data.num_classes).to(device)
+    dtype = param_dtype_of(config.param_dtype)
+    model = build_model(config, data.num_classes).to(device, dtype)
     make_optimizer = lambda m: create_optimizer(m, config.method, lr=config.lr,  # noqa: E731
-                                                after_linear_probe=config.after_linear_probe)
+                                                after_linear_probe=config.after_linear_probe,
+                                                bf16_update=config.bf16_update)
     optimizer = make_optimizer(model)  # freezes first: DDP must only see trainable parameters
     model = wrap(model, ctx)
     if ctx.fsdp:
@@ -163,9 +174,9 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
         losses = []
         epoch_lr = optimizer.param_groups[-1]["lr"]  # the LR the epoch starts with (gradual unfreezing: all of it)
         for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False):
-            x, y = batch[0].to(device), batch[1].to(device)
+            x, y = batch[0].to(device, dtype), batch[1].to(device)
             with _autocast(device):
-                loss = nn.functional.cross_entropy(model(x), y)
+                loss = nn.functional.cross_entropy(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -194,7 +205,8 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
             print(f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f}, ID val {val:.4f}")
     load_full_state(model, None, state["best_model"], None, ctx)  # early stopping on ID validation accuracy
     results = {"model": config.model, "data": data.name, "method": config.method, "lr": config.lr,
-               "seed": config.seed, "epochs": config.epochs, "best_epoch": state["best_epoch"] + 1,
+               "seed": config.seed, "epochs": config.epochs, "param_dtype": config.param_dtype,
+               "bf16_update": config.bf16_update, "best_epoch": state["best_epoch"] + 1,
                "id_val": state["best_val"],
                "world_size": ctx.world,
                "id_test": evaluate(model, data.id_test, config.batch_size, device, config.num_workers, ctx)}

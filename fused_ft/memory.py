@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from fused_ft._precision import BF16_UPDATES
 from fused_ft._validation import check_positive_int
 from fused_ft.methods import create_optimizer, method as get_method
 from fused_ft.models import input_size
@@ -65,6 +66,8 @@ class MemoryProfile:
     activations: int
     peak: int
     gradients_at_peak: int
+    param_dtype: str = "float32"
+    bf16_update: str = "nearest"
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -158,6 +161,19 @@ def _set_checkpointing(model: nn.Module, enable: bool) -> None:
     target.set_grad_checkpointing(enable)
 
 
+PARAM_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16}
+
+
+def param_dtype_of(name: str | torch.dtype) -> torch.dtype:
+    """``"fp32"``/``"bf16"`` (or their torch names, or the dtypes) as a dtype; anything else refused."""
+    if isinstance(name, torch.dtype) and name in PARAM_DTYPES.values():
+        return name
+    if isinstance(name, str) and name in PARAM_DTYPES:
+        return PARAM_DTYPES[name]
+    raise ValueError(f"Invalid param_dtype: {name!r} (choose from fp32, bf16)")
+
+
 def profile_memory(
     model_or_name: nn.Module | str,
     method: str,
@@ -169,6 +185,8 @@ def profile_memory(
     *,
     num_classes: int = 1000,
     mode: str | None = None,
+    param_dtype: str | torch.dtype = "fp32",
+    bf16_update: str = "nearest",
 ) -> MemoryProfile:
     """Bytes of one steady-state training step of ``model_or_name`` with ``method``.
 
@@ -183,6 +201,10 @@ def profile_memory(
         step_in_backward: update each parameter during backward and free its gradient.
         num_classes: size of the classification head.
         mode: ``simulated`` or ``measured``; default from ``device``.
+        param_dtype: ``"fp32"`` or ``"bf16"``: the weights' dtype, with no fp32 master copy (inputs
+            and activations follow it).
+        bf16_update: how the optimizer stores bf16 weights (``nearest``, ``stochastic``, ``kahan``:
+            see :class:`fused_ft.SGD`); kahan's 2-byte compensation counts as optimizer state.
 
     Example:
         >>> p = profile_memory("vit_tiny_patch16_224", "sgd-freeze-embed", image_size=64)
@@ -191,6 +213,9 @@ def profile_memory(
     """
     get_method(method)  # a clear error for an unknown method before any work
     check_positive_int("batch_size", batch_size)
+    dtype = param_dtype_of(param_dtype)
+    if bf16_update not in BF16_UPDATES:
+        raise ValueError(f"Invalid bf16_update: {bf16_update!r} (choose from {', '.join(BF16_UPDATES)})")
     device = torch.device(device or "meta")
     mode = mode or ("simulated" if device.type == "meta" else "measured")
     if mode not in ("simulated", "measured"):
@@ -204,9 +229,11 @@ def profile_memory(
     size = image_size or input_size(model)
     _set_checkpointing(model, grad_checkpointing)
     model.train()
-    optimizer = create_optimizer(model, method, step_in_backward=step_in_backward)
-    x = torch.empty(batch_size, 3, size, size, device=device).normal_() if mode == "measured" else \
-        torch.empty(batch_size, 3, size, size, device=device)
+    model.to(dtype)
+    optimizer = create_optimizer(model, method, step_in_backward=step_in_backward, bf16_update=bf16_update)
+    x = torch.empty(batch_size, 3, size, size, device=device, dtype=dtype)
+    if mode == "measured":
+        x.normal_()
     y = torch.zeros(batch_size, dtype=torch.long, device=device)
     params = list(model.parameters())
 
@@ -232,7 +259,8 @@ def profile_memory(
         num_params=sum(p.numel() for p in params), trainable_params=trainable,
         parameters=categories["parameters"], gradients=grad_max,
         optimizer_state=categories["optimizer_state"], activations=categories["activations"], peak=peak,
-        gradients_at_peak=categories["gradients_at_peak"], seconds=time.perf_counter() - start,
+        gradients_at_peak=categories["gradients_at_peak"], param_dtype=str(dtype).removeprefix("torch."),
+        bf16_update=bf16_update, seconds=time.perf_counter() - start,
         extra={"baseline": categories["baseline"]},  # bytes alive when the step starts
     )
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
+
 from fused_ft import _tables
-from fused_ft.memory import CATEGORIES, MemoryProfile, profile_memory
+from fused_ft.memory import CATEGORIES, MemoryProfile, param_dtype_of, profile_memory
 
 __all__ = ["DEFAULT_MODELS", "DEFAULT_METHODS", "PAPER_ADAMW_OVERHEAD", "run_table", "render", "plot"]
 
@@ -26,13 +28,16 @@ GIB = 2**30
 
 def run_table(
     models: Iterable[str], methods: Iterable[str], *, batch_size: int = 1, step_in_backward: bool = False,
-    grad_checkpointing: bool = False, progress: bool = True,
+    grad_checkpointing: bool = False, progress: bool = True, param_dtype: str = "fp32",
+    bf16_updates: Iterable[str] = ("nearest",),
 ) -> list[dict]:
-    """Profile every model x method (simulated); each row adds AdamW's peak for the ratio."""
+    """Profile every model x method (simulated); each row adds fp32 AdamW's peak for the ratio. With
+    ``param_dtype="bf16"`` every method has a row per mode of ``bf16_updates``."""
     from tqdm import tqdm
 
     models, methods = list(models), list(methods)
-    jobs = [(m, meth) for m in models for meth in methods]
+    updates = list(bf16_updates) if param_dtype_of(param_dtype) == torch.bfloat16 else ["nearest"]
+    jobs = [(m, meth, u) for m in models for meth in methods for u in updates]
     rows = []
     baselines: dict[str, MemoryProfile] = {}
     with tqdm(total=len(jobs) + len(models), desc="profiling", disable=not progress, unit="run") as bar:
@@ -41,10 +46,10 @@ def run_table(
             baselines[model] = profile_memory(model, "adamw", batch_size=batch_size,
                                               grad_checkpointing=grad_checkpointing)
             bar.update()
-            for meth in methods:
+            for meth, update in ((meth, u) for meth in methods for u in updates):
                 bar.set_postfix_str(f"{model} {meth}")
                 p = profile_memory(model, meth, batch_size=batch_size, grad_checkpointing=grad_checkpointing,
-                                   step_in_backward=step_in_backward)
+                                   step_in_backward=step_in_backward, param_dtype=param_dtype, bf16_update=update)
                 bar.update()
                 base = baselines[model].peak
                 rows.append({
@@ -52,17 +57,28 @@ def run_table(
                     "adamw_peak": base,
                     "ratio_to_adamw": p.peak / base,
                     "adamw_overhead": base / p.peak - 1,
-                    "paper_adamw_overhead": PAPER_ADAMW_OVERHEAD.get((model, meth), (None, False))[0],
-                    "paper_adamw_overhead_is_lower_bound": PAPER_ADAMW_OVERHEAD.get((model, meth), (None, False))[1],
+                    # the paper trained fp32 weights: its numbers sit beside fp32 rows only
+                    "paper_adamw_overhead": paper[0] if (paper := _paper(model, meth, p)) else None,
+                    "paper_adamw_overhead_is_lower_bound": bool(paper and paper[1]),
                 })
     return rows
+
+
+def _paper(model: str, meth: str, profile: MemoryProfile) -> tuple[float, bool] | None:
+    return PAPER_ADAMW_OVERHEAD.get((model, meth)) if profile.param_dtype == "float32" else None
+
+
+def method_label(row: dict) -> str:
+    """``sgd-freeze-embed-nomom bf16/stochastic (in-backward)``: the method and how its weights are kept."""
+    weights = f" bf16/{row['bf16_update']}" if row.get("param_dtype") == "bfloat16" else ""
+    return row["method"] + weights + (" (in-backward)" if row["step_in_backward"] else "")
 
 
 def render(rows: list[dict], fmt: str = "table") -> str:
     header = ["model", "method", "params GiB", "grads GiB*", "state GiB", "activ. GiB", "peak GiB",
               "/ AdamW", "AdamW +%", "paper AdamW +%"]
     return _tables.render(rows, fmt, header, lambda r: [
-        r["model"], r["method"] + (" (in-backward)" if r["step_in_backward"] else ""),
+        r["model"], method_label(r),
         *(f"{r[c] / GIB:.2f}" for c in CATEGORIES), f"{r['peak'] / GIB:.2f}", f"{r['ratio_to_adamw']:.2f}",
         f"{100 * r['adamw_overhead']:+.0f}%", _paper_cell(r)], text_columns=2)
 
@@ -92,7 +108,7 @@ def plot(rows: list[dict], path) -> None:
             bottom = [b + v for b, v in zip(bottom, values)]
         ax.axhline(mine[0]["adamw_peak"] / GIB, color="black", linestyle="--", linewidth=1, label="AdamW peak")
         ax.set_xticks(range(len(mine)))
-        ax.set_xticklabels([r["method"] for r in mine], rotation=35, ha="right", fontsize=8)
+        ax.set_xticklabels([method_label(r) for r in mine], rotation=35, ha="right", fontsize=8)
         ax.set_title(model)
         ax.set_ylabel("GiB at the peak of a training step")
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -103,12 +119,17 @@ def plot(rows: list[dict], path) -> None:
 
 
 def beyond_the_paper(model: str = "clip-vit-l14", batch_size: int = 1) -> list[tuple[str, MemoryProfile]]:
-    """AdamW against SGD (freeze-embed, no momentum) updated inside backward, with and without checkpointing."""
+    """fp32 AdamW against SGD (freeze-embed, no momentum) updated inside backward, with fp32 weights and
+    with bf16 weights that keep learning (stochastic rounding, or kahan's 2-byte compensation), and
+    with checkpointing. The first row is the baseline."""
+    nomom_in_backward = dict(method="sgd-freeze-embed-nomom", step_in_backward=True)
     runs = [
         ("adamw", dict(method="adamw")),
         ("adamw + checkpointing", dict(method="adamw", grad_checkpointing=True)),
-        ("sgd-freeze-embed-nomom, step in backward", dict(method="sgd-freeze-embed-nomom", step_in_backward=True)),
-        ("sgd-freeze-embed-nomom, step in backward + checkpointing",
-         dict(method="sgd-freeze-embed-nomom", step_in_backward=True, grad_checkpointing=True)),
+        ("sgd-freeze-embed-nomom, step in backward", nomom_in_backward),
+        ("sgd-freeze-embed-nomom, step in backward + checkpointing", dict(**nomom_in_backward, grad_checkpointing=True)),
+        ("sgd-freeze-embed-nomom, step in backward, bf16 weights + stochastic rounding", dict(**nomom_in_backward, param_dtype="bf16",
+                                                        bf16_update="stochastic")),
+        ("sgd-freeze-embed-nomom, step in backward, bf16 weights + kahan", dict(**nomom_in_backward, param_dtype="bf16", bf16_update="kahan")),
     ]
     return [(label, profile_memory(model, batch_size=batch_size, **kw)) for label, kw in runs]
