@@ -99,3 +99,41 @@ def test_bad_arguments():
         profile_memory("vit_tiny_patch16_224", "sgd", device="cpu", mode="simulated")
     with pytest.raises(ValueError, match=r"Invalid device: cpu for mode='measured' \(needs CUDA"):
         profile_memory("vit_tiny_patch16_224", "sgd", device="cpu")
+
+
+def test_clip_l14_fp32_adamw_over_bf16_stochastic_in_backward_sgd_is_at_least_5x():
+    # the bf16 issue's bar: no checkpointing on either side, fp32 AdamW the baseline
+    adamw = profile_memory("clip-vit-l14", "adamw")
+    sgd = profile_memory("clip-vit-l14", "sgd-freeze-embed-nomom", step_in_backward=True, param_dtype="bf16",
+                         bf16_update="stochastic")
+    assert sgd.parameters * 2 == adamw.parameters and sgd.optimizer_state == 0
+    assert adamw.peak / sgd.peak >= 5.0, (adamw.peak, sgd.peak)
+
+
+@pytest.mark.parametrize("update,state_bytes", [("nearest", 0), ("stochastic", 0), ("kahan", 2)])
+def test_bf16_weights_halve_parameters_and_kahan_adds_two_bytes_of_state(update, state_bytes):
+    fp32 = profile_memory("vit_tiny_patch16_224", "sgd-freeze-embed-nomom", image_size=64)
+    bf16 = profile_memory("vit_tiny_patch16_224", "sgd-freeze-embed-nomom", image_size=64, param_dtype="bf16",
+                          bf16_update=update)
+    assert bf16.parameters * 2 == fp32.parameters
+    assert bf16.gradients * 2 == fp32.gradients
+    assert bf16.optimizer_state == state_bytes * bf16.trainable_params
+    assert (bf16.param_dtype, bf16.bf16_update) == ("bfloat16", update)
+
+
+def test_bad_param_dtype_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"Invalid param_dtype: 'fp16' \(choose from fp32, bf16\)"):
+        profile_memory("vit_tiny_patch16_224", "sgd", param_dtype="fp16")
+
+
+def test_memory_cli_gives_bf16_weights_a_row_per_update_mode(capsys):
+    args = ["memory", "--models", "vit_tiny_patch16_224", "--methods", "sgd-freeze-embed-nomom", "--format", "json"]
+    assert cli.main(args + ["--param-dtype", "bf16", "--bf16-update", "nearest,kahan"]) == 0
+    text = capsys.readouterr().out
+    rows = json.loads(text[: text.rindex("]") + 1])
+    assert [(r["param_dtype"], r["bf16_update"]) for r in rows] == [("bfloat16", "nearest"), ("bfloat16", "kahan")]
+    assert rows[1]["optimizer_state"] == 2 * rows[1]["trainable_params"]
+    assert rows[0]["paper_adamw_overhead"] is None  # the paper trained fp32 weights
+    with pytest.raises(SystemExit):  # argparse: one line naming the option, exit status 2
+        cli.main(args + ["--param-dtype", "bf16", "--bf16-update", "round"])
+    assert "--bf16-update: must be comma-separated values from nearest, stochastic, kahan" in capsys.readouterr().err
