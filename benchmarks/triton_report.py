@@ -148,6 +148,7 @@ class Inspection:
 
 STATE_STREAMS = ("buf", "m", "v", "vmax")  # fp32 optimizer state
 STREAM_DTYPE = {"p": "P_DTYPE", "param": "P_DTYPE", "g": "G_DTYPE", "a": "A_DTYPE", "b": "B_DTYPE"}
+INT16_STREAMS = ("comp",)  # kahan's compensation of bf16 weights
 
 
 def expected_bits(variant: dict, streams: dict[str, int]) -> dict[str, int]:
@@ -158,7 +159,8 @@ def expected_bits(variant: dict, streams: dict[str, int]) -> dict[str, int]:
     expected = {}
     for stream in streams:
         dtype = constexprs.get(STREAM_DTYPE.get(stream.split()[1], ""))
-        sixteen_bit = isinstance(dtype, dict) and dtype["dtype"] in ("bf16", "fp16")
+        sixteen_bit = (isinstance(dtype, dict) and dtype["dtype"] in ("bf16", "fp16")
+                       or stream.split()[1] in INT16_STREAMS)
         expected[stream] = 64 if sixteen_bit and stores_state else 128
     return expected
 
@@ -380,15 +382,17 @@ def capture_small() -> dict:
     def record(kernel, grid, kwargs, num_warps):
         v = _specialize(kernel, kwargs, num_warps)
         variants.setdefault(json.dumps(v, sort_keys=True) if v["kernel"] == "tensor_sums_kernel"
-                            else v["kernel"] + dtype_name, v)
+                            else v["kernel"] + dtype_name + mode, v)
 
     TL._execute = record
-    for dtype_name in ("float32", "bfloat16"):
+    # bf16 weights also with each way of storing them (stochastic rounding, kahan compensation)
+    for dtype_name, mode in (("float32", "nearest"), ("bfloat16", "nearest"), ("bfloat16", "stochastic"),
+                             ("bfloat16", "kahan")):
         for u in UPDATES.values():
             params = [torch.zeros(s, dtype=getattr(torch, dtype_name)) for s in ((3000,), (64, 33), (7,))]
             for p in params:
                 p.grad = torch.zeros_like(p)
-            OPTIMIZERS[u.optimizer].cls(params, **u.kwargs, backend="triton").step()
+            OPTIMIZERS[u.optimizer].cls(params, **u.kwargs, backend="triton", bf16_update=mode).step()
     return {"variants": list(variants.values())}
 
 

@@ -37,10 +37,14 @@ def compiled():
 
 
 def test_every_kernel_compiles_for_sm90_in_fp32_and_bf16(compiled):
+    """bf16 with each bf16_update: nearest, stochastic rounding (ROUNDING=1), kahan (ROUNDING=2)."""
     assert {r["kernel"] for r in compiled} == KERNELS
     for kernel in KERNELS - NO_ELEMENT_STREAMS:
         variants = [r["variant"] for r in compiled if r["kernel"] == kernel]
         assert any("fp32" in v for v in variants) and any("bf16" in v for v in variants), (kernel, variants)
+    for kernel in PARAM_WRITERS:
+        rounding = {v.split("ROUNDING=")[1][0] for v in (r["variant"] for r in compiled if r["kernel"] == kernel)}
+        assert rounding == {"0", "1", "2"}, (kernel, rounding)
 
 
 def test_at_most_64_registers_and_no_spills(compiled):
