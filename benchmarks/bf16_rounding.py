@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.providers import make_setup, timed, vit_b16_shapes
 from fused_ft._precision import BF16_UPDATES
-from fused_ft.specs import UPDATES
+from fused_ft.testing.specs import UPDATES
 
 STOCHASTIC_OVERHEAD_TARGET = 1.15
 

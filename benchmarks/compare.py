@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.providers import add_sweep, make_setup, providers_for, timed, vit_b16_shapes
-from fused_ft.specs import UPDATES
+from fused_ft.testing.specs import UPDATES
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 ADD_BYTES_PER_ELEMENT = 12
-TARGETS = {  # issue 4: (min ratio to torch fused or speed-up over timm, min fraction of add-sweep bandwidth)
+TARGETS = {  # the CPU speed bars: (min ratio to torch fused or speed-up over timm, min fraction of add-sweep bandwidth)
     "sgd": ("torch-fused", 0.95, 0.85), "sgd-nomom": ("torch-fused", 0.95, 0.85),
     "adamw": ("torch-fused", 0.95, 0.85), "lars": ("timm", 2.0, 0.70), "lamb": ("timm", 4.0, 0.70),
 }
@@ -86,7 +86,8 @@ def verdicts(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=12, help="a multiple of 4 and 6 puts every provider right after the add sweep equally often")
+    parser.add_argument("--rounds", type=int, default=12,
+                        help="a multiple of 4 and 6 puts every provider right after the add sweep equally often")
     parser.add_argument("--no-write", action="store_true", help="print only, leave RESULTS.md alone")
     args = parser.parse_args(argv)
     rows = run(args.rounds)
@@ -95,7 +96,7 @@ def main(argv=None) -> None:
         f"Command: `python -m benchmarks.compare --rounds {args.rounds}` (part of `make bench`). "
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}. Medians over {args.rounds} interleaved rounds; every ratio is "
-        "taken within a round.\n\n" + table(rows) + "\n\nAgainst issue 4's targets (fused_ft-cpu):\n\n"
+        "taken within a round.\n\n" + table(rows) + "\n\nAgainst the CPU targets (fused_ft-cpu):\n\n"
         + verdicts(rows) + "\n"
     )
     print(section)

@@ -9,7 +9,7 @@
    the same rounds (targets: 85% for SGD and AdamW, 65% for LARS and LAMB, and at least torch
    fused's speed).
 4. Memory: simulated vs measured (torch.cuda.max_memory_allocated) peaks of CLIP ViT-B/16 and ViT-L/14,
-   micro-batch 1, sgd-freeze-embed and adamw (issue 6: within 5%).
+   micro-batch 1, sgd-freeze-embed and adamw (the bar: within 5%).
 
 Prints a markdown section to paste into benchmarks/RESULTS.md (and writes it to $OUT/gpu_check.md
 when OUT is set). Exits non-zero if a parity or memory check fails.
@@ -31,7 +31,7 @@ def _params(shapes, seed=0, device="cuda"):
 
 def parity(lines: list[str]) -> bool:
     from benchmarks.providers import vit_b16_shapes
-    from fused_ft.specs import OPTIMIZERS, UPDATES
+    from fused_ft.testing.specs import OPTIMIZERS, UPDATES
 
     shapes, total = [], 0
     for s in vit_b16_shapes():  # every shape kind, capped at ~4M elements
@@ -59,7 +59,8 @@ def parity(lines: list[str]) -> bool:
                 opts[b].step()
             launches.append(sum(TL.launches().values()) - before)
         torch.cuda.synchronize()
-        err = max(float(((a - r).abs().max() / r.abs().max().clamp(min=1e-12))) for a, r in zip(ps["triton"], ps["reference"]))
+        err = max(float(((a - r).abs().max() / r.abs().max().clamp(min=1e-12)))
+                  for a, r in zip(ps["triton"], ps["reference"]))
         ok &= err <= tol
         lines.append(f"| {name} | {err:.2e} | {tol:g} | {statistics.median(launches):g} |")
     return ok
@@ -80,7 +81,7 @@ TARGET_FRACTION = {"sgd": 0.85, "sgd-nomom": 0.85, "adamw": 0.85, "lars": 0.65, 
 
 def speed(lines: list[str], rounds: int = 5) -> bool:
     from benchmarks.providers import build_optimizer, vit_b16_shapes
-    from fused_ft.specs import OPTIMIZERS, UPDATES
+    from fused_ft.testing.specs import OPTIMIZERS, UPDATES
 
     shapes = vit_b16_shapes()
     numel = sum(s.numel() for s in shapes)

@@ -3,7 +3,7 @@
 On a GPU the host prepares a step while the device runs the previous one, so the host work is a floor
 on the step time that no kernel speed removes: a ViT-L/14 AdamW step moves 8.5 GB, about 2 ms at an
 H200's bandwidth. This measures it on a CPU, as the number of tensors of the ViT-B/16 and ViT-L/14
-parameter lists (152 and 297), for the five updates of ``fused_ft.specs.UPDATES``:
+parameter lists (152 and 297), for the five updates of ``fused_ft.testing.specs.UPDATES``:
 
 - ``fused_ft-triton``: the real ``step()`` (planning, validation, state, dispatch, launch tables and
   launch bookkeeping) with the CUDA launch configuration, and only ``triton_launch._execute``
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from benchmarks.providers import vit_shapes  # noqa: E402
 from fused_ft.kernels import triton_launch as TL  # noqa: E402
-from fused_ft.specs import OPTIMIZERS, UPDATES  # noqa: E402
+from fused_ft.testing.specs import OPTIMIZERS, UPDATES  # noqa: E402
 
 LISTS = {"ViT-B/16": "vit_base_patch16_224", "ViT-L/14": "vit_large_patch14_clip_224"}
 TORCH_FUSED = ("sgd", "adamw")  # the optimizers torch.optim has fused=True for

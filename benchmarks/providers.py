@@ -13,9 +13,10 @@ from typing import Callable
 
 import torch
 
-from fused_ft.specs import OPTIMIZERS, UPDATES
+from fused_ft.testing.specs import OPTIMIZERS, UPDATES
 
-TORCH_IMPLS = {"torch-fused": dict(fused=True), "torch-foreach": dict(foreach=True), "torch-forloop": dict(foreach=False)}
+TORCH_IMPLS = {"torch-fused": dict(fused=True), "torch-foreach": dict(foreach=True),
+               "torch-forloop": dict(foreach=False)}
 
 
 def vit_shapes(model: str) -> list[torch.Size]:

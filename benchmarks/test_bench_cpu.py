@@ -6,7 +6,7 @@ come from ``python -m benchmarks.compare``, which interleaves rounds (bandwidth 
 import pytest
 
 from benchmarks.providers import make_setup, providers_for, vit_b16_shapes
-from fused_ft.specs import UPDATES
+from fused_ft.testing.specs import UPDATES
 
 CASES = [(u, p) for u in UPDATES for p in providers_for(u)]
 

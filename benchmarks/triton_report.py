@@ -3,7 +3,7 @@
 1. Capture (a child process under ``TRITON_INTERPRET=1`` and ``FUSED_FT_TRITON_TARGET=cuda``, every
    launch stubbed): the exact variants the launcher produces on CUDA - kernel, constexprs, Triton's
    argument specialization, num_warps - for every update and option set of the registry
-   (``fused_ft.specs.OPTIMIZERS``) x parameter dtype (fp32, bf16, fp16; gradients take the
+   (``fused_ft.testing.specs.OPTIMIZERS``) x parameter dtype (fp32, bf16, fp16; gradients take the
    parameter's dtype, as torch's grad setter demands) on the ViT-B/16 list, and the five updates of
    ``UPDATES`` on the ViT-L/14 list, whose variants must add nothing new.
 2. Compile (this process, no interpreter): each variant with ``triton.compile`` for sm_80 and sm_90.
@@ -81,7 +81,7 @@ def capture() -> dict:
 
     from benchmarks.providers import vit_shapes
     from fused_ft.kernels import triton_launch as TL
-    from fused_ft.specs import OPTIMIZERS, UPDATES
+    from fused_ft.testing.specs import OPTIMIZERS, UPDATES
 
     variants: dict[str, dict] = {}
     launched: list[str] = []
@@ -332,7 +332,7 @@ def prediction_table(capture: dict, bytes_per_element: dict[str, float], host: l
     """``bytes_per_element``: by variant key, what a launch moves per element of the list (sm_90 code)."""
     from benchmarks.host_overhead import host_ms
     from benchmarks.providers import vit_shapes
-    from fused_ft.specs import UPDATES
+    from fused_ft.testing.specs import UPDATES
 
     ms = host_ms(host)
     gpus = " | ".join(f"{gpu} ms" for gpu in BANDWIDTH)
@@ -375,7 +375,7 @@ def capture_small() -> dict:
     import torch
 
     from fused_ft.kernels import triton_launch as TL
-    from fused_ft.specs import OPTIMIZERS, UPDATES
+    from fused_ft.testing.specs import OPTIMIZERS, UPDATES
 
     variants: dict[str, dict] = {}
 

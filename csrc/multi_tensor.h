@@ -32,7 +32,7 @@ struct Chunk {
 
 // Chunk lists live in per-thread buffers that keep their capacity from step to step: a fresh
 // std::vector per step touched new heap pages after the caller's temporaries were trimmed (7 page
-// faults per step measured on the ViT-B/16 list), which issue 4 forbids. `slot` picks one of a few
+// faults per step measured on the ViT-B/16 list), which a steady-state step must not do. `slot` picks one of a few
 // buffers so that a caller can hold two lists at once.
 inline std::vector<Chunk>& chunk_buffer(int slot) {
   thread_local std::vector<Chunk> buffers[2];

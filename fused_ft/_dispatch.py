@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
-import sys
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "check_backend_name", "resolve"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "check_backend_name", "lamb_clip",
+           "resolve", "unavailable_reason"]
 
 BACKENDS = ("auto", "reference", "triton", "cpu")
 
@@ -27,75 +25,35 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why and what to do."""
 
 
-@functools.lru_cache(maxsize=None)
-def _module(name: str):
-    """A backend module, imported once (resolve runs for every group on every step)."""
-    return importlib.import_module(name)
-
-
-@dataclass(frozen=True)
-class _Backend:
-    name: str
-    module: str  # ``{opt}`` is replaced by the optimizer's name, in both module and attr
-    attr: str
-
-    def unavailable_reason(self, device: torch.device) -> str | None:
-        """None when this backend can run on ``device``, else a sentence saying why not and how to fix it."""
-        if self.name == "reference":
-            return None
-        if self.name == "triton":
-            interpret = os.environ.get("TRITON_INTERPRET") == "1"
-            if device.type == "cuda" and not interpret and not torch.cuda.is_available():
-                return "backend='triton' needs a CUDA device, and torch sees none (torch.cuda.is_available() is False)"
-            if device.type != "cuda" and not interpret:
-                return (
-                    f"backend='triton' needs CUDA tensors, but the parameters are on {device}; "
-                    "use backend='auto' or 'cpu', or set TRITON_INTERPRET=1 to run the kernels in "
-                    "Triton's (slow) CPU interpreter"
-                )
-            if "triton" in sys.modules:  # every step asks: skip the import machinery once imported
-                return None
-            try:
-                importlib.import_module("triton")
-            except ImportError as exc:
-                return f"backend='triton' needs the triton package ({exc}); pip install triton"
-            return None
-        if self.name == "meta":
-            from fused_ft.kernels import meta
-
-            return meta.unavailable_reason(device)
-        if self.name == "cpu":
-            if device.type != "cpu":
-                return f"backend='cpu' runs on CPU tensors, but the parameters are on {device}; use backend='auto'"
-            from fused_ft.kernels import cpu as cpu_kernels  # imported lazily: it loads the extension
-
-            return cpu_kernels.unavailable_reason()
-        raise AssertionError(self.name)
-
-    def implementation(self, optimizer: str) -> Callable[..., None]:
-        return getattr(_module(self.module.format(opt=optimizer)), self.attr.format(opt=optimizer))
-
-    def unsupported_reason(
-        self, optimizer: str, options: Mapping[str, Any], dtypes: frozenset[torch.dtype]
-    ) -> str | None:
-        """None when this backend implements every option of the group and its dtypes, else what it lacks."""
-        check = getattr(_module(self.module.format(opt=optimizer)), "unsupported_reason", None)
-        return check(optimizer, options, dtypes) if check is not None else None
-
-    def helper(self, optimizer: str, name: str) -> Callable[..., Any]:
-        """A backend's companion function, e.g. LAMB's global clipping: ``<attr>_<name>``."""
-        return getattr(_module(self.module.format(opt=optimizer)), f"{self.attr.format(opt=optimizer)}_{name}")
-
-
-_REGISTRY = {
-    "reference": _Backend("reference", "fused_ft.optim.{opt}", "_reference_{opt}"),
-    "triton": _Backend("triton", "fused_ft.kernels.triton_launch", "{opt}"),
-    "cpu": _Backend("cpu", "fused_ft.kernels.cpu", "{opt}"),
+# Backend name -> its module. Every backend module has the same interface: ``unavailable_reason(device)``,
+# ``unsupported_reason(optimizer, options, dtypes)`` and ``UPDATES``, a table from update name ("sgd",
+# "adamw", "lars", "lamb", and LAMB's global clip "lamb_clip") to the function that runs it.
+_MODULES = {
+    "reference": "fused_ft.kernels.reference",
+    "triton": "fused_ft.kernels.triton_launch",
+    "cpu": "fused_ft.kernels.cpu",
     # not in BACKENDS: only auto picks it, for meta tensors (fused_ft.memory's simulated mode)
-    "meta": _Backend("meta", "fused_ft.kernels.meta", "{opt}"),
+    "meta": "fused_ft.kernels.meta",
 }
+_INSTALL_HINTS = {"triton": "pip install triton"}
 # auto's preference per device type: fastest first; reference always closes the list.
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference"), "meta": ("meta",)}
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str):
+    """A backend's module, imported once (resolve runs for every group on every step)."""
+    return importlib.import_module(_MODULES[name])
+
+
+def _unavailable(name: str, device: torch.device) -> str | None:
+    """None when backend ``name`` can run on ``device``, else a sentence saying why not and how to fix it."""
+    try:
+        module = _module(name)
+    except ImportError as exc:
+        hint = _INSTALL_HINTS.get(name, "reinstall fused_ft")
+        return f"backend={name!r} could not be imported ({exc}); {hint}"
+    return module.unavailable_reason(device)
 
 
 _WARNED: set = set()
@@ -119,17 +77,17 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     device = torch.device(device)
     order = _AUTO_ORDER.get(device.type, ("reference",))
     names = list(dict.fromkeys(order + ("triton", "cpu", "reference")))
-    return [n for n in names if n in BACKENDS and _REGISTRY[n].unavailable_reason(device) is None]
+    return [n for n in names if n in BACKENDS and _unavailable(n, device) is None]
 
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` (a name, or ``auto``) cannot run on ``device`` here, or None when it can."""
-    return None if backend == "auto" else _REGISTRY[backend].unavailable_reason(device)
+    return None if backend == "auto" else _unavailable(backend, device)
 
 
-def helper(backend: str, optimizer: str, name: str) -> Callable[..., Any]:
-    """A resolved backend's companion function (``backend`` is a concrete name, not ``auto``)."""
-    return _REGISTRY[backend].helper(optimizer, name)
+def lamb_clip(backend: str) -> Callable[..., Any]:
+    """LAMB's global gradient clipping as backend ``backend`` (a concrete name, not ``auto``) computes it."""
+    return _module(backend).UPDATES["lamb_clip"]
 
 
 def resolve(
@@ -141,17 +99,16 @@ def resolve(
 ) -> tuple[str, Callable[..., None]]:
     """The backend name and update function for one param group's tensors on ``device``."""
     if backend != "auto":
-        chosen = _REGISTRY[backend]
-        reason = chosen.unavailable_reason(device) or chosen.unsupported_reason(optimizer, options, dtypes)
+        reason = _unavailable(backend, device) or _module(backend).unsupported_reason(optimizer, options, dtypes)
         if reason is not None:
             raise BackendUnavailableError(reason)
-        return backend, chosen.implementation(optimizer)
+        return backend, _module(backend).UPDATES[optimizer]
     for name in _AUTO_ORDER.get(device.type, ("reference",)):
-        candidate = _REGISTRY[name]
-        reason = candidate.unavailable_reason(device)
+        reason = _unavailable(name, device)
         if reason is not None:
             _warn_once(name, device, reason)
             continue
-        if candidate.unsupported_reason(optimizer, options, dtypes) is None:
-            return name, candidate.implementation(optimizer)
+        module = _module(name)
+        if module.unsupported_reason(optimizer, options, dtypes) is None:
+            return name, module.UPDATES[optimizer]
     raise AssertionError("the reference backend runs everywhere")

@@ -72,10 +72,14 @@ class Rule:
             return
         if self.kind == "optional_number" and value is None:
             return
-        if self.kind == "pair":
-            if not isinstance(value, (tuple, list)) or len(value) != 2:
+        if self.kind == "pair":  # torch's types: a non-sequence is a TypeError, a wrong length a ValueError
+            if not isinstance(value, (tuple, list)):
+                raise TypeError(f"Invalid {name}: {value!r} (must be a pair of numbers)")
+            if len(value) != 2:
                 raise ValueError(f"Invalid {name}: {value!r} (must be a pair of numbers)")
             for i, v in enumerate(value):
+                if isinstance(v, torch.Tensor) and not self.tensor_ok:  # torch.optim: ValueError
+                    raise ValueError(f"Invalid {name}[{i}]: {v!r} (a Tensor in {name} is not supported; pass floats)")
                 self._check_number(f"{name}[{i}]", v)
             return
         self._check_number(name, value)

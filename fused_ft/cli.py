@@ -114,7 +114,8 @@ def _memory(args: argparse.Namespace) -> None:
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     """What finetune and sweep share: model, data, schedule and output."""
     add_model_arguments(parser, default_model="shift-lab-vit")
-    parser.add_argument("--data", default="shift-lab", help="shift-lab[:spurious], imagefolder:DIR, waterbirds:DIR, ...")
+    parser.add_argument("--data", default="shift-lab",
+                        help="shift-lab[:spurious], imagefolder:DIR, waterbirds:DIR, ...")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--after-linear-probe", action="store_true", help="LP-FT's second stage: LRs / 10")
@@ -172,7 +173,8 @@ def _finetune(args: argparse.Namespace) -> None:
         raise ValueError("Invalid arguments: give --lr LR or --lr-sweep paper")
     out = Path(args.out)
     if not args.resume and int(os.environ.get("RANK", "0")) == 0 and out.exists() and any(out.iterdir()):
-        raise ValueError(f"Invalid --out: {str(out)!r} is not empty (add --resume to continue that run, or pick a new directory)")
+        raise ValueError(f"Invalid --out: {str(out)!r} is not empty "
+                         "(add --resume to continue that run, or pick a new directory)")
     if args.lr is not None:
         result = finetune(_base_config(args, method=args.method, lr=args.lr, seed=args.seed))
         if int(os.environ.get("RANK", "0")) != 0:

@@ -17,7 +17,8 @@ def main() -> None:
     print("fused_ft demo 1/3: memory of one training step at micro-batch 1 (simulated; paper Table 4)\n")
     rows = memory_report.run_table(memory_report.DEFAULT_MODELS, memory_report.DEFAULT_METHODS)
     print(memory_report.render(rows, "table"))
-    print("\n* gradients alive at the peak. 'AdamW +%' is how much more AdamW needs than the method; the paper measured the whole GPU process")
+    print("\n* gradients alive at the peak. 'AdamW +%' is how much more AdamW needs than the method; "
+          "the paper measured the whole GPU process")
     print("(CUDA context, allocator caching, mixed-precision copies), which adds the same amount to every method.\n")
     print("fused_ft demo 2/3: beyond the paper, CLIP ViT-L/14 at micro-batch 1\n")
     runs = memory_report.beyond_the_paper()
@@ -46,7 +47,8 @@ def shift_lab_experiment(out: str = "runs/demo-shift-lab") -> None:
     data = load_data("shift-lab")
     model = build_model(base, data.num_classes)
     batches = diagnostics.sample_batches(data.train, base.batch_size)
-    print("layer-gradient verdict at initialisation:", diagnostics.verdict(diagnostics.layer_grad_norms(model, batches)))
+    verdict = diagnostics.verdict(diagnostics.layer_grad_norms(model, batches))
+    print("layer-gradient verdict at initialisation:", verdict)
     lrs = {m: method(m).lr_grid[2:5] for m in SHORT_METHODS}
     results = sweep.run_sweep(base, list(SHORT_METHODS), lrs, [0], jobs=min(2, os.cpu_count() or 1))
     print(sweep.render(sweep.summarize(results), "table"))

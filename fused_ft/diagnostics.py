@@ -19,7 +19,8 @@ from torch import nn
 
 from fused_ft.layers import model_layers
 
-__all__ = ["LayerGradNorm", "Verdict", "layer_grad_norms", "sample_batches", "verdict", "write_csv", "plot", "OUTLIER_RATIO"]
+__all__ = ["LayerGradNorm", "Verdict", "layer_grad_norms", "sample_batches", "verdict", "write_csv", "plot",
+           "OUTLIER_RATIO"]
 
 # The embedding counts as an outlier when its gradient norm is at least this many times the median
 # middle layer's. The paper's CLIP ViT-B/16 embedding gradient is "about 5x larger" (Appendix B); the

@@ -78,7 +78,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _full(t):
-    from fused_ft.optim._dtensor import is_dtensor
+    from fused_ft._dtensor import is_dtensor
 
     return t.full_tensor().cpu() if is_dtensor(t) else t
 
@@ -96,7 +96,7 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ctx: C
 def _like(full: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
-    from fused_ft.optim._dtensor import is_dtensor
+    from fused_ft._dtensor import is_dtensor
 
     if is_dtensor(target) and not is_dtensor(full):
         return distribute_tensor(full.to(target.device), target.device_mesh, target.placements)

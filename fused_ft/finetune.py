@@ -89,7 +89,9 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
 
 def _autocast(device: torch.device):
     # mixed precision on GPUs (bf16: no GradScaler needed); full fp32 on the CPU
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
 def _validate(config: FinetuneConfig) -> None:
@@ -143,7 +145,8 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
     total_steps = config.epochs * steps_per_epoch
     gradual = get_method(config.method).schedule == "gradual-unfreeze"
     scheduler = (GradualUnfreeze(optimizer, config.epochs) if gradual else
-                 torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps))))
+                 torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                   lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps))))
     state = {"epoch": 0, "best_val": -1.0, "best_epoch": -1, "best_model": None, "history": []}
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)

@@ -35,7 +35,7 @@ from fused_ft._validation import check_positive_int
 from fused_ft.methods import create_optimizer, method as get_method
 from fused_ft.models import input_size
 
-__all__ = ["MemoryProfile", "profile_memory", "CATEGORIES"]
+__all__ = ["MemoryProfile", "profile_memory", "optimizer_state_bytes", "param_dtype_of", "CATEGORIES"]
 
 # the parts of the peak, in the order of the table and plot
 CATEGORIES = ("parameters", "gradients_at_peak", "optimizer_state", "activations")
@@ -127,6 +127,12 @@ class _LiveStorages(TorchDispatchMode):
 def _state_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """State tensors proportional to the parameters (not the per-parameter step counters on the CPU)."""
     return [v for s in optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and k != "step"]
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of any torch optimizer's state as the profiler counts them: tensors proportional to the
+    parameters (momentum, moments, kahan's compensation), not step counters."""
+    return sum(t.numel() * t.element_size() for t in _state_tensors(optimizer))
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -247,7 +253,7 @@ def profile_memory(
     with _fused_attention_on_meta():
         train_step()  # warm-up: creates the optimizer state
     param_bytes = sum(p.numel() * p.element_size() for p in params)
-    state_bytes = sum(t.numel() * t.element_size() for t in _state_tensors(optimizer))
+    state_bytes = optimizer_state_bytes(optimizer)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     if mode == "measured":
         peak, categories, grad_max = _measure(train_step, params, param_bytes, state_bytes, device)

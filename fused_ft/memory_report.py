@@ -21,7 +21,8 @@ DEFAULT_METHODS = ("sgd", "sgd-freeze-embed", "sgd-freeze-embed-nomom", "adamw",
 PAPER_ADAMW_OVERHEAD = {
     ("clip-vit-b16", "sgd-freeze-embed"): (0.16, False), ("clip-vit-b16", "sgd-freeze-embed-nomom"): (0.36, False),
     ("clip-vit-l14", "sgd-freeze-embed"): (0.18, False), ("clip-vit-l14", "sgd-freeze-embed-nomom"): (0.48, False),
-    ("openclip-vit-h14", "sgd-freeze-embed"): (0.20, True), ("openclip-vit-h14", "sgd-freeze-embed-nomom"): (0.60, True),
+    ("openclip-vit-h14", "sgd-freeze-embed"): (0.20, True),
+    ("openclip-vit-h14", "sgd-freeze-embed-nomom"): (0.60, True),
 }
 GIB = 2**30
 
@@ -98,7 +99,8 @@ def plot(rows: list[dict], path) -> None:
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.5), squeeze=False)
-    colors = {"parameters": "#4c72b0", "gradients_at_peak": "#dd8452", "optimizer_state": "#c44e52", "activations": "#8c8c8c"}
+    colors = {"parameters": "#4c72b0", "gradients_at_peak": "#dd8452", "optimizer_state": "#c44e52",
+              "activations": "#8c8c8c"}
     for ax, model in zip(axes[0], models):
         mine = [r for r in rows if r["model"] == model]
         bottom = [0.0] * len(mine)
@@ -127,9 +129,11 @@ def beyond_the_paper(model: str = "clip-vit-l14", batch_size: int = 1) -> list[t
         ("adamw", dict(method="adamw")),
         ("adamw + checkpointing", dict(method="adamw", grad_checkpointing=True)),
         ("sgd-freeze-embed-nomom, step in backward", nomom_in_backward),
-        ("sgd-freeze-embed-nomom, step in backward + checkpointing", dict(**nomom_in_backward, grad_checkpointing=True)),
-        ("sgd-freeze-embed-nomom, step in backward, bf16 weights + stochastic rounding", dict(**nomom_in_backward, param_dtype="bf16",
-                                                        bf16_update="stochastic")),
-        ("sgd-freeze-embed-nomom, step in backward, bf16 weights + kahan", dict(**nomom_in_backward, param_dtype="bf16", bf16_update="kahan")),
+        ("sgd-freeze-embed-nomom, step in backward + checkpointing",
+         dict(**nomom_in_backward, grad_checkpointing=True)),
+        ("sgd-freeze-embed-nomom, step in backward, bf16 weights + stochastic rounding",
+         dict(**nomom_in_backward, param_dtype="bf16", bf16_update="stochastic")),
+        ("sgd-freeze-embed-nomom, step in backward, bf16 weights + kahan",
+         dict(**nomom_in_backward, param_dtype="bf16", bf16_update="kahan")),
     ]
     return [(label, profile_memory(model, batch_size=batch_size, **kw)) for label, kw in runs]

@@ -2,7 +2,7 @@
 
 Names and defaults follow Kumar et al. (Appendix A, Tables 5 and 7): torch's defaults except SGD
 momentum 0.9; AdamW weight decay 0.01, betas (0.9, 0.999), eps 1e-8. Each method is data: the
-optimizer from :data:`fused_ft.specs.OPTIMIZERS`, its keyword arguments, what is frozen, the
+optimizer from :data:`fused_ft.optim.OPTIMIZER_CLASSES`, its keyword arguments, what is frozen, the
 embedding's learning-rate factor, the paper's 6-point learning-rate grid and the schedule.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from fused_ft._validation import check_positive_number
 from fused_ft.embedding import embedding_params
 from fused_ft.layers import head_params, model_layers
-from fused_ft.specs import OPTIMIZERS
+from fused_ft.optim import OPTIMIZER_CLASSES
 
 __all__ = ["METHODS", "Method", "SGD_LRS", "ADAMW_LRS", "LP_FT_LR_DIVISOR", "create_optimizer", "method"]
 
@@ -38,7 +38,7 @@ class Method:
     Attributes:
         name: the paper's method, as a key (``sgd-freeze-embed``).
         description: one line, with the paper's name.
-        optimizer: key into :data:`fused_ft.specs.OPTIMIZERS`.
+        optimizer: key into :data:`fused_ft.optim.OPTIMIZER_CLASSES`.
         kwargs: the optimizer's arguments (the paper's defaults); ``create_optimizer`` overrides win.
         freeze: ``none``, ``embedding``, ``embedding-not-ln`` (keep CLIP's ln_pre trainable),
             ``all-but-head`` (linear probe) or ``gradual`` (all but the head at first).
@@ -128,14 +128,14 @@ def create_optimizer(
         False
     """
     m = method(method_name)
-    spec = OPTIMIZERS[m.optimizer]
+    cls = OPTIMIZER_CLASSES[m.optimizer]
     lr = m.default_lr if lr is None else lr
     check_positive_number("lr", lr)
     if after_linear_probe:
         lr = lr / LP_FT_LR_DIVISOR
     kwargs = {**m.kwargs, **overrides}
     groups = _param_groups(model, m, lr, dict(embedding or {}))
-    optimizer = spec.cls(groups, lr=lr, backend=backend, **kwargs)  # validates everything before freezing
+    optimizer = cls(groups, lr=lr, backend=backend, **kwargs)  # validates everything before freezing
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.requires_grad_(not group["frozen"])

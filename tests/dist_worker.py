@@ -7,16 +7,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import fused_ft
+from fused_ft.testing.specs import OPTIMIZERS
 
 STEPS = 10
 BATCH = 8
-OPTIMIZERS = {
-    "sgd": lambda groups: fused_ft.SGD(groups, lr=0.05, momentum=0.9),
-    "adamw": lambda groups: fused_ft.AdamW(groups, lr=1e-3),
-    "lars": lambda groups: fused_ft.LARS(groups, lr=0.5, momentum=0.9, weight_decay=1e-4),
-    "lamb": lambda groups: fused_ft.LAMB(groups, lr=1e-2, max_grad_norm=0.5),  # clipping is active
-}
+# registry variant of each optimizer, and what this test changes (LAMB: a clip norm that is active here)
+CASES = {"sgd": ("momentum", {}), "adamw": ("default", {}), "lars": ("momentum-wd-trust-clip", {}),
+         "lamb": ("default", {"lr": 1e-2, "max_grad_norm": 0.5})}
+
+
+def build_optimizer(name: str, groups):
+    variant, overrides = CASES[name]
+    spec = OPTIMIZERS[name]
+    return spec.cls(groups, **{**spec.variants[variant], **overrides})
 
 
 class Net(nn.Module):
@@ -82,16 +85,16 @@ def trajectories(rank: int, world: int, port: int, wrapper: str, out: str) -> No
     """Every optimizer for STEPS steps under DDP or FSDP2; rank 0 saves the full parameters."""
     _init(rank, world, port)
     results = {}
-    for name, build in OPTIMIZERS.items():
+    for name in CASES:
         model = Net()
         groups = groups_of(model)
         if wrapper == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model)
-            optimizer = build(groups)
+            optimizer = build_optimizer(name, groups)
         else:
             wrapped = shard(model)
             # fully_shard swapped the parameters for DTensors: regroup the new objects
-            optimizer = build(groups_of(wrapped))
+            optimizer = build_optimizer(name, groups_of(wrapped))
         train(wrapped, optimizer, STEPS, rank, world)
         results[name] = full_params(wrapped)
         frozen = [p for g in optimizer.param_groups if g["frozen"] for p in g["params"]]
@@ -105,7 +108,7 @@ def _sharded_run(rank: int, world: int, port: int, name: str):
     """A process group, the sharded Net and its optimizer: what both checkpoint halves start from."""
     _init(rank, world, port)
     model = shard(Net())
-    return model, OPTIMIZERS[name](groups_of(model))
+    return model, build_optimizer(name, groups_of(model))
 
 
 def _save_params(model: nn.Module, rank: int, out: str) -> None:

@@ -12,7 +12,7 @@ import torch
 import fused_ft
 from fused_ft._precision import COMPENSATION_KEY, merge_master, split_master
 from fused_ft.kernels import triton_launch
-from fused_ft.specs import OPTIMIZERS, UPDATES
+from fused_ft.testing.specs import OPTIMIZERS, UPDATES
 
 BACKENDS = ["reference", "cpu", "triton"]
 ULP_AT_1 = 2.0**-7  # bf16's spacing in [1, 2)
@@ -126,8 +126,9 @@ def test_split_and_merge_are_exact_inverses_with_the_weight_rounded_to_nearest()
 @pytest.mark.parametrize("mode", ["stochastic", "kahan"])
 def test_every_update_matches_the_reference_one_step(update, backend, mode):
     """One step of each of the five updates on a mixed list (bf16 and an fp32 tensor, which ignores the
-    mode; the kernels split it into two launches): weights within one bf16 ulp of the reference (kernels' fp32 math rounds differently, and
-    that may move a stochastic or kahan store by one ulp), fp32 tensors as close as without a mode."""
+    mode; the kernels split it into two launches): weights within one bf16 ulp of the reference (kernels'
+    fp32 math rounds differently, and that may move a stochastic or kahan store by one ulp), fp32 tensors
+    as close as without a mode."""
     spec = UPDATES[update]
     results = {}
     for b in ("reference", backend):

@@ -1,4 +1,4 @@
-"""Layer-gradient diagnostics (issue 5): Eq. 3.1 against a hand computation, the verdict, the CLI."""
+"""Layer-gradient diagnostics: Eq. 3.1 against a hand computation, the verdict, the CLI."""
 from __future__ import annotations
 
 import csv
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fused_ft import cli, diagnostics
+from fused_ft import cli
 from fused_ft.diagnostics import LayerGradNorm, layer_grad_norms, verdict
 
 

@@ -1,4 +1,4 @@
-"""Scale-out (issue 8): 2 CPU processes with gloo under DDP and FSDP2 match one process on the full batch,
+"""Scale-out: 2 CPU processes with gloo under DDP and FSDP2 match one process on the full batch,
 and a sharded checkpoint saved at world size 2 loads at world size 1 and continues identically."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _port() -> int:
 
 def _single_process(name: str, steps: int = W.STEPS) -> dict[str, torch.Tensor]:
     model = W.Net()
-    optimizer = W.OPTIMIZERS[name](W.groups_of(model))
+    optimizer = W.build_optimizer(name, W.groups_of(model))
     W.train(model, optimizer, steps)
     return W.full_params(model)
 
@@ -32,7 +32,7 @@ def test_two_ranks_match_one_process_on_the_full_batch(wrapper, tmp_path):
     mp.spawn(W.trajectories, args=(2, _port(), wrapper, str(out)), nprocs=2, join=True)
     results = torch.load(out)
     initial = W.full_params(W.Net())
-    for name in W.OPTIMIZERS:
+    for name in W.CASES:
         expected = _single_process(name)
         for key, value in expected.items():
             torch.testing.assert_close(results[name][key], value, rtol=1e-5, atol=1e-6, msg=f"{wrapper} {name} {key}")

@@ -1,4 +1,4 @@
-"""Freeze-embed (issue 5): the embedding finder on the paper's models, and what freezing does to a step."""
+"""Freeze-embed: the embedding finder on the paper's models, and what freezing does to a step."""
 from __future__ import annotations
 
 import pytest
@@ -121,7 +121,8 @@ def test_create_model_checkpoint_roundtrip(tmp_path):
     for (n, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b) or n.startswith("head."), n
     assert not torch.equal(source.head.weight, loaded.head.weight)
-    with pytest.raises(fused_ft.models.PretrainedWeightsError, match=r"Invalid checkpoint: '.*missing.pth' is not a file"):
+    with pytest.raises(fused_ft.models.PretrainedWeightsError,
+                       match=r"Invalid checkpoint: '.*missing.pth' is not a file"):
         create_model("vit_tiny_patch16_224", num_classes=5, checkpoint=tmp_path / "missing.pth")
     with pytest.raises(ValueError, match=r"Invalid model: 'no_such_model'.*aliases: clip-vit-b16"):
         create_model("no_such_model", num_classes=5)

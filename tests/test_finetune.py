@@ -1,4 +1,4 @@
-"""Accuracy harness (issue 7): finetune end to end, kill-and-resume, sweep selection, data errors, shift-lab."""
+"""Accuracy harness: finetune end to end, kill-and-resume, sweep selection, data errors, shift-lab."""
 from __future__ import annotations
 
 import json
@@ -32,7 +32,8 @@ def test_finetune_end_to_end(image_folder, tmp_path, capsys):
     assert [x["event"] for x in lines] == ["config", "epoch", "epoch", "epoch", "result"]
     assert lines[-1]["id_val"] == max(x["id_val"] for x in lines if x["event"] == "epoch")  # early stopping
     # cosine to 0 over all 9 steps (24 images, batch 8, 3 epochs): the LR each epoch starts with
-    assert [x["lr"] for x in lines[1:4]] == pytest.approx([0.01 * 0.5 * (1 + math.cos(math.pi * s / 9)) for s in (0, 3, 6)])
+    cosine = [0.01 * 0.5 * (1 + math.cos(math.pi * s / 9)) for s in (0, 3, 6)]
+    assert [x["lr"] for x in lines[1:4]] == pytest.approx(cosine)
     assert '"ood_test_b"' in capsys.readouterr().out
     assert cli.main(_finetune_args(image_folder, tmp_path / "run")) == 2  # refuses to overwrite without --resume
 

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import fused_ft
-from fused_ft.specs import OPTIMIZERS
-from fused_ft.utils import optimizer_state_bytes
+from fused_ft.testing.specs import OPTIMIZERS
+from fused_ft.memory import optimizer_state_bytes
 from tests.helpers import assert_params_close, batches, make_model, train_step, twin
 
 

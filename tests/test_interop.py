@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fused_ft
-from fused_ft.specs import OPTIMIZERS
+from fused_ft.testing.specs import OPTIMIZERS
 from tests.helpers import assert_params_close, assert_state_close, batches, make_model, train_step, twin, two_groups
 
 
@@ -30,7 +30,8 @@ def test_state_dict_round_trip_continues_identically(opt_name, direction):
     spec = OPTIMIZERS[opt_name]
     kwargs = PLAIN[opt_name]
     first_model = make_model(MODEL)
-    make_first, make_second = (spec.cls, spec.reference) if direction == "ours->reference" else (spec.reference, spec.cls)
+    ours_first = direction == "ours->reference"
+    make_first, make_second = (spec.cls, spec.reference) if ours_first else (spec.reference, spec.cls)
     first = make_first(two_groups(first_model, lr=kwargs["lr"] * 0.5), **kwargs)
     data = list(batches(10))
     for x, y in data[:5]:
@@ -126,7 +127,8 @@ def test_add_param_group_later_matches_reference(opt_name):
     ref_model = twin(ours_model)
     opts = []
     for model, make in ((ours_model, spec.cls), (ref_model, spec.reference)):
-        head, body = list(model.head.parameters()), [p for n, p in model.named_parameters() if not n.startswith("head.")]
+        head = list(model.head.parameters())
+        body = [p for n, p in model.named_parameters() if not n.startswith("head.")]
         opts.append((model, make(head, **kwargs), body))
     for i, (x, y) in enumerate(batches(6)):
         for model, opt, body in opts:

@@ -15,7 +15,7 @@ import copy
 import pytest
 import torch
 
-from fused_ft.specs import OPTIMIZERS
+from fused_ft.testing.specs import OPTIMIZERS
 from tests.helpers import assert_close_tensorwise
 
 PLAIN = {name: next(iter(spec.variants.values())) for name, spec in OPTIMIZERS.items()}

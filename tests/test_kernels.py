@@ -18,7 +18,7 @@ from fused_ft.optim import adamw as adamw_mod
 from fused_ft.optim import lamb as lamb_mod
 from fused_ft.optim import lars as lars_mod
 from fused_ft.optim import sgd as sgd_mod
-from fused_ft.specs import OPTIMIZERS, UPDATES
+from fused_ft.testing.specs import OPTIMIZERS, UPDATES
 from tests.helpers import assert_close_tensorwise
 from tests.strategies import build, grads_like, tensor_lists
 
@@ -257,7 +257,8 @@ def test_cpu_backend_without_the_extension_says_how_to_fix_it(monkeypatch):
     monkeypatch.setattr(CPU, "_IMPORT_ERROR", "No module named 'fused_ft._C'")
     q = torch.randn(4, requires_grad=True)
     q.grad = torch.randn(4)
-    with pytest.raises(fused_ft.BackendUnavailableError, match=r"needs the C\+\+ extension.*pip install --no-build-isolation"):
+    with pytest.raises(fused_ft.BackendUnavailableError,
+                       match=r"needs the C\+\+ extension.*pip install --no-build-isolation"):
         fused_ft.SGD([q], lr=0.1, backend="cpu").step()
     with pytest.warns(UserWarning, match=r"backend='cpu' .*falling back to backend='reference'"):
         fused_ft.SGD([q], lr=0.1).step()  # auto: one clear warning, then the reference backend

@@ -1,4 +1,4 @@
-"""Memory profiler (issue 6): closed-form bytes, agreement with the OS's count, the CLI, step in backward."""
+"""Memory profiler: closed-form bytes, agreement with the OS's count, the CLI, step in backward."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The method factory (issue 5): the paper's methods by name, gradual unfreezing and LP-FT."""
+"""The method factory: the paper's methods by name, gradual unfreezing and LP-FT."""
 from __future__ import annotations
 
 import math

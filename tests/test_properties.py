@@ -1,10 +1,9 @@
 """Property tests: on any tensor list (0-dim, empty, odd sizes, non-contiguous) fused_ft equals torch/timm."""
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fused_ft.specs import OPTIMIZERS
+from fused_ft.testing.specs import OPTIMIZERS
 from tests.helpers import assert_close_report
 from tests.strategies import build, grads_like, tensor_lists
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fused_ft
-from fused_ft.specs import OPTIMIZERS
+from fused_ft.testing.specs import OPTIMIZERS
 from tests.helpers import assert_close_tensorwise, batches, make_model, train_step, twin
 
 CASES = {"sgd": dict(lr=0.05, momentum=0.9), "sgd-nomom": dict(lr=0.05), "adamw": dict(lr=1e-3),

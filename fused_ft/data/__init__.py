@@ -62,7 +62,8 @@ def load_data(spec: str, image_size: int = 224) -> DataBundle:
     loaders = {"imagefolder": _imagefolder, "living17": _imagefolder, "waterbirds": _waterbirds,
                "domainnet": _domainnet, "fmow": _wilds, "camelyon": _wilds}
     if kind not in loaders:
-        raise DataError(f"Invalid data: {spec!r} (kinds: shift-lab, imagefolder:DIR, {', '.join(list(loaders)[1:])}:DIR)")
+        kinds = ", ".join(list(loaders)[1:])
+        raise DataError(f"Invalid data: {spec!r} (kinds: shift-lab, imagefolder:DIR, {kinds}:DIR)")
     return loaders[kind](kind, Path(rest), image_size)
 
 
@@ -116,7 +117,8 @@ class _ListDataset(Dataset):
             return self.transform(img.convert("RGB")), label
 
 
-WATERBIRDS_LAYOUT = "DIR/metadata.csv with columns img_filename,y,split,place (split 0/1/2 = train/val/test) and the images"
+WATERBIRDS_LAYOUT = ("DIR/metadata.csv with columns img_filename,y,split,place (split 0/1/2 = train/val/test) "
+                     "and the images")
 
 
 def _waterbirds(kind: str, root: Path, image_size: int) -> DataBundle:
@@ -158,7 +160,8 @@ def _domainnet(kind: str, root: Path, image_size: int) -> DataBundle:
         for line in path.read_text().splitlines():
             parts = line.split()
             if len(parts) != 2 or not parts[1].isdigit():
-                raise DataError(f"Invalid data domainnet:{root}: bad line {line!r} in {path.name}; expected {DOMAINNET_LAYOUT}")
+                raise DataError(f"Invalid data domainnet:{root}: bad line {line!r} in {path.name}; "
+                                f"expected {DOMAINNET_LAYOUT}")
             out.append((root / parts[0], int(parts[1])))
         return out
 
@@ -183,12 +186,14 @@ def _wilds(kind: str, root: Path, image_size: int) -> DataBundle:
         import wilds
     except ImportError:
         raise DataError(f"Invalid data {kind}:{root}: WILDS datasets need the wilds package (pip install wilds) "
-                        f"and the data under {root} (wilds layout: {root}/{kind if kind == 'fmow' else 'camelyon17'}_v1.x)") from None
+                        f"and the data under {root} "
+                        f"(wilds layout: {root}/{kind if kind == 'fmow' else 'camelyon17'}_v1.x)") from None
     name = "fmow" if kind == "fmow" else "camelyon17"
     try:
         dataset = wilds.get_dataset(dataset=name, root_dir=str(root), download=False)
     except Exception as exc:  # noqa: BLE001 - wilds raises several types for a missing/partial download
-        raise DataError(f"Invalid data {kind}:{root}: {exc} (expected the wilds layout for {name} under {root})") from None
+        raise DataError(f"Invalid data {kind}:{root}: {exc} "
+                        f"(expected the wilds layout for {name} under {root})") from None
     train_tf, test_tf = paper_transforms(kind, image_size)
     # Camelyon17 has no ID test split in WILDS: its ID validation split doubles as the ID test
     id_test = "id_test" if "id_test" in dataset.split_dict else "id_val"

@@ -201,7 +201,7 @@ _PRETRAIN_OPTIMIZERS = {"adamw": ("adamw", dict(lr=2e-3, weight_decay=0.05)),
 def _pretrain(model: nn.Module, recipe: PretrainRecipe, progress: bool) -> None:
     from tqdm import tqdm
 
-    from fused_ft.specs import OPTIMIZERS
+    from fused_ft.optim import OPTIMIZER_CLASSES
 
     if recipe.optimizer not in _PRETRAIN_OPTIMIZERS:
         raise ValueError(f"Invalid pretraining optimizer: {recipe.optimizer!r} (choose from adamw, sgd)")
@@ -209,7 +209,7 @@ def _pretrain(model: nn.Module, recipe: PretrainRecipe, progress: bool) -> None:
     torch.manual_seed(recipe.seed)
     x, y = source_task(recipe.examples, g)
     opt_name, kwargs = _PRETRAIN_OPTIMIZERS[recipe.optimizer]
-    optimizer = OPTIMIZERS[opt_name].cls(model.parameters(), **kwargs)
+    optimizer = OPTIMIZER_CLASSES[opt_name](model.parameters(), **kwargs)
     steps = recipe.epochs * math.ceil(recipe.examples / recipe.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=kwargs["lr"], total_steps=steps,
                                                     pct_start=0.1, cycle_momentum=False)

@@ -14,12 +14,15 @@ import torch
 from fused_ft._native import IMPORT_ERROR as _IMPORT_ERROR
 from fused_ft._native import _C
 from fused_ft._precision import Rounding
-from fused_ft.kernels._layout import flat_slots, kernel_unsupported_reason, new_momentum_buffers
+from fused_ft.kernels._layout import flat_slots, new_momentum_buffers
+from fused_ft.kernels.capabilities import kernel_unsupported_reason
 
-__all__ = ["sgd", "adamw", "lars", "lamb", "lamb_clip", "unavailable_reason", "unsupported_reason"]
+__all__ = ["UPDATES", "sgd", "adamw", "lars", "lamb", "lamb_clip", "unavailable_reason", "unsupported_reason"]
 
 
-def unavailable_reason() -> str | None:
+def unavailable_reason(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"backend='cpu' runs on CPU tensors, but the parameters are on {device}; use backend='auto'"
     if _C is None:
         return (
             f"backend='cpu' needs the C++ extension fused_ft._C, which could not be loaded ({_IMPORT_ERROR}); "
@@ -112,3 +115,7 @@ def lamb(
                  bias_correction1=bias_correction1, bias_correction2=bias_correction2, eps=eps,
                  weight_decay=weight_decay, decay=1.0 - decoupled_decay_factor, adapt=adapt, trust_clip=trust_clip,
                  **_rounding_args(rounding, s))
+
+
+# The backend contract (see fused_ft._dispatch): update name -> function.
+UPDATES = {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}

@@ -11,11 +11,15 @@ import torch
 
 from fused_ft.kernels._layout import new_momentum_buffers
 
-__all__ = ["sgd", "adamw", "lars", "lamb", "lamb_clip", "unavailable_reason"]
+__all__ = ["UPDATES", "sgd", "adamw", "lars", "lamb", "lamb_clip", "unavailable_reason", "unsupported_reason"]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     return None if device.type == "meta" else f"the meta memory model runs on meta tensors, not {device}"
+
+
+def unsupported_reason(optimizer, options, dtypes) -> str | None:
+    return None  # allocates what any option's state needs
 
 
 def sgd(params, grads, momentum_buffers, *, momentum, **_):
@@ -27,7 +31,8 @@ def adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, **_):
     pass  # state exists already (the class creates it); the step count is the functional's
 
 
-lars = sgd  # the same memory behaviour: momentum buffers on the first step, nothing else
+def lars(params, grads, momentum_buffers, *, momentum, **_):
+    sgd(params, grads, momentum_buffers, momentum=momentum)  # SGD's memory: momentum buffers, nothing else
 
 
 def lamb(params, grads, exp_avgs, exp_avg_sqs, **_):
@@ -36,3 +41,7 @@ def lamb(params, grads, exp_avgs, exp_avg_sqs, **_):
 
 def lamb_clip(grads, max_grad_norm):
     return None
+
+
+# The backend contract (see fused_ft._dispatch): update name -> function.
+UPDATES = {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}

@@ -30,9 +30,11 @@ import triton.language as tl
 
 from fused_ft._precision import Rounding, tensor_key
 from fused_ft.kernels import triton_kernels as K
-from fused_ft.kernels._layout import flat_addresses, flat_slots, kernel_unsupported_reason, new_momentum_buffers
+from fused_ft.kernels._layout import flat_addresses, flat_slots, new_momentum_buffers
+from fused_ft.kernels.capabilities import kernel_unsupported_reason
 
-__all__ = ["sgd", "adamw", "lars", "lamb", "lamb_clip", "launches", "compiled_variants", "unsupported_reason",
+__all__ = ["UPDATES", "sgd", "adamw", "lars", "lamb", "lamb_clip", "launches", "compiled_variants",
+           "unavailable_reason", "unsupported_reason",
            "launch_config"]
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
@@ -75,6 +77,17 @@ def compiled_variants() -> int:
     counts marked do_not_specialize are not keys.
     """
     return len(_VARIANTS)
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Kernels run on CUDA tensors, or on CPU ones in Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cuda" and not interpret and not torch.cuda.is_available():
+        return "backend='triton' needs a CUDA device, and torch sees none (torch.cuda.is_available() is False)"
+    if device.type != "cuda" and not interpret:
+        return (f"backend='triton' needs CUDA tensors, but the parameters are on {device}; use backend='auto' "
+                "or 'cpu', or set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) CPU interpreter")
+    return None
 
 
 def unsupported_reason(optimizer: str, options: Mapping[str, Any], dtypes: frozenset) -> str | None:
@@ -464,3 +477,7 @@ def lamb(
         )
 
     _run(slots, ("params", "exp_avgs", "exp_avg_sqs", "compensations"), body, config.block)
+
+
+# The backend contract (see fused_ft._dispatch): update name -> function.
+UPDATES = {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}

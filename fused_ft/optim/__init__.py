@@ -4,4 +4,8 @@ from fused_ft.optim.lamb import LAMB
 from fused_ft.optim.lars import LARS
 from fused_ft.optim.sgd import SGD
 
-__all__ = ["SGD", "AdamW", "LARS", "LAMB"]
+__all__ = ["SGD", "AdamW", "LARS", "LAMB", "OPTIMIZER_CLASSES"]
+
+# The optimizers by registry name, for runtime use (the method factory); the tests' registry, with
+# references and tolerances, is fused_ft.testing.specs.
+OPTIMIZER_CLASSES = {"sgd": SGD, "adamw": AdamW, "lars": LARS, "lamb": LAMB}

@@ -31,10 +31,13 @@ from torch.optim import Optimizer
 from fused_ft import _dispatch
 from fused_ft._native import _C
 from fused_ft._precision import BF16_UPDATES, COMPENSATION_KEY, LOW_PRECISION, Rounding, stream_key
-from fused_ft.optim import _dtensor
+from fused_ft import _dtensor
 from fused_ft._validation import BOOL, OPTIONAL_BOOL, Rule, check_group, check_params
 
-__all__ = ["FusedOptimizer", "GroupPlan", "SHARED_ARGS_DOC"]
+__all__ = ["FusedOptimizer", "GroupPlan", "SHARED_ARGS_DOC", "UpdateFn"]
+
+# A backend's update function (see fused_ft._dispatch): tensor lists and resolved scalars in, nothing out.
+UpdateFn = Callable[..., None]
 
 # The Args lines every optimizer shares, substituted for ``{shared_args}`` in each class docstring.
 SHARED_ARGS_DOC = """backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
@@ -85,7 +88,7 @@ def check_implementation_flags(group: Mapping[str, Any]) -> None:
             "use torch.optim with capturable=True)"
         )
     if group.get("fused") and group.get("foreach"):
-        raise ValueError("Invalid fused=True with foreach=True: choose one")
+        raise RuntimeError("Invalid fused=True with foreach=True: choose one")  # torch.optim's type
 
 
 def _refuse_grad(index: int, i: int, p: torch.Tensor) -> None:
@@ -136,14 +139,15 @@ class GroupPlan:
     params: list[torch.Tensor]
     grads: list[torch.Tensor]
     backend: str
-    update: Callable[..., None]
+    update: UpdateFn
     dtypes: frozenset = frozenset()
+    clip: Any = None  # LAMB: the global gradient clipping, in the backend's form (set by _before_updates)
 
 
 class FusedOptimizer(Optimizer):
     """Base of fused_ft.SGD, AdamW, LARS and LAMB (see those for the math)."""
 
-    _NAME: ClassVar[str]  # the key into fused_ft.specs.OPTIMIZERS and the backend modules
+    _NAME: ClassVar[str]  # the key into fused_ft.optim.OPTIMIZER_CLASSES and the backends' UPDATES
     _RULES: ClassVar[Mapping[str, Rule]]
     _CROSS_CHECKS: ClassVar[Sequence[Callable[[Mapping[str, Any]], None]]] = ()
     # True where the update needs norms of whole tensors (LARS/LAMB trust ratios): on sharded

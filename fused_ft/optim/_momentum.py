@@ -1,7 +1,8 @@
-"""The momentum-buffer bookkeeping that SGD and LARS share (torch.optim.SGD's state layout)."""
+"""What SGD and LARS share about momentum: the Nesterov rule and the buffers' bookkeeping (torch.optim.SGD's
+state layout)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -23,3 +24,12 @@ def with_momentum_buffers(
     update(buffers)
     for i in new:
         state[params[i]]["momentum_buffer"] = buffers[i]
+
+
+def check_nesterov(group: Mapping[str, Any]) -> None:
+    """torch.optim.SGD's rule, which timm's LARS shares."""
+    if group.get("nesterov") and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(
+            f"Invalid nesterov=True with momentum={group['momentum']}, dampening={group['dampening']} "
+            "(Nesterov momentum requires a momentum > 0 and zero dampening)"
+        )

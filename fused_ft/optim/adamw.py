@@ -6,7 +6,7 @@ the paper's Table 4.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
@@ -14,7 +14,8 @@ from fused_ft._native import _C
 from fused_ft._validation import BETAS, BOOL, LR, NONNEG, scalar_value
 from fused_ft import _precision
 from fused_ft._precision import new_state
-from fused_ft.optim._base import FusedOptimizer, GroupPlan, SHARED_ARGS_DOC
+from fused_ft.kernels import reference
+from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
 
 __all__ = ["AdamW", "adamw"]
 
@@ -129,7 +130,7 @@ def adamw(
     weight_decay: float,
     amsgrad: bool,
     maximize: bool,
-    update: Any = None,
+    update: UpdateFn | None = None,
     rounding: _precision.Rounding | None = None,
 ) -> None:
     """Functional AdamW over lists of tensors; see :class:`AdamW`. Increments ``state_steps``.
@@ -143,7 +144,7 @@ def adamw(
     beta1, beta2 = float(beta1), float(beta2)
     steps = _increment_steps(state_steps)
     corrections = {t: (lr / (1 - beta1**t), (1 - beta2**t) ** 0.5) for t in set(steps)}
-    (update or _reference_adamw)(
+    (update or reference.adamw)(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
         step_sizes=[corrections[t][0] for t in steps], bias_correction2_sqrts=[corrections[t][1] for t in steps],
         lr=lr, beta1=beta1, beta2=beta2, eps=float(eps), weight_decay=float(weight_decay),
@@ -162,25 +163,3 @@ def _increment_steps(state_steps: list[torch.Tensor]) -> list[float]:
     return steps
 
 
-def _reference_adamw(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step_sizes, bias_correction2_sqrts, lr, beta1, beta2,
-    eps, weight_decay, amsgrad, maximize, rounding=None,
-):
-    work = _precision.upcast(params, rounding)
-    g = _precision.upcast(grads)
-    if maximize:
-        g = torch._foreach_neg(g)
-    if weight_decay != 0:
-        torch._foreach_mul_(work, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, g, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g, g, 1 - beta2)
-    if amsgrad:
-        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
-        denom = torch._foreach_sqrt(max_exp_avg_sqs)
-    else:
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2_sqrts)
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(work, exp_avgs, denom, [-s for s in step_sizes])
-    _precision.store(params, work, rounding)

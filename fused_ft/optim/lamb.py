@@ -13,11 +13,12 @@ import torch
 from fused_ft import _dispatch
 from fused_ft._validation import BETAS, BOOL, LR, NONNEG, Rule, scalar_value
 from fused_ft import _precision
-from fused_ft.optim import _dtensor
+from fused_ft import _dtensor
 from fused_ft._precision import new_state
-from fused_ft.optim._base import FusedOptimizer, GroupPlan, SHARED_ARGS_DOC
+from fused_ft.kernels import reference
+from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
 
-__all__ = ["LAMB", "lamb", "lamb_trust_ratio"]
+__all__ = ["LAMB", "lamb"]
 
 
 def _check_max_grad_norm(group) -> None:
@@ -115,7 +116,6 @@ class LAMB(FusedOptimizer):
         self._check_hyperparameters(defaults)
         # timm's key: the constructor lr, the max lr of corrected weight decay (lr**2 / max_lr)
         defaults["max_lr_snapshot"] = scalar_value(lr)
-        self._clips: dict[str, Any] = {}
         super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward,
                          bf16_update=bf16_update, bf16_seed=bf16_seed)
 
@@ -131,11 +131,12 @@ class LAMB(FusedOptimizer):
         # computes the clip in its own form (the reference: a divisor tensor; triton: partial sums on the device)
         grads = [g for plan in plans for g in plan.grads]
         params = [p for plan in plans for p in plan.params]
-        self._clips = {  # over whole sharded gradients when parameters are DTensors
-            name: _dtensor.sharded_call(_dispatch.helper(name, self._NAME, "clip"), params)(
-                grads, self.defaults["max_grad_norm"])
+        clips = {  # over whole sharded gradients when parameters are DTensors
+            name: _dtensor.sharded_call(_dispatch.lamb_clip(name), params)(grads, self.defaults["max_grad_norm"])
             for name in {plan.backend for plan in plans}
         }
+        for plan in plans:
+            plan.clip = clips[plan.backend]
         # every non-frozen group ticks once per step, with or without gradients, as in timm; in
         # step-in-backward mode once per backward pass, at its first updated parameter
         for plan in {id(plan.group): plan for plan in plans}.values():
@@ -166,27 +167,13 @@ class LAMB(FusedOptimizer):
         corrected = group["decoupled_decay"] and group["corrected_weight_decay"]
         lamb(
             plan.params, plan.grads, exp_avgs, exp_avg_sqs, update=plan.update,
-            clip=self._clips[plan.backend], lr=group["lr"], beta1=beta1, beta2=beta2,
+            clip=plan.clip, lr=group["lr"], beta1=beta1, beta2=beta2,
             beta3=1 - beta1 if group["grad_averaging"] else 1.0,
             bias_correction1=bias_correction1, bias_correction2=bias_correction2, eps=group["eps"],
             weight_decay=group["weight_decay"], decoupled_decay=group["decoupled_decay"],
             max_lr=group["max_lr_snapshot"] if corrected else None, trust_clip=group["trust_clip"],
             always_adapt=group["always_adapt"], caution=group["caution"], rounding=self._rounding(plan),
         )
-
-
-def _reference_lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> torch.Tensor | None:
-    """``max(1, ||grads||_2 / max_grad_norm)`` over all gradients (fp32), or None when clipping is off."""
-    if max_grad_norm is None or not grads:
-        return None
-    norms = _dtensor.global_norms(_precision.upcast(grads))
-    return (torch.linalg.vector_norm(torch.stack(norms)) / max_grad_norm).clamp_(min=1.0)
-
-
-def lamb_trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, *, trust_clip: bool) -> torch.Tensor:
-    """Per-tensor LAMB ratios from stacked weight and update norms (1 where either norm is 0)."""
-    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-    return torch.clamp(ratio, max=1.0) if trust_clip else ratio
 
 
 LAMB.__doc__ = LAMB.__doc__.replace("{shared_args}", SHARED_ARGS_DOC)
@@ -213,7 +200,7 @@ def lamb(
     trust_clip: bool,
     always_adapt: bool,
     caution: bool = False,
-    update: Any = None,
+    update: UpdateFn | None = None,
     rounding: _precision.Rounding | None = None,
 ) -> None:
     """Functional LAMB over one group's tensors; see :class:`LAMB`.
@@ -226,7 +213,7 @@ def lamb(
     decay = 0.0
     if weight_decay != 0 and decoupled_decay:
         decay = (lr if max_lr is None else lr**2 / max_lr) * weight_decay
-    (update or _reference_lamb)(
+    (update or reference.lamb)(
         params, grads, exp_avgs, exp_avg_sqs, clip=clip, lr=lr, beta1=float(beta1),
         beta2=float(beta2), beta3=float(beta3), bias_correction1=float(bias_correction1),
         bias_correction2=float(bias_correction2), eps=float(eps),
@@ -235,40 +222,3 @@ def lamb(
     )
 
 
-def _reference_lamb(
-    params, grads, exp_avgs, exp_avg_sqs, *, clip, lr, beta1, beta2, beta3, bias_correction1,
-    bias_correction2, eps, weight_decay, decoupled_decay_factor, adapt, trust_clip, caution, rounding=None,
-):
-    if not params:
-        return
-    work = _precision.upcast(params, rounding)
-    g = _precision.upcast(grads)
-    if clip is not None:
-        g = [x / clip for x in g]  # new tensors: p.grad stays untouched
-    if beta3 == 1 - beta1:
-        torch._foreach_lerp_(exp_avgs, g, beta3)
-    else:
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, g, alpha=beta3)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bias_correction2**0.5)
-    torch._foreach_add_(denom, eps)
-    updates = torch._foreach_div(exp_avgs, bias_correction1)
-    torch._foreach_div_(updates, denom)
-    if caution:
-        for u, grad in zip(updates, g):
-            mask = (u * grad > 0).to(grad.dtype)
-            u.mul_(mask / mask.mean().clamp_(min=1e-3))
-    if decoupled_decay_factor != 0:
-        torch._foreach_add_(work, work, alpha=-decoupled_decay_factor)
-    elif weight_decay != 0:
-        torch._foreach_add_(updates, work, alpha=weight_decay)
-    if adapt:
-        ratios = lamb_trust_ratio(
-            torch.stack(_dtensor.global_norms(work)), torch.stack(_dtensor.global_norms(updates)), trust_clip=trust_clip
-        )
-        torch._foreach_mul_(updates, list(ratios.unbind(0)))
-    torch._foreach_add_(work, updates, alpha=-lr)
-    _precision.store(params, work, rounding)

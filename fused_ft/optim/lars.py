@@ -6,18 +6,17 @@ biases and norms (usually put in a no-weight-decay group) unadapted.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
 from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG
 from fused_ft import _precision
-from fused_ft.optim import _dtensor
-from fused_ft.optim._base import FusedOptimizer, GroupPlan, SHARED_ARGS_DOC
-from fused_ft.optim._momentum import with_momentum_buffers
-from fused_ft.optim.sgd import _check_nesterov
+from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
+from fused_ft.kernels import reference
+from fused_ft.optim._momentum import check_nesterov, with_momentum_buffers
 
-__all__ = ["LARS", "lars", "lars_trust_ratio"]
+__all__ = ["LARS", "lars"]
 
 
 class LARS(FusedOptimizer):
@@ -62,7 +61,7 @@ class LARS(FusedOptimizer):
         "lr": LR, "momentum": NONNEG, "dampening": ANY_NUMBER, "weight_decay": NONNEG, "nesterov": BOOL,
         "trust_coeff": NONNEG, "eps": NONNEG, "trust_clip": BOOL, "always_adapt": BOOL,
     }
-    _CROSS_CHECKS = (_check_nesterov,)
+    _CROSS_CHECKS = (check_nesterov,)
 
     def __init__(
         self,
@@ -117,42 +116,14 @@ def lars(
     eps: float,
     trust_clip: bool,
     always_adapt: bool,
-    update: Any = None,
+    update: UpdateFn | None = None,
     rounding: _precision.Rounding | None = None,
 ) -> None:
     """Functional LARS over lists of tensors; see :class:`LARS`."""
-    (update or _reference_lars)(
+    (update or reference.lars)(
         params, grads, momentum_buffers, lr=float(lr), momentum=float(momentum), dampening=float(dampening),
         weight_decay=float(weight_decay), nesterov=nesterov, trust_coeff=float(trust_coeff), eps=float(eps),
         trust_clip=trust_clip, always_adapt=always_adapt, rounding=rounding,
     )
 
 
-def lars_trust_ratio(w_norm, g_norm, *, trust_coeff, weight_decay, eps, trust_clip, lr):
-    """Per-tensor LARS ratios from stacked weight and gradient norms (1 where either norm is 0)."""
-    ratio = trust_coeff * w_norm / (g_norm + w_norm * weight_decay + eps)
-    ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
-    return torch.clamp(ratio / lr, max=1.0) if trust_clip else ratio
-
-
-def _reference_lars(
-    params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps,
-    trust_clip, always_adapt, rounding=None,
-):
-    if not params:
-        return
-    work = _precision.upcast(params, rounding)
-    g = _precision.upcast(grads)
-    if weight_decay != 0 or always_adapt:
-        ratios = lars_trust_ratio(
-            torch.stack(_dtensor.global_norms(work)), torch.stack(_dtensor.global_norms(g)),
-            trust_coeff=trust_coeff, weight_decay=weight_decay, eps=eps, trust_clip=trust_clip, lr=lr,
-        )
-        g = torch._foreach_add(g, work, alpha=weight_decay)  # a new list: p.grad stays untouched
-        torch._foreach_mul_(g, list(ratios.unbind(0)))
-    from fused_ft.optim.sgd import _reference_sgd
-
-    # what remains is exactly SGD's momentum update, with no further weight decay
-    _reference_sgd(work, g, momentum_buffers, lr=lr, momentum=momentum, dampening=dampening, weight_decay=0.0,
-                   nesterov=nesterov, maximize=False)
-    _precision.store(params, work, rounding)

@@ -6,24 +6,17 @@ which keeps no state at all.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
 from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG, Rule
 from fused_ft import _precision
-from fused_ft.optim._base import FusedOptimizer, GroupPlan, SHARED_ARGS_DOC
-from fused_ft.optim._momentum import with_momentum_buffers
+from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
+from fused_ft.kernels import reference
+from fused_ft.optim._momentum import check_nesterov, with_momentum_buffers
 
 __all__ = ["SGD", "sgd"]
-
-
-def _check_nesterov(group) -> None:
-    if group.get("nesterov") and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError(
-            f"Invalid nesterov=True with momentum={group['momentum']}, dampening={group['dampening']} "
-            "(Nesterov momentum requires a momentum > 0 and zero dampening)"
-        )
 
 
 class SGD(FusedOptimizer):
@@ -67,7 +60,7 @@ class SGD(FusedOptimizer):
         "nesterov": BOOL,
         "maximize": BOOL,
     }
-    _CROSS_CHECKS = (_check_nesterov,)
+    _CROSS_CHECKS = (check_nesterov,)
 
     def __init__(
         self,
@@ -117,7 +110,7 @@ def sgd(
     weight_decay: float | torch.Tensor,
     nesterov: bool,
     maximize: bool,
-    update: Any = None,
+    update: UpdateFn | None = None,
     rounding: _precision.Rounding | None = None,
 ) -> None:
     """Functional SGD over lists of tensors; see :class:`SGD`.
@@ -125,31 +118,9 @@ def sgd(
     ``momentum_buffers`` holds one entry per parameter (empty when momentum is 0); ``None``
     entries are replaced by new buffers. ``update`` is a backend implementation (default: reference).
     """
-    (update or _reference_sgd)(
+    (update or reference.sgd)(
         params, grads, momentum_buffers, lr=float(lr), momentum=float(momentum), dampening=float(dampening),
         weight_decay=float(weight_decay), nesterov=nesterov, maximize=maximize, rounding=rounding,
     )
 
 
-def _reference_sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                   rounding=None):
-    if not params:
-        return
-    work = _precision.upcast(params, rounding)
-    g = _precision.upcast(grads)
-    if maximize:
-        g = torch._foreach_neg(g)
-    if weight_decay != 0:
-        g = torch._foreach_add(g, work, alpha=weight_decay)  # a new list: p.grad stays untouched
-    if momentum != 0:
-        existing = [i for i, b in enumerate(momentum_buffers) if b is not None]
-        if existing:
-            bufs = [momentum_buffers[i] for i in existing]
-            torch._foreach_mul_(bufs, momentum)
-            torch._foreach_add_(bufs, [g[i] for i in existing], alpha=1 - dampening)
-        for i, b in enumerate(momentum_buffers):
-            if b is None:  # torch.optim starts the buffer at the first gradient, undampened
-                momentum_buffers[i] = torch.clone(g[i]).detach()
-        g = torch._foreach_add(g, momentum_buffers, alpha=momentum) if nesterov else list(momentum_buffers)
-    torch._foreach_add_(work, g, alpha=-lr)
-    _precision.store(params, work, rounding)

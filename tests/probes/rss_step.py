@@ -21,7 +21,8 @@ def _status(field: str) -> int:
 
 
 def main() -> None:
-    name, method, batch, size, in_backward = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+    name, method = sys.argv[1], sys.argv[2]
+    batch, size, in_backward = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = fused_ft.create_model(name, 1000, image_size=size)

@@ -74,9 +74,9 @@ def sharded_call(fn: Callable[..., Any], params: Sequence[torch.Tensor]) -> Call
             _REDUCE_GROUPS.reset(token)
         for original, localized in zip(args, local_args):
             if isinstance(original, list) and len(original) == len(params):
-                for i, (o, l) in enumerate(zip(original, localized)):
-                    if o is None and l is not None:
-                        original[i] = _like(l, params[i])
+                for i, (o, shard) in enumerate(zip(original, localized)):
+                    if o is None and shard is not None:
+                        original[i] = _like(shard, params[i])
         return result
 
     return run

@@ -92,7 +92,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             (dict(nesterov=True), ValueError, r"Invalid nesterov=True with momentum=0, dampening=0"),
             (dict(momentum=0.9, dampening=0.1, nesterov=True), ValueError, r"Invalid nesterov=True .*dampening=0\.1"),
             (dict(differentiable=True), ValueError, r"Invalid differentiable: True"),
-            (dict(fused=True, foreach=True), ValueError, r"Invalid fused=True with foreach=True"),
+            (dict(fused=True, foreach=True), RuntimeError, r"Invalid fused=True with foreach=True"),
         ),
     ),
     "adamw": OptimizerSpec(
