@@ -42,7 +42,7 @@ def embedding_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def build_model(args: argparse.Namespace):
+def model_from_args(args: argparse.Namespace):
     from fused_ft.models import create_model
 
     return create_model(args.model, args.num_classes, pretrained=args.pretrained, checkpoint=args.checkpoint,
@@ -56,7 +56,7 @@ def _grad_norms(args: argparse.Namespace) -> None:
     from fused_ft.models import input_size
 
     torch.manual_seed(args.seed)
-    model = build_model(args)
+    model = model_from_args(args)
     size = args.image_size or input_size(model)
     gen = torch.Generator().manual_seed(args.seed)
     batches = [(torch.randn(args.batch_size, 3, size, size, generator=gen),
@@ -64,7 +64,7 @@ def _grad_norms(args: argparse.Namespace) -> None:
     rows = diagnostics.layer_grad_norms(model, batches, **embedding_options(args))
     out = Path(args.out)
     csv_path = diagnostics.write_csv(rows, out / "grad_norms.csv")
-    png_path = diagnostics.plot(rows, out / "grad_norms.png", title=f"{args.model}: layer gradient norms")
+    png_path = diagnostics.plot_grad_norms(rows, out / "grad_norms.png", title=f"{args.model}: layer gradient norms")
     print(f"{'#':>3} {'layer':<34} {'role':<9} {'params':>10} {'grad norm':>11} {'/param norm':>12} {'/sqrt(n)':>10}")
     for r in rows:
         print(f"{r.index:>3} {r.layer[:34]:<34} {r.role:<9} {r.num_params:>10} {r.grad_norm:>11.4g} "
@@ -105,9 +105,9 @@ def _memory(args: argparse.Namespace) -> None:
     rows = memory_report.run_table(args.models, args.methods, batch_size=args.batch_size,
                                    step_in_backward=args.step_in_backward, grad_checkpointing=args.grad_checkpointing,
                                    param_dtype=args.param_dtype, bf16_updates=args.bf16_update)
-    print(memory_report.render(rows, args.format))
+    print(memory_report.render_memory_table(rows, args.format))
     if args.plot:
-        memory_report.plot(rows, args.plot)
+        memory_report.plot_memory_table(rows, args.plot)
         print(f"wrote {args.plot}")
 
 
@@ -208,11 +208,11 @@ def _sweep(args: argparse.Namespace) -> None:
         return
     print(f"layer-gradient verdict at initialisation ({args.model}, pretrained={base.pretrained}): {verdict}")
     rows = sweep.summarize(results)
-    print(sweep.render(rows, args.format))
+    print(sweep.render_sweep_table(rows, args.format))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps({"verdict": str(verdict), "rows": rows}, indent=2))
     if args.plot:
-        sweep.plot(rows, args.plot, title=f"{args.model} on {args.data}")
+        sweep.plot_sweep(rows, args.plot, title=f"{args.model} on {args.data}")
         print(f"wrote {args.plot}")
 
 

@@ -16,7 +16,7 @@ SHORT_METHODS = ("sgd", "sgd-freeze-embed", "sgd-freeze-embed-nomom", "adamw")
 def main() -> None:
     print("fused_ft demo 1/3: memory of one training step at micro-batch 1 (simulated; paper Table 4)\n")
     rows = memory_report.run_table(memory_report.DEFAULT_MODELS, memory_report.DEFAULT_METHODS)
-    print(memory_report.render(rows, "table"))
+    print(memory_report.render_memory_table(rows, "table"))
     print("\n* gradients alive at the peak. 'AdamW +%' is how much more AdamW needs than the method; "
           "the paper measured the whole GPU process")
     print("(CUDA context, allocator caching, mixed-precision copies), which adds the same amount to every method.\n")
@@ -51,6 +51,6 @@ def shift_lab_experiment(out: str = "runs/demo-shift-lab") -> None:
     print("layer-gradient verdict at initialisation:", verdict)
     lrs = {m: method(m).lr_grid[2:5] for m in SHORT_METHODS}
     results = sweep.run_sweep(base, list(SHORT_METHODS), lrs, [0], jobs=min(2, os.cpu_count() or 1))
-    print(sweep.render(sweep.summarize(results), "table"))
+    print(sweep.render_sweep_table(sweep.summarize(results), "table"))
     print("\nThe full experiment (3 seeds, the paper's 6-LR grids): fused-ft sweep --data shift-lab; "
           "results in benchmarks/RESULTS.md")

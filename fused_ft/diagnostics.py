@@ -19,7 +19,7 @@ from torch import nn
 
 from fused_ft.layers import model_layers
 
-__all__ = ["LayerGradNorm", "Verdict", "layer_grad_norms", "sample_batches", "verdict", "write_csv", "plot",
+__all__ = ["LayerGradNorm", "Verdict", "layer_grad_norms", "sample_batches", "verdict", "write_csv", "plot_grad_norms",
            "OUTLIER_RATIO"]
 
 # The embedding counts as an outlier when its gradient norm is at least this many times the median
@@ -141,7 +141,7 @@ def write_csv(rows: list[LayerGradNorm], path: str | Path) -> Path:
 _STYLE = {"embedding": ("s", "red"), "middle": ("o", "black"), "head": ("^", "green")}
 
 
-def plot(rows: list[LayerGradNorm], path: str | Path, title: str = "") -> Path:
+def plot_grad_norms(rows: list[LayerGradNorm], path: str | Path, title: str = "") -> Path:
     """Figure 2 of the paper: per-layer gradient norms, log scale; embedding red square, head green
     triangle, middle layers black circles. The two normalised panels leave out the head, as the
     paper's Appendix F does, because the randomly initialised head dwarfs the rest."""

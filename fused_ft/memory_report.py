@@ -12,7 +12,8 @@ import torch
 from fused_ft import _tables
 from fused_ft.memory import CATEGORIES, MemoryProfile, param_dtype_of, profile_memory
 
-__all__ = ["DEFAULT_MODELS", "DEFAULT_METHODS", "PAPER_ADAMW_OVERHEAD", "run_table", "render", "plot"]
+__all__ = ["DEFAULT_MODELS", "DEFAULT_METHODS", "PAPER_ADAMW_OVERHEAD", "run_table",
+           "render_memory_table", "plot_memory_table"]
 
 DEFAULT_MODELS = ("clip-vit-b16", "clip-vit-l14", "openclip-vit-h14")
 DEFAULT_METHODS = ("sgd", "sgd-freeze-embed", "sgd-freeze-embed-nomom", "adamw", "lars", "lamb")
@@ -75,7 +76,7 @@ def method_label(row: dict) -> str:
     return row["method"] + weights + (" (in-backward)" if row["step_in_backward"] else "")
 
 
-def render(rows: list[dict], fmt: str = "table") -> str:
+def render_memory_table(rows: list[dict], fmt: str = "table") -> str:
     header = ["model", "method", "params GiB", "grads GiB*", "state GiB", "activ. GiB", "peak GiB",
               "/ AdamW", "AdamW +%", "paper AdamW +%"]
     return _tables.render(rows, fmt, header, lambda r: [
@@ -90,7 +91,7 @@ def _paper_cell(row: dict) -> str:
     return f"{'>= ' if row['paper_adamw_overhead_is_lower_bound'] else ''}{100 * row['paper_adamw_overhead']:+.0f}%"
 
 
-def plot(rows: list[dict], path) -> None:
+def plot_memory_table(rows: list[dict], path) -> None:
     """Stacked bars (parameters, gradients, optimizer state, activations) per model and method."""
     import matplotlib
 

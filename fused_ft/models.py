@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["ALIASES", "ModelAlias", "ClipClassifier", "PretrainedWeightsError", "create_model", "input_size", "resolve"]
+__all__ = ["ALIASES", "ModelAlias", "ClipClassifier", "PretrainedWeightsError", "create_model", "input_size",
+           "resolve_model_name"]
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -74,7 +75,7 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def resolve(name: str) -> tuple[str, str, str | None]:
+def resolve_model_name(name: str) -> tuple[str, str, str | None]:
     """(library, model name, default pretrained tag) for an alias, ``open_clip:NAME``, ``timm:NAME`` or a bare name.
 
     A bare name goes to open_clip when open_clip knows it (``ViT-B-16``), to timm otherwise.
@@ -127,7 +128,7 @@ def create_model(
         >>> model(torch.randn(2, 3, 64, 64)).shape
         torch.Size([2, 10])
     """
-    library, model_name, default_tag = resolve(name)
+    library, model_name, default_tag = resolve_model_name(name)
     tag = (default_tag if pretrained is True else pretrained) or None
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise PretrainedWeightsError(f"Invalid checkpoint: {str(checkpoint)!r} is not a file")

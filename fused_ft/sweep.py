@@ -17,7 +17,7 @@ from fused_ft import _tables
 from fused_ft.finetune import FinetuneConfig, finetune
 from fused_ft.methods import method as get_method
 
-__all__ = ["run_sweep", "summarize", "render", "plot", "lr_grid"]
+__all__ = ["run_sweep", "summarize", "render_sweep_table", "plot_sweep", "lr_grid"]
 
 # two-sided 90% Student t quantiles by degrees of freedom (1.645 beyond)
 _T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
@@ -110,7 +110,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def render(rows: list[dict[str, Any]], fmt: str = "table") -> str:
+def render_sweep_table(rows: list[dict[str, Any]], fmt: str = "table") -> str:
     keys = [k for k in rows[0] if k.startswith(("id_", "ood_")) and not k.endswith("_ci90")]
     header = ["method", "lr"] + [k.replace("_", " ") for k in keys]
     return _tables.render(rows, fmt, header, lambda r: [
@@ -118,7 +118,7 @@ def render(rows: list[dict[str, Any]], fmt: str = "table") -> str:
         *(f"{r[k]:.1f} ± {r[k + '_ci90']:.1f}" for k in keys)])
 
 
-def plot(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
+def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """ID and OOD test accuracy per method with 90% intervals over seeds."""
     import matplotlib
 

@@ -83,7 +83,7 @@ def test_sweep_picks_the_lr_by_id_val_and_reports_90_percent_intervals():
     assert row["id_test"] == pytest.approx(80.0)
     # two seeds: t(0.95, 1) = 6.314; half-width = t * sd / sqrt(2)
     assert row["ood_test_ci90"] == pytest.approx(6.314 * math.sqrt(200) / math.sqrt(2))
-    assert "80.0 ± 63.1" in sweep.render([row])
+    assert "80.0 ± 63.1" in sweep.render_sweep_table([row])
     with pytest.raises(ValueError, match=r"Invalid lr-sweep: 'fast'"):
         sweep.lr_grid("sgd", "fast")
     assert sweep.lr_grid("adamw", "paper", 30) == (9e-6, 3e-5, 9e-5, 3e-4, 9e-4, 3e-3)

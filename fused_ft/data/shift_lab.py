@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["SHIFT_LAB_MODELS", "ShiftLabConfig", "make_splits", "render", "create_pretrained", "cache_dir"]
+__all__ = ["SHIFT_LAB_MODELS", "ShiftLabConfig", "make_splits", "render_images", "create_pretrained", "cache_dir"]
 
 IMAGE_SIZE = 32
 TARGET_SHAPES = ("circle", "square", "triangle", "cross")
@@ -74,7 +74,7 @@ def _masks(shape: torch.Tensor, size: torch.Tensor, angle: torch.Tensor, cx: tor
     return stacked[torch.arange(len(shape)), shape]
 
 
-def render(shape: torch.Tensor, style: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, noise: torch.Tensor,
+def render_images(shape: torch.Tensor, style: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, noise: torch.Tensor,
            generator: torch.Generator) -> torch.Tensor:
     """Images (N, 3, 32, 32) in [0, 1]: ``style`` 0 filled, 1 outline; ``fg``/``bg`` (N, 3) colours."""
     n = len(shape)
@@ -104,7 +104,7 @@ def _style_split(n: int, ood: bool, generator: torch.Generator) -> tuple[torch.T
         style, fg = torch.zeros(n, dtype=torch.long), _pick(WARM, n, generator)
         bg = 0.1 * torch.rand(n, 3, generator=generator)
         noise = torch.full((n,), 0.03)
-    return render(y, style, fg, bg, noise, generator), y
+    return render_images(y, style, fg, bg, noise, generator), y
 
 
 def _spurious_split(n: int, ood: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +114,7 @@ def _spurious_split(n: int, ood: bool, generator: torch.Generator) -> tuple[torc
     bg = (HUES[hue] + 0.05 * torch.randn(n, 3, generator=generator)).clamp(0, 1)
     fg = _pick(torch.tensor([[0.9, 0.9, 0.9]]), n, generator)
     style = torch.randint(0, 2, (n,), generator=generator)
-    return render(y, style, fg, bg, torch.full((n,), 0.05), generator), y
+    return render_images(y, style, fg, bg, torch.full((n,), 0.05), generator), y
 
 
 SPLITTERS = {"style": _style_split, "spurious": _spurious_split}
@@ -139,7 +139,7 @@ def source_task(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch
     swap = (torch.rand(n, generator=generator) < 0.5)[:, None]
     fg, bg = torch.where(swap, dark, light), torch.where(swap, light, dark)
     noise = 0.12 * torch.rand(n, generator=generator)
-    return render(y, style, fg, bg, noise, generator), y
+    return render_images(y, style, fg, bg, noise, generator), y
 
 
 # The two tiny models: timm architectures at shift-lab's size (checked by name in fused_ft.models).
