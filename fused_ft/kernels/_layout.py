@@ -87,3 +87,15 @@ def new_momentum_buffers(params: Sequence[torch.Tensor], momentum_buffers: list)
         if is_new:
             momentum_buffers[i] = new_state(params[i])
     return new
+
+
+def momentum_slots(params, grads, momentum_buffers, momentum: float):
+    """SGD's and LARS's slots in both kernel backends: params, grads and, with momentum, the buffers
+    (created here when new). Returns the slots, the written ones, and the first-step flags (None without
+    momentum)."""
+    slots = {"params": params, "grads": grads}
+    if momentum == 0:
+        return slots, ("params",), None
+    new = new_momentum_buffers(params, momentum_buffers)
+    slots["momentum_buffers"] = momentum_buffers
+    return slots, ("params", "momentum_buffers"), new

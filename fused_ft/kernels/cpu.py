@@ -14,7 +14,7 @@ import torch
 from fused_ft._native import IMPORT_ERROR as _IMPORT_ERROR
 from fused_ft._native import _C
 from fused_ft._precision import Rounding
-from fused_ft.kernels._layout import flat_slots, new_momentum_buffers
+from fused_ft.kernels._layout import flat_slots, momentum_slots
 from fused_ft.kernels.capabilities import kernel_unsupported_reason
 
 __all__ = ["UPDATES", "sgd", "adamw", "lars", "lamb", "lamb_clip", "unavailable_reason", "unsupported_reason"]
@@ -55,12 +55,11 @@ def _flat(slots: dict[str, list[torch.Tensor]], written: tuple[str, ...]):
 
 def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
         rounding=None):
-    has_momentum = momentum != 0
-    new = new_momentum_buffers(params, momentum_buffers) if has_momentum else []
-    slots = {"params": params, "grads": grads, **({"momentum_buffers": momentum_buffers} if has_momentum else {}),
-             **_rounding_slot(rounding)}
-    with _flat(slots, written=("params", "momentum_buffers", "compensations")) as s:
-        _C.sgd_(params=s["params"], grads=s["grads"], momentum_buffers=s.get("momentum_buffers", []), new_buffer=new,
+    slots, written, new = momentum_slots(params, grads, momentum_buffers, momentum)
+    slots.update(_rounding_slot(rounding))
+    with _flat(slots, written=(*written, "compensations")) as s:
+        _C.sgd_(params=s["params"], grads=s["grads"], momentum_buffers=s.get("momentum_buffers", []),
+                new_buffer=new or [],
                 lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                 maximize=maximize, **_rounding_args(rounding, s))
 
@@ -82,13 +81,11 @@ def lars(
     params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps,
     trust_clip, always_adapt, rounding=None,
 ):
-    has_momentum = momentum != 0
-    new = new_momentum_buffers(params, momentum_buffers) if has_momentum else []
-    slots = {"params": params, "grads": grads, **({"momentum_buffers": momentum_buffers} if has_momentum else {}),
-             **_rounding_slot(rounding)}
-    with _flat(slots, written=("params", "momentum_buffers", "compensations")) as s:
+    slots, written, new = momentum_slots(params, grads, momentum_buffers, momentum)
+    slots.update(_rounding_slot(rounding))
+    with _flat(slots, written=(*written, "compensations")) as s:
         _C.lars_(params=s["params"], grads=s["grads"], momentum_buffers=s.get("momentum_buffers", []),
-                 new_buffer=new, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                 new_buffer=new or [], lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                  nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
                  adapt=weight_decay != 0 or always_adapt, **_rounding_args(rounding, s))
 

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from fused_ft._precision import Rounding, tensor_key
 from fused_ft.kernels import triton_kernels as K
-from fused_ft.kernels._layout import flat_addresses, flat_slots, new_momentum_buffers
+from fused_ft.kernels._layout import flat_addresses, flat_slots, momentum_slots
 from fused_ft.kernels.capabilities import kernel_unsupported_reason
 
 __all__ = ["UPDATES", "sgd", "adamw", "lars", "lamb", "lamb_clip", "launches", "compiled_variants",
@@ -288,17 +288,6 @@ def _rounding_args(t: _Tables, rounding: Rounding | None) -> dict[str, Any]:
                 compensations=t.slot.get("compensations"))
 
 
-def _momentum_setup(params, grads, momentum_buffers, momentum: float):
-    """SGD's and LARS's slots: params, grads and, with momentum, the buffers (created here when new).
-    Returns the slots, the written ones, and the first-step flags (None without momentum)."""
-    slots = {"params": params, "grads": grads}
-    if momentum == 0:
-        return slots, ("params",), None
-    new = new_momentum_buffers(params, momentum_buffers)
-    slots["momentum_buffers"] = momentum_buffers
-    return slots, ("params", "momentum_buffers"), new
-
-
 def _momentum_args(momentum: float, dampening: float, is_new: bool | None) -> dict[str, float]:
     """b = keep*b + scale*d; a new buffer (zeros) starts at the gradient itself, undampened, as in torch."""
     return dict(buf_keep=0.0 if is_new else momentum, buf_scale=1.0 if is_new else 1.0 - dampening,
@@ -325,7 +314,7 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
     if not params:
         return
     config = launch_config(params[0].device)
-    slots, written, new = _momentum_setup(params, grads, momentum_buffers, momentum)
+    slots, written, new = momentum_slots(params, grads, momentum_buffers, momentum)
     _with_compensations(slots, rounding)
 
     def body(t: _Tables) -> None:
@@ -382,7 +371,7 @@ def lars(
         return
     config = launch_config(params[0].device)
     adapt = weight_decay != 0 or always_adapt
-    slots, written, new = _momentum_setup(params, grads, momentum_buffers, momentum)
+    slots, written, new = momentum_slots(params, grads, momentum_buffers, momentum)
     _with_compensations(slots, rounding)
 
     def body(t: _Tables) -> None:
