@@ -25,8 +25,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | No
     parser.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="TAG",
                         help="load pretrained weights (the alias's tag, or TAG such as openai)")
     parser.add_argument("--checkpoint", type=Path, help="local weights file (works offline)")
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--num-classes", type=int, default=10, help="size of the new classification head")
+    parser.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
     parser.add_argument("--embed-names", type=lambda s: s.split(","), default=None,
                         help="comma-separated module names of the embedding (override the rules)")
     parser.add_argument("--embed-pattern", default=None, help="regex over parameter names (override the rules)")
@@ -100,8 +100,13 @@ def _memory(args: argparse.Namespace) -> None:
     from fused_ft import memory_report
     from fused_ft.methods import method
 
+    from fused_ft.models import resolve_model_name
+
     for name in args.methods:
-        method(name)  # an unknown method fails before any profiling
+        method(name)  # unknown methods, models and unwritable plots fail before any profiling
+    for name in args.models:
+        resolve_model_name(name)
+    _check_output_file("--plot", args.plot)
     rows = memory_report.run_table(args.models, args.methods, batch_size=args.batch_size,
                                    step_in_backward=args.step_in_backward, grad_checkpointing=args.grad_checkpointing,
                                    param_dtype=args.param_dtype, bf16_updates=args.bf16_update)
@@ -111,15 +116,26 @@ def _memory(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}")
 
 
+def _check_output_file(option: str, path: str | None) -> None:
+    """An output file's folder must exist and the path must not be a folder: checked before the work."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"Invalid {option}: {path!r} is a directory (give a file name, e.g. {path}/plot.png)")
+    if not target.parent.is_dir():
+        raise ValueError(f"Invalid {option}: the folder {str(target.parent)!r} does not exist")
+
+
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     """What finetune and sweep share: model, data, schedule and output."""
     add_model_arguments(parser, default_model="shift-lab-vit")
     parser.add_argument("--data", default="shift-lab",
                         help="shift-lab[:spurious], imagefolder:DIR, waterbirds:DIR, ...")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step (all ranks together)")
     parser.add_argument("--after-linear-probe", action="store_true", help="LP-FT's second stage: LRs / 10")
-    parser.add_argument("--device", default=None)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     _precision_arguments(parser, several_updates=False)
@@ -129,14 +145,13 @@ def _precision_arguments(parser: argparse.ArgumentParser, several_updates: bool)
     from fused_ft._precision import BF16_UPDATES
 
     parser.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],
-                        help="weights' dtype; bf16 keeps no fp32 master copy (default: fp32)")
+                        help="weights' dtype; bf16 keeps no fp32 master copy")
     if several_updates:
         parser.add_argument("--bf16-update", type=_choice_list(BF16_UPDATES), default=list(BF16_UPDATES),
-                            help="with --param-dtype bf16: comma-separated ways to store bf16 weights, one row each "
-                                 f"(default: {','.join(BF16_UPDATES)})")
+                            help="with --param-dtype bf16: comma-separated ways to store bf16 weights, one row each")
     else:
         parser.add_argument("--bf16-update", default="nearest", choices=BF16_UPDATES,
-                            help="with --param-dtype bf16: how the optimizer stores the weights (default: nearest)")
+                            help="with --param-dtype bf16: how the optimizer stores the weights")
 
 
 def _choice_list(choices):
@@ -192,6 +207,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from fused_ft.data import load_data
     from fused_ft.finetune import build_model
 
+    _check_output_file("--plot", args.plot)
     base = _base_config(args)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -216,53 +232,76 @@ def _sweep(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in one line (the usage block argparse prints first is what --help is for)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """--help shows every option's default (argparse's own formatter skips options without help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text.strip()
+
+
+_HELP = dict(formatter_class=_HelpFormatter)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fused-ft", description="fused_ft: fine-tune vision models with SGD")
+    parser = _Parser(prog="fused-ft", description="fused_ft: fine-tune vision models with SGD", **_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="the main job on a built-in default (what `make demo` runs)")
 
-    grad = commands.add_parser("grad-norms", help="layer gradient norms at the current weights (paper Fig. 2)")
+    grad = commands.add_parser("grad-norms", **_HELP, help="layer gradient norms at the current weights (paper Fig. 2)")
     add_model_arguments(grad)
     grad.add_argument("--data", default="synthetic", choices=["synthetic"], help="minibatches to measure on")
-    grad.add_argument("--batches", type=int, default=4)
-    grad.add_argument("--batch-size", type=int, default=8)
-    grad.add_argument("--seed", type=int, default=0)
+    grad.add_argument("--batches", type=int, default=4, help="minibatches averaged over")
+    grad.add_argument("--batch-size", type=int, default=8, help="images per minibatch")
+    grad.add_argument("--seed", type=int, default=0, help="seed of the head and the minibatches")
     grad.add_argument("--out", default="grad-norms", help="directory for grad_norms.csv and grad_norms.png")
 
     from fused_ft.memory_report import DEFAULT_METHODS, DEFAULT_MODELS
+    from fused_ft.methods import METHODS
 
-    mem = commands.add_parser("memory", help="memory of a training step per method (paper Table 4), simulated")
+    mem = commands.add_parser("memory", **_HELP, help="memory of a training step per method (paper Table 4), simulated")
     mem.add_argument("--models", type=_csv_list, default=list(DEFAULT_MODELS),
                      help="comma-separated aliases or timm/open_clip names")
     mem.add_argument("--methods", type=_csv_list, default=list(DEFAULT_METHODS), help="comma-separated methods")
-    mem.add_argument("--batch-size", type=int, default=1)
+    mem.add_argument("--batch-size", type=int, default=1, help="images per step (the paper's Table 4: 1)")
     mem.add_argument("--step-in-backward", action="store_true", help="update during backward, free gradients")
-    mem.add_argument("--grad-checkpointing", action="store_true")
-    mem.add_argument("--format", default="table", choices=["table", "md", "csv", "json"])
+    mem.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    mem.add_argument("--format", default="table", choices=["table", "md", "csv", "json"], help="output format")
     mem.add_argument("--plot", default=None, help="write a stacked-bar PNG here")
     _precision_arguments(mem, several_updates=True)
 
-    fine = commands.add_parser("finetune", help="fine-tune one model with one method (the paper's protocol)")
+    fine = commands.add_parser("finetune", **_HELP, help="fine-tune one model with one method (the paper's protocol)")
     _run_arguments(fine)
-    fine.add_argument("--method", required=True)
-    lr = fine.add_mutually_exclusive_group()
-    lr.add_argument("--lr", type=float)
+    fine.add_argument("--method", required=True, choices=list(METHODS), metavar="METHOD",
+                      help=f"one of: {', '.join(METHODS)}")
+    lr = fine.add_mutually_exclusive_group(required=True)
+    lr.add_argument("--lr", type=float, help="the starting learning rate (cosine schedule to 0)")
     lr.add_argument("--lr-sweep", help="'paper' (the method's 6 LRs) or comma-separated LRs; picks by ID val")
-    fine.add_argument("--seed", type=int, default=0)
-    fine.add_argument("--out", default="runs/finetune")
+    fine.add_argument("--seed", type=int, default=0, help="seed of the head, data order and augmentation")
+    fine.add_argument("--out", default="runs/finetune", help="run directory (metrics, checkpoint, results)")
     fine.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
-    sw = commands.add_parser("sweep", help="methods x learning rates x seeds; tables like the paper's")
+    sw = commands.add_parser("sweep", **_HELP, help="methods x learning rates x seeds; tables like the paper's")
     _run_arguments(sw)
     sw.add_argument("--methods", type=_csv_list,
-                    default=["sgd", "sgd-freeze-embed", "sgd-freeze-embed-nomom", "adamw"])
+                    default=["sgd", "sgd-freeze-embed", "sgd-freeze-embed-nomom", "adamw"],
+                    help=f"comma-separated methods, from: {', '.join(METHODS)}")
     sw.add_argument("--lr-sweep", default="paper", help="'paper' or comma-separated LRs (same for every method)")
     sw.add_argument("--lr-multiplier", type=float, default=1.0,
                     help="scale the paper grids (e.g. 30 for tiny models whose best LR sits at the grid's top)")
-    sw.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
+    sw.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated seeds")
     sw.add_argument("--jobs", type=_positive_int, default=min(2, os.cpu_count() or 1), help="runs in parallel")
-    sw.add_argument("--out", default="runs/sweep")
-    sw.add_argument("--format", default="table", choices=["table", "md", "csv", "json"])
+    sw.add_argument("--out", default="runs/sweep", help="directory of the runs and summary.json")
+    sw.add_argument("--format", default="table", choices=["table", "md", "csv", "json"], help="output format")
     sw.add_argument("--plot", default=None, help="write a bar chart PNG here")
 
     args = parser.parse_args(argv)

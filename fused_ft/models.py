@@ -76,23 +76,27 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def resolve_model_name(name: str) -> tuple[str, str, str | None]:
-    """(library, model name, default pretrained tag) for an alias, ``open_clip:NAME``, ``timm:NAME`` or a bare name.
+    """(library, model name, default pretrained tag) for an alias, ``timm:NAME``, ``open_clip:NAME``
+    (or ``openclip:NAME``) or a bare name.
 
-    A bare name goes to open_clip when open_clip knows it (``ViT-B-16``), to timm otherwise.
+    A bare name goes to timm when timm knows it, to open_clip otherwise (``ViT-B-16``): timm's names
+    are what most users type, and a few (``convnext_base``) are also open_clip towers, whose
+    classifier is a different model; ``open_clip:convnext_base`` asks for that one.
     """
     if name in ALIASES:
         a = ALIASES[name]
         return a.library, a.name, a.tag
     library, sep, rest = name.partition(":")
-    if sep and library in ("timm", "open_clip"):
-        return library, rest, None
-    import open_clip
+    if sep and library in ("timm", "open_clip", "openclip"):
+        return library.replace("openclip", "open_clip"), rest, None
     import timm
+
+    if timm.is_model(name.split(".")[0]):
+        return "timm", name, None
+    import open_clip
 
     if name in open_clip.list_models():
         return "open_clip", name, None
-    if timm.is_model(name.split(".")[0]):
-        return "timm", name, None
     raise ValueError(
         f"Invalid model: {name!r} (not an alias, a timm model or an open_clip model; aliases: {', '.join(ALIASES)})"
     )
@@ -111,7 +115,8 @@ def create_model(
 
     Args:
         name: an alias from :data:`ALIASES` (``clip-vit-b16``), a timm name (``convnext_base``), an
-            open_clip name (``ViT-L-14``), or either prefixed (``timm:...``, ``open_clip:...``).
+            open_clip name (``ViT-L-14``), or either prefixed (``timm:...``, ``open_clip:...``); a bare
+            name both libraries know is timm's (see :func:`resolve_model_name`).
         num_classes: size of the new classification head.
         pretrained: False for random weights; True for the alias's tag (or the library default); a
             string for a specific tag (``openai``, ``laion2b_s32b_b79k``, timm's ``augreg_in21k``).

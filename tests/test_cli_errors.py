@@ -1,0 +1,46 @@
+"""The CLI's promise: a bad input exits with status 2 and one line on stderr, no traceback, no files.
+
+Each case runs `fused-ft` in a subprocess, in an empty directory, as a user would. (The cases of the
+harness's own files, such as damaged checkpoints and resume, are in tests/test_finetune.py.)
+"""
+import subprocess
+import sys
+
+import pytest
+
+CASES = {
+    "unknown method": ["finetune", "--method", "sgdx", "--lr", "0.1"],
+    "no learning rate": ["finetune", "--method", "sgd"],
+    "seeds not integers": ["sweep", "--seeds", "a"],
+    "zero jobs": ["sweep", "--jobs", "0"],
+    "bad bf16 update": ["memory", "--param-dtype", "bf16", "--bf16-update", "round"],
+    "bad param dtype": ["memory", "--param-dtype", "fp16"],
+    "unknown model": ["memory", "--models", "no_such_model", "--methods", "sgd"],
+    "unknown memory method": ["memory", "--models", "vit_tiny_patch16_224", "--methods", "adam"],
+    "plot into a missing folder": ["memory", "--models", "vit_tiny_patch16_224", "--plot", "no/such/dir/m.png"],
+    "plot onto a folder": ["memory", "--models", "vit_tiny_patch16_224", "--plot", "."],
+    "sweep plot into a missing folder": ["sweep", "--plot", "missing/s.png"],
+}
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, "-m", "fused_ft.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args", CASES.values(), ids=CASES.keys())
+def test_bad_input_gives_one_line_and_status_2(args, tmp_path):
+    result = _run(args, tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "it/s]" not in line]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("fused-ft ") and "error:" in lines[0], lines
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_a_plain_timm_name_that_open_clip_also_knows_is_timms(tmp_path):
+    # the README's example: convnext_base is a timm model and an open_clip tower; a bare name is timm's
+    result = _run(["memory", "--models", "convnext_base", "--methods", "sgd-freeze-embed", "--format", "csv"],
+                  tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "convnext_base,sgd-freeze-embed" in result.stdout
