@@ -10,7 +10,10 @@ checkpoint; when they cannot be had, :class:`PretrainedWeightsError` says so in 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,19 +142,54 @@ def create_model(
         raise PretrainedWeightsError(f"Invalid checkpoint: {str(checkpoint)!r} is not a file")
     wants_weights = bool(pretrained) or checkpoint is not None
     try:
-        if library == "open_clip":
-            return _create_open_clip(model_name, num_classes, tag, checkpoint, image_size, device)
-        return _create_timm(model_name, num_classes, tag, checkpoint, image_size, device, wants_weights)
+        with _hub_offline_when_unreachable(downloads=bool(pretrained) and checkpoint is None):
+            if library == "open_clip":
+                return _create_open_clip(model_name, num_classes, tag, checkpoint, image_size, device)
+            return _create_timm(model_name, num_classes, tag, checkpoint, image_size, device, wants_weights)
     except PretrainedWeightsError:
         raise
     except Exception as exc:  # noqa: BLE001 - hub, network and file errors come in many types
         if not wants_weights:
             raise
+        if checkpoint is None and not _hub_reachable():
+            raise PretrainedWeightsError(
+                f"Could not fetch pretrained weights for {name!r} (tag {tag!r}): {HUB_HOST} cannot be reached and "
+                "they are not in the local cache -- pass a local file with --checkpoint PATH (Python: checkpoint=PATH)"
+            ) from exc
         raise PretrainedWeightsError(
             f"Could not fetch pretrained weights for {name!r} (tag {tag!r}): {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''} -- pass a local file with --checkpoint PATH "
             "(Python: checkpoint=PATH)"
         ) from exc
+
+
+HUB_HOST = os.environ.get("FUSED_FT_HUB_HOST", "huggingface.co")  # tests point it at a host that never resolves
+
+
+def _hub_reachable() -> bool:
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline_when_unreachable(downloads: bool):
+    """When the weights would be downloaded and the hub cannot be reached, let huggingface_hub work in
+    offline mode: weights in its cache still load, and missing ones fail at once, where its retries
+    took about a minute, with a line on stderr each, before the same error."""
+    if not downloads:
+        yield
+        return
+    import huggingface_hub.constants as hub
+
+    saved = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = saved or not _hub_reachable()
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved
 
 
 def _create_open_clip(model_name, num_classes, tag, checkpoint, image_size, device) -> nn.Module:
