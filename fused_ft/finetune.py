@@ -61,6 +61,9 @@ def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
     from fused_ft.models import create_model
 
     if config.model in shift_lab.SHIFT_LAB_MODELS:
+        if config.checkpoint is not None:  # it was ignored, and recorded as if used
+            raise ValueError(f"Invalid checkpoint for {config.model}: shift-lab models are pretrained in-process "
+                             "(pretrained='adamw' or 'sgd'); drop the checkpoint")
         pretrain = config.pretrained if isinstance(config.pretrained, str) else "adamw"
         return shift_lab.create_pretrained(config.model, num_classes, pretrain, progress=config.progress)
     return create_model(config.model, num_classes, pretrained=config.pretrained, checkpoint=config.checkpoint,
@@ -122,7 +125,6 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
         raise ValueError(f"Invalid batch_size: {config.batch_size} (the global batch must split evenly over "
                          f"{ctx.world} ranks)")
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
     if (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())  # finished earlier: nothing is redone
@@ -133,6 +135,7 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
     random.seed(config.seed)
     dtype = param_dtype_of(config.param_dtype)
     model = build_model(config, data.num_classes).to(device, dtype)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a bad model, data or checkpoint leaves no directory
     make_optimizer = lambda m: create_optimizer(m, config.method, lr=config.lr,  # noqa: E731
                                                 after_linear_probe=config.after_linear_probe,
                                                 bf16_update=config.bf16_update)

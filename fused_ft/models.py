@@ -225,6 +225,9 @@ def _create_timm(model_name, num_classes, tag, checkpoint, image_size, device, w
 
 def input_size(model: nn.Module) -> int:
     """The square input resolution a model was built for (timm's pretrained_cfg, open_clip's image_size)."""
+    patch_embed = getattr(model, "patch_embed", None)  # timm transformers: the size they were built for
+    if getattr(patch_embed, "img_size", None):  # (their pretrained_cfg keeps the checkpoint's, e.g. 224)
+        return int(patch_embed.img_size[-1])
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" in cfg:
         return int(cfg["input_size"][-1])

@@ -20,6 +20,9 @@ CASES = {
     "plot into a missing folder": ["memory", "--models", "vit_tiny_patch16_224", "--plot", "no/such/dir/m.png"],
     "plot onto a folder": ["memory", "--models", "vit_tiny_patch16_224", "--plot", "."],
     "sweep plot into a missing folder": ["sweep", "--plot", "missing/s.png"],
+    # these load the data first: the run directory must not be created before the model is built
+    "checkpoint for a shift-lab model": ["finetune", "--method", "sgd", "--lr", "0.01", "--checkpoint", "/no/such.pt"],
+    "unknown model to fine-tune": ["finetune", "--model", "no_such_model", "--method", "sgd", "--lr", "0.01"],
 }
 
 
