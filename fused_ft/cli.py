@@ -115,10 +115,13 @@ def _memory(args: argparse.Namespace) -> None:
     for name in args.models:
         resolve_model_name(name)
     _check_output_file("--plot", args.plot)
+    skipped: list[str] = []
     rows = memory_report.run_table(args.models, args.methods, batch_size=args.batch_size,
                                    step_in_backward=args.step_in_backward, grad_checkpointing=args.grad_checkpointing,
-                                   param_dtype=args.param_dtype, bf16_updates=args.bf16_update)
+                                   param_dtype=args.param_dtype, bf16_updates=args.bf16_update, skipped=skipped)
     print(memory_report.render_memory_table(rows, args.format))
+    for note in skipped:  # on stderr: --format json/csv output stays machine-readable
+        print(f"note: {note}", file=sys.stderr)
     if args.plot:
         memory_report.plot_memory_table(rows, args.plot)
         print(f"wrote {args.plot}")

@@ -137,3 +137,13 @@ def test_memory_cli_gives_bf16_weights_a_row_per_update_mode(capsys):
     with pytest.raises(SystemExit):  # argparse: one line naming the option, exit status 2
         cli.main(args + ["--param-dtype", "bf16", "--bf16-update", "round"])
     assert "--bf16-update: must be comma-separated values from nearest, stochastic, kahan" in capsys.readouterr().err
+
+
+def test_memory_cli_in_backward_leaves_lamb_out_with_a_note(capsys):
+    # LAMB's global clipping cannot step in backward: the table goes on without it, and says why
+    args = ["memory", "--models", "vit_tiny_patch16_224", "--methods", "lamb,sgd", "--step-in-backward",
+            "--format", "csv"]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert "sgd (in-backward)" in captured.out and "lamb" not in captured.out
+    assert "note: lamb: not profiled: Invalid step_in_backward=True with max_grad_norm=1.0" in captured.err
