@@ -141,8 +141,7 @@ def test_memory_cli_gives_bf16_weights_a_row_per_update_mode(capsys):
 
 def test_memory_cli_in_backward_leaves_lamb_out_with_a_note(capsys):
     # LAMB's global clipping cannot step in backward: the table goes on without it, and says why
-    args = ["memory", "--models", "vit_tiny_patch16_224", "--methods", "lamb,sgd", "--step-in-backward",
-            "--format", "csv"]
+    args = ["memory", "--models", "vit_tiny_patch16_224", "--methods", "lamb,sgd", "--step-in-backward"]
     assert cli.main(args) == 0
     captured = capsys.readouterr()
     assert "sgd (in-backward)" in captured.out and "lamb" not in captured.out
