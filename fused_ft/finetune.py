@@ -10,6 +10,7 @@ uninterrupted run: every epoch's data order comes from ``(seed, epoch)``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -115,6 +116,55 @@ def _save_atomic(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
+# What determines a run's result: a resumed run must have the same, or it would record settings it did not use.
+RESULT_KEYS = ("model", "data", "method", "lr", "epochs", "batch_size", "seed", "pretrained", "checkpoint",
+               "image_size", "after_linear_probe", "param_dtype", "bf16_update")
+
+
+def _settings(config: FinetuneConfig) -> dict[str, Any]:
+    return {k: getattr(config, k) for k in RESULT_KEYS}
+
+
+def _check_same_settings(saved: dict[str, Any], config: FinetuneConfig, out: Path) -> None:
+    """Refuse to continue (or reuse) a run in ``out`` with different settings, in one line."""
+    if not saved:
+        return  # written before runs recorded their settings
+    now = _settings(config)
+    changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RESULT_KEYS if saved.get(k) != now[k]]
+    if changed:
+        raise ValueError(f"Invalid resume: the run in {str(out)!r} was started with other settings "
+                         f"({'; '.join(changed)}); use a new --out, or the run's own settings")
+
+
+DIGEST_FILE = "checkpoint.sha256"  # the checkpoint's checksum when results.json was written
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - truncation shows as EOFError, RuntimeError, UnpicklingError...
+        raise ValueError(f"{path} is damaged: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+                         "delete it to start over, or restore it") from None
+
+
+def _finished_result(out: Path, config: FinetuneConfig) -> dict[str, Any] | None:
+    """A finished run's results, trusted only when the checkpoint they came from still verifies."""
+    results_path, ckpt_path = out / "results.json", out / "checkpoint.pt"
+    if not results_path.exists():
+        return None
+    results = json.loads(results_path.read_text())
+    _check_same_settings(results.pop("settings", {}), config, out)
+    digest_path = out / DIGEST_FILE
+    if digest_path.exists() and (not ckpt_path.exists() or _file_digest(ckpt_path) != digest_path.read_text().strip()):
+        raise ValueError(f"{ckpt_path} is damaged or missing: it does not match the checksum in {DIGEST_FILE}; "
+                         "delete the run to start over, or restore it")
+    return results
+
+
 def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str, Any]:
     """Run (or resume) one fine-tuning run; return the final metrics (also in ``out/results.json``)."""
     from tqdm import tqdm
@@ -126,8 +176,12 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
                          f"{ctx.world} ranks)")
     out = Path(config.out)
     ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    if (out / "results.json").exists():
-        return json.loads((out / "results.json").read_text())  # finished earlier: nothing is redone
+    finished = _finished_result(out, config)
+    if finished is not None:
+        return finished  # finished earlier with the same settings: nothing is redone
+    ckpt = _load_checkpoint(ckpt_path) if ckpt_path.exists() else None  # damaged or changed: refused before any work
+    if ckpt is not None:
+        _check_same_settings(ckpt.get("settings", {}), config, out)
     device = torch.device(config.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
                                             else "cpu"))
     data = data or load_data(config.data, image_size=config.image_size or 224)
@@ -151,8 +205,9 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
                  torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                    lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps))))
     state = {"epoch": 0, "best_val": -1.0, "best_epoch": -1, "best_model": None, "history": []}
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+    if ckpt is not None:
+        if ctx.main and config.progress:
+            print(f"resuming from epoch {ckpt['state']['epoch']} of {config.epochs} ({ckpt_path})")
         load_full_state(model, optimizer, ckpt["model"], ckpt["optimizer"], ctx)
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -203,8 +258,8 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
         state["history"].append(record)
         if ctx.main:
             _save_atomic({"model": model_sd, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
-                          "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "state": state},
-                         ckpt_path)
+                          "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "state": state,
+                          "settings": _settings(config)}, ckpt_path)
             _append(log_path, record)
         ctx.barrier()
         if progress:
@@ -221,7 +276,9 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
     if ctx.main:
         torch.save(state["best_model"], out / "best_model.pt")
         _append(log_path, {"event": "result", **results})
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        # what a later call checks before trusting the result: the settings, and the checkpoint's checksum
+        (out / DIGEST_FILE).write_text(_file_digest(ckpt_path) + "\n")
+        (out / "results.json").write_text(json.dumps({**results, "settings": _settings(config)}, indent=2))
     ctx.barrier()
     return results
 

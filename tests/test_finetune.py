@@ -36,6 +36,20 @@ def test_finetune_end_to_end(image_folder, tmp_path, capsys):
     assert [x["lr"] for x in lines[1:4]] == pytest.approx(cosine)
     assert '"ood_test_b"' in capsys.readouterr().out
     assert cli.main(_finetune_args(image_folder, tmp_path / "run")) == 2  # refuses to overwrite without --resume
+    # a finished run reused with other settings, or from a damaged checkpoint: one line, nothing changed
+    files = {f: f.read_bytes() for f in (tmp_path / "run").iterdir()}
+    capsys.readouterr()
+    assert cli.main(_finetune_args(image_folder, tmp_path / "run", extra=["--resume", "--seed", "1"])) == 2
+    assert "started with other settings (seed 0 -> 1)" in capsys.readouterr().err
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    checkpoint.write_bytes(files[checkpoint][: len(files[checkpoint]) // 2])
+    assert cli.main(_finetune_args(image_folder, tmp_path / "run", extra=["--resume"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint.pt is damaged or missing" in err[0], err
+    (tmp_path / "run" / "results.json").unlink()  # an unfinished run: the checkpoint itself is read
+    assert cli.main(_finetune_args(image_folder, tmp_path / "run", extra=["--resume"])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint.pt is damaged:" in err[0] and "delete it to start over" in err[0], err
 
 
 def test_killed_run_resumes_to_the_same_result(image_folder, tmp_path):
@@ -53,6 +67,10 @@ def test_killed_run_resumes_to_the_same_result(image_folder, tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "killed" / "results.json").exists()
+    files = {f: f.read_bytes() for f in (tmp_path / "killed").iterdir()}
+    changed_lr = [a if a != "0.01" else "0.02" for a in args]
+    assert cli.main(changed_lr + ["--resume"]) == 2  # it would continue the old schedule and record the new lr
+    assert {f: f.read_bytes() for f in (tmp_path / "killed").iterdir()} == files
     assert cli.main(args + ["--resume"]) == 0
     assert cli.main(_finetune_args(image_folder, tmp_path / "straight", epochs=4)) == 0
     resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
