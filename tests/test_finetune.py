@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +91,16 @@ def test_missing_or_malformed_data_is_one_clear_line(tmp_path, capsys):
         load_data(f"waterbirds:{tmp_path}")
     with pytest.raises(DataError, match=r"Invalid data: 'cifar:x'"):
         load_data("cifar:x")
+
+
+def test_an_unreadable_image_stops_the_run_before_training_naming_the_file(image_folder, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(image_folder, root)
+    (root / "id_test" / "bright" / "1.png").write_bytes(b"not a png")
+    assert cli.main(_finetune_args(root, tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read the image" in err[0] and "id_test/bright/1.png" in err[0], err
+    assert not (tmp_path / "out").exists()  # the landed code left a config-only metrics.jsonl
 
 
 def test_sweep_picks_the_lr_by_id_val_and_reports_90_percent_intervals():

@@ -92,12 +92,28 @@ def _imagefolder(kind: str, root: Path, image_size: int) -> DataBundle:
         splits = {s: ImageFolder(str(root / s), transform=test_tf) for s in ["id_val", "id_test", *oods]}
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"Invalid data {kind}:{root}: {exc}; expected {IMAGEFOLDER_LAYOUT}") from None
+    for ds in (train, *splits.values()):
+        _check_images(kind, root, [Path(path) for path, _ in ds.samples])
     for s, ds in splits.items():
         if ds.classes != train.classes:
             raise DataError(f"Invalid data {kind}:{root}: {s} has classes {ds.classes}, train has {train.classes}; "
                             f"expected {IMAGEFOLDER_LAYOUT}")
     return DataBundle(f"{kind}:{root}", len(train.classes), train, splits["id_val"], splits["id_test"],
                       {s: splits[s] for s in oods}, image_size, {"classes": train.classes})
+
+
+def _check_images(kind: str, root: Path, paths: list[Path]) -> None:
+    """Every file's header, read once when the dataset is built: an unreadable image stops the run
+    here, in one line naming the file, not as a traceback in the middle of training."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"Invalid data {kind}:{root}: cannot read the image {path} ({type(exc).__name__}); "
+                            "fix or remove it") from None
 
 
 class _ListDataset(Dataset):
