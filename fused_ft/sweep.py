@@ -17,7 +17,7 @@ from fused_ft import _tables
 from fused_ft.finetune import FinetuneConfig, finetune
 from fused_ft.methods import method as get_method
 
-__all__ = ["run_sweep", "summarize", "render_sweep_table", "plot_sweep", "lr_grid"]
+__all__ = ["run_sweep", "summarize", "finding", "render_sweep_table", "plot_sweep", "lr_grid"]
 
 # two-sided 90% Student t quantiles by degrees of freedom (1.645 beyond)
 _T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
@@ -108,6 +108,23 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[key], row[key + "_ci90"] = _interval([100 * r[key] for r in runs])
         rows.append(row)
     return rows
+
+
+def finding(rows: list[dict[str, Any]], metric: str = "ood_test") -> str:
+    """One sentence on what a summary shows: the best method on ``metric`` and whether the others' 90%
+    intervals overlap it, and any optimum at its grid's edge (a grid that should be widened)."""
+    best = max(rows, key=lambda r: r[metric])
+    low = best[metric] - best[metric + "_ci90"]
+    tied = [r["method"] for r in rows if r is not best and r[metric] + r[metric + "_ci90"] >= low]
+    name = metric.replace("_", " ")
+    sentence = (f"{best['method']} has the best {name} accuracy ({best[metric]:.1f} ± {best[metric + '_ci90']:.1f}, "
+                f"{best['seeds']} seeds)")
+    sentence += (f", but the 90% intervals of {', '.join(tied)} overlap it, so this run does not separate them"
+                 if tied else ", clear of every other method's 90% interval")
+    edges = [r["method"] for r in rows if r["lr_at_grid_edge"]]
+    sentence += (f"; the best lr of {', '.join(edges)} sits at its grid's edge, so its grid should be widened."
+                 if edges else "; every method's best lr lies inside its grid.")
+    return sentence
 
 
 def render_sweep_table(rows: list[dict[str, Any]], fmt: str = "table") -> str:

@@ -177,3 +177,16 @@ def test_sweep_refuses_bad_counts_naming_the_option(args, message, capsys):
         cli.main(["sweep", *args])
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_sweep_finding_says_what_the_intervals_and_grids_show():
+    def row(method, ood, ci, edge=False):
+        return {"method": method, "lr": 0.01, "seeds": 2, "lr_at_grid_edge": edge, "ood_test": ood,
+                "ood_test_ci90": ci}
+
+    tied = sweep.finding([row("sgd", 30.0, 1.0), row("adamw", 29.5, 0.2, edge=True), row("lars", 20.0, 1.0)])
+    assert tied.startswith("sgd has the best ood test accuracy (30.0 ± 1.0, 2 seeds)")
+    assert "the 90% intervals of adamw overlap it" in tied and "lars" not in tied.split(";")[0]
+    assert "the best lr of adamw sits at its grid's edge" in tied
+    clear = sweep.finding([row("sgd", 30.0, 1.0), row("adamw", 25.0, 1.0)])
+    assert "clear of every other method's 90% interval" in clear and "lies inside its grid" in clear
