@@ -166,6 +166,8 @@ def plot_grad_norms(rows: list[LayerGradNorm], path: str | Path, title: str = ""
         ax.set_ylabel(label)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(loc="best", fontsize=8)
+        if not with_head:
+            ax.set_title("head left out: its random init dwarfs the rest", fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -127,8 +127,10 @@ def plot_memory_table(rows: list[dict], path) -> None:
         ax.set_title(model)
         ax.set_ylabel("GiB at the peak of a training step")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    # one row of legend fits above two or more panels; above a single 5-inch panel it was cut off
+    columns = len(labels) if len(models) > 1 else 3
+    fig.legend(handles, labels, loc="upper center", ncol=columns, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93 if len(models) > 1 else 0.86))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
