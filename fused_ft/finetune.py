@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from fused_ft._validation import check_positive_int, check_positive_number
+from fused_ft._validation import LR, check_positive_int
 from fused_ft.data import DataBundle, load_data
 from fused_ft.distributed import Context, full_state, load_full_state, setup, wrap
 from fused_ft.memory import param_dtype_of
@@ -107,7 +107,7 @@ def _validate(config: FinetuneConfig) -> None:
         raise ValueError(f"Invalid bf16_update: {config.bf16_update!r} (choose from {', '.join(BF16_UPDATES)})")
     check_positive_int("epochs", config.epochs)
     check_positive_int("batch_size", config.batch_size)
-    check_positive_number("lr", config.lr)
+    LR.check("lr", config.lr)
 
 
 def _save_atomic(obj: Any, path: Path) -> None:

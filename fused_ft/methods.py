@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fused_ft._validation import check_positive_number
+from fused_ft._validation import LR
 from fused_ft.embedding import embedding_params
 from fused_ft.layers import head_params, model_layers
 from fused_ft.optim import OPTIMIZER_CLASSES
@@ -130,7 +130,7 @@ def create_optimizer(
     m = method(method_name)
     cls = OPTIMIZER_CLASSES[m.optimizer]
     lr = m.default_lr if lr is None else lr
-    check_positive_number("lr", lr)
+    LR.check("lr", lr)  # the optimizers' own rule, so that the CLI and the API say the same
     if after_linear_probe:
         lr = lr / LP_FT_LR_DIVISOR
     kwargs = {**m.kwargs, **overrides}

@@ -11,6 +11,7 @@ import pytest
 CASES = {
     "unknown method": ["finetune", "--method", "sgdx", "--lr", "0.1"],
     "no learning rate": ["finetune", "--method", "sgd"],
+    "negative learning rate": ["finetune", "--method", "sgd", "--lr", "-1"],
     "seeds not integers": ["sweep", "--seeds", "a"],
     "zero jobs": ["sweep", "--jobs", "0"],
     "bad bf16 update": ["memory", "--param-dtype", "bf16", "--bf16-update", "round"],
@@ -38,6 +39,8 @@ def test_bad_input_gives_one_line_and_status_2(args, tmp_path):
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[0].startswith("fused-ft ") and "error:" in lines[0], lines
+    if "--lr" in args:  # the optimizers' own rule and words (the CLI said "> 0", the API ">= 0")
+        assert "Invalid lr: -1.0 (must be >= 0)" in lines[0]
     assert not any(tmp_path.iterdir())  # nothing written
 
 
