@@ -51,7 +51,7 @@ def shift_lab_experiment(out: str = "runs/demo-shift-lab") -> None:
     from fused_ft.finetune import FinetuneConfig, build_model
 
     print("fused_ft demo 3/3: shift-lab (style shift), tiny ViT pretrained with AdamW (cached after the first run); "
-          f"runs are written to ./{out}\n")
+          f"runs are written to {out if os.path.isabs(out) else './' + out}\n")
     base = FinetuneConfig(model="shift-lab-vit", data="shift-lab", method="sgd", lr=1e-3, epochs=2, batch_size=64,
                           out=out, pretrained="adamw")
     data = load_data("shift-lab")
