@@ -25,16 +25,33 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["LOW_PRECISION", "BF16_UPDATES", "Rounding", "state_dtype", "new_state", "upcast", "store", "mix32",
-           "stream_key", "tensor_key", "random_bits", "round_stochastic", "split_master", "merge_master"]
+from fused_ft._validation import Rule
+
+__all__ = ["LOW_PRECISION", "BF16_UPDATES", "BF16_UPDATE", "PARAM_DTYPES", "param_dtype_of", "Rounding",
+           "state_dtype", "new_state", "upcast", "store", "mix32", "stream_key", "tensor_key", "random_bits",
+           "round_stochastic", "split_master", "merge_master"]
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 BF16_UPDATES = ("nearest", "stochastic", "kahan")
 COMPENSATION_KEY = "kahan_comp"  # the state key of kahan's buffers (optimi's name)
+BF16_UPDATE = Rule(kind="choice", choices=BF16_UPDATES)  # the optimizers', the profiler's and the harness's check
 
 _MASK = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive counters over the 32-bit range
 _MUL1, _MUL2 = 0x7FEB352D, 0x846CA68B  # Wellons' "lowbias32" integer hash: a bijection, good avalanche
+
+
+PARAM_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16}
+
+
+def param_dtype_of(name: str | torch.dtype) -> torch.dtype:
+    """``"fp32"``/``"bf16"`` (or their torch names, or the dtypes) as a dtype; anything else refused."""
+    if isinstance(name, torch.dtype) and name in PARAM_DTYPES.values():
+        return name
+    if isinstance(name, str) and name in PARAM_DTYPES:
+        return PARAM_DTYPES[name]
+    raise ValueError(f"Invalid param_dtype: {name!r} (choose from fp32, bf16)")
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:

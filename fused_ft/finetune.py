@@ -23,10 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+from fused_ft._precision import BF16_UPDATE, param_dtype_of
 from fused_ft._validation import LR, check_positive_int
 from fused_ft.data import DataBundle, load_data
 from fused_ft.distributed import Context, full_state, load_full_state, setup, wrap
-from fused_ft.memory import param_dtype_of
 from fused_ft.methods import create_optimizer, method as get_method
 from fused_ft.unfreeze import GradualUnfreeze
 
@@ -99,12 +99,9 @@ def _autocast(device: torch.device):
 
 
 def _validate(config: FinetuneConfig) -> None:
-    from fused_ft._precision import BF16_UPDATES
-
     get_method(config.method)
     param_dtype_of(config.param_dtype)
-    if config.bf16_update not in BF16_UPDATES:
-        raise ValueError(f"Invalid bf16_update: {config.bf16_update!r} (choose from {', '.join(BF16_UPDATES)})")
+    BF16_UPDATE.check("bf16_update", config.bf16_update)
     check_positive_int("epochs", config.epochs)
     check_positive_int("batch_size", config.batch_size)
     LR.check("lr", config.lr)

@@ -30,12 +30,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fused_ft._precision import BF16_UPDATES
+from fused_ft._precision import BF16_UPDATE, param_dtype_of
 from fused_ft._validation import check_positive_int
 from fused_ft.methods import create_optimizer, method as get_method
 from fused_ft.models import input_size
 
-__all__ = ["MemoryProfile", "profile_memory", "optimizer_state_bytes", "param_dtype_of", "CATEGORIES"]
+__all__ = ["MemoryProfile", "profile_memory", "optimizer_state_bytes", "CATEGORIES"]
 
 # the parts of the peak, in the order of the table and plot
 CATEGORIES = ("parameters", "gradients_at_peak", "optimizer_state", "activations")
@@ -167,19 +167,6 @@ def _set_checkpointing(model: nn.Module, enable: bool) -> None:
     target.set_grad_checkpointing(enable)
 
 
-PARAM_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                "bfloat16": torch.bfloat16}
-
-
-def param_dtype_of(name: str | torch.dtype) -> torch.dtype:
-    """``"fp32"``/``"bf16"`` (or their torch names, or the dtypes) as a dtype; anything else refused."""
-    if isinstance(name, torch.dtype) and name in PARAM_DTYPES.values():
-        return name
-    if isinstance(name, str) and name in PARAM_DTYPES:
-        return PARAM_DTYPES[name]
-    raise ValueError(f"Invalid param_dtype: {name!r} (choose from fp32, bf16)")
-
-
 def profile_memory(
     model_or_name: nn.Module | str,
     method: str,
@@ -220,8 +207,7 @@ def profile_memory(
     get_method(method)  # a clear error for an unknown method before any work
     check_positive_int("batch_size", batch_size)
     dtype = param_dtype_of(param_dtype)
-    if bf16_update not in BF16_UPDATES:
-        raise ValueError(f"Invalid bf16_update: {bf16_update!r} (choose from {', '.join(BF16_UPDATES)})")
+    BF16_UPDATE.check("bf16_update", bf16_update)
     device = torch.device(device or "meta")
     mode = mode or ("simulated" if device.type == "meta" else "measured")
     if mode not in ("simulated", "measured"):

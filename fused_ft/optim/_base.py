@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 from fused_ft import _dispatch
 from fused_ft._native import _C
-from fused_ft._precision import BF16_UPDATES, COMPENSATION_KEY, LOW_PRECISION, Rounding, stream_key
+from fused_ft._precision import BF16_UPDATE, COMPENSATION_KEY, LOW_PRECISION, Rounding, stream_key
 from fused_ft import _dtensor
 from fused_ft._validation import BOOL, OPTIONAL_BOOL, Rule, check_group, check_params
 
@@ -58,7 +58,7 @@ IMPLEMENTATION_RULES: Mapping[str, Rule] = {
     "fused": OPTIONAL_BOOL,
     "differentiable": BOOL,
     "capturable": BOOL,
-    "bf16_update": Rule(kind="choice", choices=BF16_UPDATES),
+    "bf16_update": BF16_UPDATE,
     "bf16_seed": Rule(kind="int", low=0),
 }
 
