@@ -101,7 +101,7 @@ def trajectories(rank: int, world: int, port: int, wrapper: str, out: str) -> No
         results[name + "/frozen_state"] = sum(len(optimizer.state.get(p, {})) for p in frozen)
     if rank == 0:
         torch.save(results, out)
-    dist.destroy_process_group()
+    _leave()
 
 
 def _sharded_run(rank: int, world: int, port: int, name: str):
@@ -115,6 +115,13 @@ def _save_params(model: nn.Module, rank: int, out: str) -> None:
     params = full_params(model)  # a collective: every rank gathers
     if rank == 0:
         torch.save(params, out)
+    _leave()
+
+
+def _leave() -> None:
+    # both ranks leave together: a rank that tore down its gloo group while rank 0 was still saving
+    # aborted once in CI ("terminate called without an active exception", SIGABRT)
+    dist.barrier()
     dist.destroy_process_group()
 
 
