@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import torch
 
 from fused_ft._native import _C
-from fused_ft._precision import new_state
+from fused_ft._precision import Rounding, new_state
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -99,3 +99,11 @@ def momentum_slots(params, grads, momentum_buffers, momentum: float):
     new = new_momentum_buffers(params, momentum_buffers)
     slots["momentum_buffers"] = momentum_buffers
     return slots, ("params", "momentum_buffers"), new
+
+
+def compensation_slot(rounding: Rounding | None) -> dict[str, list[torch.Tensor]]:
+    """kahan's int16 compensations as a slot of both kernel backends (copied with their parameters when
+    those are not flat); empty for other roundings."""
+    if rounding is not None and rounding.mode == "kahan":
+        return {"compensations": list(rounding.compensations)}
+    return {}

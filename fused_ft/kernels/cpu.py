@@ -14,7 +14,7 @@ import torch
 from fused_ft._native import IMPORT_ERROR as _IMPORT_ERROR
 from fused_ft._native import _C
 from fused_ft._precision import Rounding
-from fused_ft.kernels._layout import flat_slots, momentum_slots
+from fused_ft.kernels._layout import compensation_slot, flat_slots, momentum_slots
 from fused_ft.kernels.capabilities import kernel_unsupported_reason
 
 __all__ = ["UPDATES", "sgd", "adamw", "lars", "lamb", "lamb_clip", "unavailable_reason", "unsupported_reason"]
@@ -35,11 +35,6 @@ def unsupported_reason(optimizer: str, options: Mapping[str, Any], dtypes: froze
     return kernel_unsupported_reason("cpu", optimizer, options, dtypes)
 
 
-def _rounding_slot(rounding: Rounding | None) -> dict[str, list[torch.Tensor]]:
-    """kahan's compensations travel as a slot (copied with their parameters when those are not flat)."""
-    return {"compensations": list(rounding.compensations)} if rounding is not None and rounding.mode == "kahan" else {}
-
-
 def _rounding_args(rounding: Rounding | None, flat: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
     return dict(rounding_mode=0 if rounding is None else rounding.mode_code,
                 rounding_key=0 if rounding is None else rounding.key, compensations=flat.get("compensations", []))
@@ -56,7 +51,7 @@ def _flat(slots: dict[str, list[torch.Tensor]], written: tuple[str, ...]):
 def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
         rounding=None):
     slots, written, new = momentum_slots(params, grads, momentum_buffers, momentum)
-    slots.update(_rounding_slot(rounding))
+    slots.update(compensation_slot(rounding))
     with _flat(slots, written=(*written, "compensations")) as s:
         _C.sgd_(params=s["params"], grads=s["grads"], momentum_buffers=s.get("momentum_buffers", []),
                 new_buffer=new or [],
@@ -69,7 +64,7 @@ def adamw(
     eps, weight_decay, amsgrad, maximize, rounding=None,
 ):
     slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-             **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {}), **_rounding_slot(rounding)}
+             **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {}), **compensation_slot(rounding)}
     with _flat(slots, written=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "compensations")) as s:
         _C.adamw_(params=s["params"], grads=s["grads"], exp_avgs=s["exp_avgs"], exp_avg_sqs=s["exp_avg_sqs"],
                   max_exp_avg_sqs=s.get("max_exp_avg_sqs", []), step_sizes=step_sizes,
@@ -82,7 +77,7 @@ def lars(
     trust_clip, always_adapt, rounding=None,
 ):
     slots, written, new = momentum_slots(params, grads, momentum_buffers, momentum)
-    slots.update(_rounding_slot(rounding))
+    slots.update(compensation_slot(rounding))
     with _flat(slots, written=(*written, "compensations")) as s:
         _C.lars_(params=s["params"], grads=s["grads"], momentum_buffers=s.get("momentum_buffers", []),
                  new_buffer=new or [], lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -105,7 +100,7 @@ def lamb(
     if caution:
         raise AssertionError("dispatch routes caution=True to the reference backend")
     slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
-             **_rounding_slot(rounding)}
+             **compensation_slot(rounding)}
     with _flat(slots, written=("params", "exp_avgs", "exp_avg_sqs", "compensations")) as s:
         _C.lamb_(params=s["params"], grads=s["grads"], exp_avgs=s["exp_avgs"], exp_avg_sqs=s["exp_avg_sqs"],
                  clip_divisor=1.0 if clip is None else clip, lr=lr, beta1=beta1, beta2=beta2, beta3=beta3,

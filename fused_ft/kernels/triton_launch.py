@@ -30,7 +30,7 @@ import triton.language as tl
 
 from fused_ft._precision import Rounding, tensor_key
 from fused_ft.kernels import triton_kernels as K
-from fused_ft.kernels._layout import flat_addresses, flat_slots, momentum_slots
+from fused_ft.kernels._layout import compensation_slot, flat_addresses, flat_slots, momentum_slots
 from fused_ft.kernels.capabilities import kernel_unsupported_reason
 
 __all__ = ["UPDATES", "sgd", "adamw", "lars", "lamb", "lamb_clip", "launches", "compiled_variants",
@@ -270,13 +270,6 @@ def _run(
 
 
 # -- updates (same signatures as the reference implementations) ---------------------------------
-def _with_compensations(slots: dict, rounding: Rounding | None) -> dict:
-    """kahan's int16 compensations travel as a slot (with stand-ins for parameters that are not bf16)."""
-    if rounding is not None and rounding.mode == "kahan":
-        slots["compensations"] = list(rounding.compensations)
-    return slots
-
-
 def _rounding_args(t: _Tables, rounding: Rounding | None) -> dict[str, Any]:
     """The kernels' ROUNDING code and key for one launch: bf16 parameters only. The kernel derives each
     tensor's key from the launch's key and the tensor's place in the launch, as the reference does from
@@ -315,7 +308,7 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
         return
     config = launch_config(params[0].device)
     slots, written, new = momentum_slots(params, grads, momentum_buffers, momentum)
-    _with_compensations(slots, rounding)
+    slots.update(compensation_slot(rounding))
 
     def body(t: _Tables) -> None:
         _sgd_launch(t, config, None, rounding, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -334,7 +327,7 @@ def adamw(
     slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         slots["max_exp_avg_sqs"] = max_exp_avg_sqs
-    _with_compensations(slots, rounding)
+    slots.update(compensation_slot(rounding))
 
     def body(t: _Tables) -> None:
         step_size, bias_correction2_sqrt = t.extra
@@ -372,7 +365,7 @@ def lars(
     config = launch_config(params[0].device)
     adapt = weight_decay != 0 or always_adapt
     slots, written, new = momentum_slots(params, grads, momentum_buffers, momentum)
-    _with_compensations(slots, rounding)
+    slots.update(compensation_slot(rounding))
 
     def body(t: _Tables) -> None:
         sums = None
@@ -435,8 +428,8 @@ def lamb(
     if not params:
         return
     config = launch_config(params[0].device)
-    slots = _with_compensations({"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs},
-                                rounding)
+    slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+             **compensation_slot(rounding)}
     update = dict(bias_correction1=bias_correction1, bias_correction2_sqrt=bias_correction2**0.5, eps=eps,
                   weight_decay=weight_decay, decay=1.0 - decoupled_decay_factor)
 
