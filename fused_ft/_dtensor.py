@@ -11,28 +11,33 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import sys
 from typing import Any, Callable, Sequence
 
 import torch
 
 __all__ = ["is_dtensor", "any_dtensor", "local", "sharded_call", "global_norms"]
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed
-    DTensor = None
+
+def _dtensor_class() -> type | None:
+    """DTensor, once something has imported ``torch.distributed.tensor``; until then no tensor can be
+    one. Importing it here would cost every ``import fused_ft`` 0.6 s (it pulls in sympy)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 # the process groups to sum squares over while a sharded update runs (empty: not sharded)
 _REDUCE_GROUPS: contextvars.ContextVar[tuple] = contextvars.ContextVar("fused_ft_reduce_groups", default=())
 
 
 def is_dtensor(t: Any) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def any_dtensor(tensors: Sequence[Any]) -> bool:
     # over the few distinct types, not every tensor: this runs on every step
-    return DTensor is not None and any(issubclass(cls, DTensor) for cls in set(map(type, tensors)))
+    dtensor = _dtensor_class()
+    return dtensor is not None and any(issubclass(cls, dtensor) for cls in set(map(type, tensors)))
 
 
 def local(t: Any) -> Any:
@@ -54,6 +59,8 @@ def _shard_groups(params: Sequence[torch.Tensor]) -> tuple:
 
 
 def _like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False, shape=param.shape,
                               stride=param.stride())
 

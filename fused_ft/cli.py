@@ -6,6 +6,7 @@ status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from dataclasses import replace
 import os
@@ -338,5 +339,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``fused-ft`` console script: :func:`main`, then a quick exit."""
+    try:
+        code = main()
+    finally:
+        # The process ends here. Moving the heap (millions of objects of torch, timm, sympy) out of the
+        # collector's reach spares the interpreter's final collection: about 1 s of every command,
+        # a fifth of the offline --pretrained failure.
+        gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

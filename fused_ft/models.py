@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,8 +142,14 @@ def create_model(
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise PretrainedWeightsError(f"Invalid checkpoint: {str(checkpoint)!r} is not a file")
     wants_weights = bool(pretrained) or checkpoint is not None
+    offline = bool(pretrained) and checkpoint is None and not _hub_reachable()
+    offline_error = PretrainedWeightsError(
+        f"Could not fetch pretrained weights for {name!r} (tag {tag!r}): {HUB_HOST} cannot be reached and "
+        "they are not in the local cache -- pass a local file with --checkpoint PATH (Python: checkpoint=PATH)")
+    if offline and not _weights_may_be_cached(library, model_name, tag):
+        raise offline_error  # before building: a ViT-H takes longer to build than to fail
     try:
-        with _hub_offline_when_unreachable(downloads=bool(pretrained) and checkpoint is None):
+        with _hub_offline(offline):
             if library == "open_clip":
                 return _create_open_clip(model_name, num_classes, tag, checkpoint, image_size, device)
             return _create_timm(model_name, num_classes, tag, checkpoint, image_size, device, wants_weights)
@@ -151,11 +158,8 @@ def create_model(
     except Exception as exc:  # noqa: BLE001 - hub, network and file errors come in many types
         if not wants_weights:
             raise
-        if checkpoint is None and not _hub_reachable():
-            raise PretrainedWeightsError(
-                f"Could not fetch pretrained weights for {name!r} (tag {tag!r}): {HUB_HOST} cannot be reached and "
-                "they are not in the local cache -- pass a local file with --checkpoint PATH (Python: checkpoint=PATH)"
-            ) from exc
+        if offline:
+            raise offline_error from exc
         raise PretrainedWeightsError(
             f"Could not fetch pretrained weights for {name!r} (tag {tag!r}): {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''} -- pass a local file with --checkpoint PATH "
@@ -175,21 +179,49 @@ def _hub_reachable() -> bool:
 
 
 @contextlib.contextmanager
-def _hub_offline_when_unreachable(downloads: bool):
-    """When the weights would be downloaded and the hub cannot be reached, let huggingface_hub work in
-    offline mode: weights in its cache still load, and missing ones fail at once, where its retries
-    took about a minute, with a line on stderr each, before the same error."""
-    if not downloads:
+def _hub_offline(offline: bool):
+    """Offline, huggingface_hub works in its offline mode: weights in its cache still load, and missing
+    ones fail at once, where its retries took about a minute, with a line on stderr each, before the
+    same error."""
+    if not offline:
         yield
         return
     import huggingface_hub.constants as hub
 
     saved = hub.HF_HUB_OFFLINE
-    hub.HF_HUB_OFFLINE = saved or not _hub_reachable()
+    hub.HF_HUB_OFFLINE = True
     try:
         yield
     finally:
         hub.HF_HUB_OFFLINE = saved
+
+
+def _weights_may_be_cached(library: str, model_name: str, tag: str | None) -> bool:
+    """False only when the pretrained weights are certainly in none of the caches the libraries download
+    to (huggingface_hub's, torch.hub's, open_clip's ~/.cache/clip); True when they may be, or when the
+    library does not say where they come from."""
+    try:
+        if library == "open_clip":
+            import open_clip
+
+            cfg = open_clip.get_pretrained_cfg(model_name, tag) if tag else {}
+            repo, url = cfg.get("hf_hub", ""), cfg.get("url", "")
+        else:
+            from timm.models import get_pretrained_cfg
+
+            cfg = get_pretrained_cfg(f"{model_name}.{tag}" if tag and "." not in model_name else model_name)
+            repo, url = cfg.hf_hub_id or "", cfg.url or ""
+    except Exception:  # noqa: BLE001 - an unknown tag or config: let the library report it
+        return True
+    import huggingface_hub.constants as hub
+
+    candidates = []
+    if repo:  # "org/name" or "org/name/file"
+        candidates.append(Path(hub.HF_HUB_CACHE) / ("models--" + "--".join(repo.strip("/").split("/")[:2])))
+    if url:
+        file = Path(urllib.parse.urlparse(url).path).name
+        candidates += [Path(torch.hub.get_dir()) / "checkpoints" / file, Path.home() / ".cache" / "clip" / file]
+    return not candidates or any(c.exists() for c in candidates)
 
 
 def _create_open_clip(model_name, num_classes, tag, checkpoint, image_size, device) -> nn.Module:

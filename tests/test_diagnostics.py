@@ -120,3 +120,35 @@ def test_pretrained_offline_fails_in_one_line(model, tmp_path):
     # huggingface_hub's retries took ~50 s here; a loose bound, so that a slow CI machine does not fail it
     assert time.monotonic() - start < 30
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, repo", [("convnext-b", "timm/convnext_base.fb_in22k"),
+                                        ("openclip-vit-h14", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")])
+def test_offline_pretrained_fails_before_building_unless_the_weights_may_be_cached(name, repo, tmp_path,
+                                                                                    monkeypatch):
+    # building a ViT-H takes longer than the failure: offline with nothing cached, nothing is built; with
+    # the hub's cache folder of the weights present, the library is asked to build (and to load them)
+    import huggingface_hub.constants as hub
+    import open_clip
+    import timm
+
+    from fused_ft import models
+
+    built = []
+
+    def build(*args, **kwargs):
+        built.append(args[0])
+        raise OSError("offline")
+
+    monkeypatch.setattr(models, "HUB_HOST", "hub.invalid")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch-hub"))
+    monkeypatch.setattr(timm, "create_model", build)
+    monkeypatch.setattr(open_clip, "create_model", build)
+    with pytest.raises(models.PretrainedWeightsError, match="cannot be reached and they are not in the local cache"):
+        models.create_model(name, 10, pretrained=True)
+    assert built == []
+    (tmp_path / "hub" / ("models--" + repo.replace("/", "--")) / "snapshots").mkdir(parents=True)
+    with pytest.raises(models.PretrainedWeightsError, match="cannot be reached and they are not in the local cache"):
+        models.create_model(name, 10, pretrained=True)
+    assert len(built) == 1
