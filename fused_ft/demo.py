@@ -16,21 +16,34 @@ SHORT_METHODS = ("sgd", "sgd-freeze-embed", "sgd-freeze-embed-nomom", "adamw")
 
 def main() -> None:
     print("fused_ft demo 1/3: memory of one training step at micro-batch 1 (simulated; paper Table 4)\n")
-    rows = memory_report.run_table(memory_report.DEFAULT_MODELS, memory_report.DEFAULT_METHODS)
-    print(memory_report.render_memory_table(rows, "table"))
+    print(memory_table(memory_report.DEFAULT_MODELS))
     print("\n* gradients alive at the peak. 'AdamW +%' is how much more AdamW needs than the method; "
           "the paper measured the whole GPU process")
     print("(CUDA context, allocator caching, mixed-precision copies), which adds the same amount to every method.\n")
     print("fused_ft demo 2/3: beyond the paper, CLIP ViT-L/14 at micro-batch 1\n")
     runs = memory_report.beyond_the_paper()
+    print("\n".join(beyond_the_paper_lines(runs)))
     adamw = runs[0][1].peak
-    for label, p in runs:
-        print(f"  {label:<78} peak {p.peak / GIB:6.2f} GiB   AdamW / this = {adamw / p.peak:4.2f}x")
     best = max(runs, key=lambda run: adamw / run[1].peak)
     print(f"\nfp32 AdamW needs {adamw / best[1].peak:.1f}x the memory of {best[0]}: bf16 weights halve what SGD "
           "keeps, and stochastic rounding\nkeeps the updates that rounding to nearest would lose "
           "(fused_ft.SGD(..., bf16_update='stochastic'); accuracy in benchmarks/RESULTS.md).\n")
     shift_lab_experiment()
+
+
+# Parts 1 and 2 are functions of their own: the README shows their text, and tests/test_docs.py checks
+# that it is what they print.
+def memory_table(models=memory_report.DEFAULT_MODELS, progress: bool = True) -> str:
+    """Part 1: the paper's Table 4 (every default method, micro-batch 1, simulated)."""
+    rows = memory_report.run_table(models, memory_report.DEFAULT_METHODS, progress=progress)
+    return memory_report.render_memory_table(rows, "table")
+
+
+def beyond_the_paper_lines(runs) -> list[str]:
+    """Part 2: each of :func:`memory_report.beyond_the_paper`'s runs, its peak and AdamW's over it."""
+    adamw = runs[0][1].peak
+    return [f"  {label:<78} peak {p.peak / GIB:6.2f} GiB   AdamW / this = {adamw / p.peak:4.2f}x"
+            for label, p in runs]
 
 
 # Learning rates around each method's optimum for the tiny shift-lab ViT trained 2 epochs (benchmarks/

@@ -54,9 +54,12 @@ def run_table(
             for meth, update in ((meth, u) for meth in methods for u in updates):
                 bar.set_postfix_str(f"{model} {meth}")
                 try:
-                    p = profile_memory(model, meth, batch_size=batch_size, grad_checkpointing=grad_checkpointing,
-                                       step_in_backward=step_in_backward, param_dtype=param_dtype,
-                                       bf16_update=update)
+                    if meth == "adamw" and not step_in_backward and param_dtype_of(param_dtype) == torch.float32:
+                        p = baselines[model]  # the same step, already profiled
+                    else:
+                        p = profile_memory(model, meth, batch_size=batch_size, grad_checkpointing=grad_checkpointing,
+                                           step_in_backward=step_in_backward, param_dtype=param_dtype,
+                                           bf16_update=update)
                 except ValueError as exc:
                     if skipped is None or "step_in_backward" not in str(exc):
                         raise

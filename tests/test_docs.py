@@ -1,8 +1,14 @@
 """The docstring examples of the public modules run as written."""
 import doctest
 import importlib
+import re
+from pathlib import Path
 
 import pytest
+
+from fused_ft import demo, memory_report
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 MODULES = ["fused_ft.embedding", "fused_ft.methods", "fused_ft.unfreeze", "fused_ft.models", "fused_ft.diagnostics",
            "fused_ft.optim.sgd", "fused_ft.optim.adamw", "fused_ft.optim.lars", "fused_ft.optim.lamb"]
@@ -35,3 +41,34 @@ def test_readme_python_snippets_run_and_print_what_the_readme_shows(tmp_path):
                 "['patch_embed.proj.weight', 'patch_embed.proj.bias']"]
     for line in expected:
         assert line in readme and line in out, (line, out)
+
+
+def _block_after(marker: str) -> list[str]:
+    """The lines of the README's code block that follows the comment ``<!-- {marker}...``."""
+    match = re.search(r"<!-- " + re.escape(marker) + r".*?-->\n```\n(.*?)```", README.read_text(), re.S)
+    assert match, f"no code block after <!-- {marker} in README.md"
+    return match.group(1).rstrip("\n").splitlines()
+
+
+@pytest.mark.parametrize("model", memory_report.DEFAULT_MODELS)  # one model a test: they share the workers
+def test_readme_demo_part_1_rows_are_what_make_demo_prints(model):
+    block = _block_after("make demo part 1")
+    assert {line.split()[0] for line in block[2:]} == set(memory_report.DEFAULT_MODELS)
+    printed = demo.memory_table([model], progress=False).splitlines()
+    assert printed[0].split() == block[0].split()
+    # compared cell by cell: the column widths of one model's table differ from the three models'
+    assert [line.split() for line in printed[2:]] == [line.split() for line in block[2:] if line.startswith(model)]
+
+
+def test_readme_demo_part_2_is_what_make_demo_prints_and_meets_the_memory_bars():
+    runs = memory_report.beyond_the_paper()
+    assert demo.beyond_the_paper_lines(runs) == _block_after("make demo part 2")
+    peak = {label: p for label, p in runs}
+    adamw = peak["adamw"]
+    # the step-in-backward bar: >= 3x, checkpointing on both sides (the paper's Sec. 5 trick)
+    in_backward = peak["sgd-freeze-embed-nomom, step in backward + checkpointing"]
+    assert peak["adamw + checkpointing"].peak / in_backward.peak >= 3.0
+    # the bf16 bar: >= 5x without checkpointing on either side; bf16 halves the weights and adds no state
+    bf16 = peak["sgd-freeze-embed-nomom, step in backward, bf16 weights + stochastic rounding"]
+    assert bf16.parameters * 2 == adamw.parameters and bf16.optimizer_state == 0
+    assert adamw.peak / bf16.peak >= 5.0

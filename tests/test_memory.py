@@ -48,13 +48,6 @@ def test_step_in_backward_keeps_few_gradients_alive():
     assert adamw.optimizer_state == 8 * adamw.trainable_params
 
 
-def test_clip_l14_adamw_over_in_backward_sgd_is_at_least_3x():
-    # the "beyond the paper" bar; both sides with gradient checkpointing (the paper's Sec. 5 trick)
-    adamw = profile_memory("clip-vit-l14", "adamw", grad_checkpointing=True)
-    sgd = profile_memory("clip-vit-l14", "sgd-freeze-embed-nomom", step_in_backward=True, grad_checkpointing=True)
-    assert adamw.peak / sgd.peak >= 3.0, (adamw.peak, sgd.peak)
-
-
 @pytest.mark.parametrize("method,in_backward", [("adamw", False), ("sgd-freeze-embed-nomom", True)])
 def test_simulated_peak_matches_measured_rss_within_10_percent(method, in_backward):
     # the step's own memory (peak minus what was alive before it): simulated on meta tensors, measured
@@ -99,15 +92,6 @@ def test_bad_arguments():
         profile_memory("vit_tiny_patch16_224", "sgd", device="cpu", mode="simulated")
     with pytest.raises(ValueError, match=r"Invalid device: cpu for mode='measured' \(needs CUDA"):
         profile_memory("vit_tiny_patch16_224", "sgd", device="cpu")
-
-
-def test_clip_l14_fp32_adamw_over_bf16_stochastic_in_backward_sgd_is_at_least_5x():
-    # the bf16 issue's bar: no checkpointing on either side, fp32 AdamW the baseline
-    adamw = profile_memory("clip-vit-l14", "adamw")
-    sgd = profile_memory("clip-vit-l14", "sgd-freeze-embed-nomom", step_in_backward=True, param_dtype="bf16",
-                         bf16_update="stochastic")
-    assert sgd.parameters * 2 == adamw.parameters and sgd.optimizer_state == 0
-    assert adamw.peak / sgd.peak >= 5.0, (adamw.peak, sgd.peak)
 
 
 @pytest.mark.parametrize("update,state_bytes", [("nearest", 0), ("stochastic", 0), ("kahan", 2)])
