@@ -231,8 +231,11 @@ def _create_open_clip(model_name, num_classes, tag, checkpoint, image_size, devi
     weights = str(checkpoint) if checkpoint is not None else tag
     logging.disable(logging.ERROR)  # open_clip logs its failures itself; ours is the one line the user sees
     try:
-        model = open_clip.create_model(model_name, pretrained=weights, device=device or "cpu",
-                                       require_pretrained=weights is not None, **kwargs)
+        # built where it will live: open_clip builds on the CPU and moves, which for device="meta" spent
+        # 9 s initialising ViT-H's weights only to drop them
+        with torch.device(device or "cpu"):
+            model = open_clip.create_model(model_name, pretrained=weights, device=device or "cpu",
+                                           require_pretrained=weights is not None, **kwargs)
     finally:
         logging.disable(logging.NOTSET)
     return ClipClassifier(model.visual, num_classes)
