@@ -151,6 +151,9 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     _precision_arguments(parser, several_updates=False)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check settings, output folders, data (every image) and model, print the plan, "
+                             "train and write nothing")
 
 
 def _precision_arguments(parser: argparse.ArgumentParser, several_updates: bool) -> None:
@@ -202,6 +205,11 @@ def _finetune(args: argparse.Namespace) -> None:
     if not args.resume and int(os.environ.get("RANK", "0")) == 0 and out.exists() and any(out.iterdir()):
         raise ValueError(f"Invalid --out: {str(out)!r} is not empty "
                          "(add --resume to continue that run, or pick a new directory)")
+    if args.dry_run:
+        configs = ([_base_config(args, method=args.method, lr=args.lr, seed=args.seed)] if args.lr is not None else
+                   sweep.run_configs(_base_config(args, seed=args.seed), [args.method], args.lr_sweep, [args.seed]))
+        _print_dry_run(configs)
+        return
     if args.lr is not None:
         result = finetune(_base_config(args, method=args.method, lr=args.lr, seed=args.seed))
         if int(os.environ.get("RANK", "0")) != 0:
@@ -223,6 +231,9 @@ def _sweep(args: argparse.Namespace) -> None:
 
     _check_output_file("--plot", args.plot)
     base = _base_config(args)
+    if args.dry_run:
+        _print_dry_run(sweep.run_configs(base, args.methods, args.lr_sweep, args.seeds, args.lr_multiplier))
+        return
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         args.jobs = 1  # under torchrun every rank runs each fine-tuning together, one after another
@@ -245,6 +256,15 @@ def _sweep(args: argparse.Namespace) -> None:
     if args.plot:
         sweep.plot_sweep(rows, args.plot, title=f"{args.model} on {args.data}")
         print(f"wrote {args.plot}")
+
+
+def _print_dry_run(configs) -> None:
+    from fused_ft.distributed import world_size
+    from fused_ft.dry_run import dry_run
+
+    plan = dry_run(configs, world_size())
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(plan)
 
 
 class _Parser(argparse.ArgumentParser):

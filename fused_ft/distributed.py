@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Context", "setup", "wrap", "full_state", "load_full_state"]
+__all__ = ["Context", "world_size", "setup", "wrap", "full_state", "load_full_state"]
 
 
 @dataclass
@@ -43,9 +43,14 @@ class Context:
             dist.barrier()
 
 
+def world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun), known before joining their group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(fsdp: bool = False) -> Context:
     """Join the process group torchrun describes (WORLD_SIZE/RANK); a single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world <= 1:
         if fsdp:
             raise ValueError("Invalid --fsdp without torchrun: FSDP shards over several processes "

@@ -26,11 +26,11 @@ from torch.utils.data.distributed import DistributedSampler
 from fused_ft._precision import BF16_UPDATE, param_dtype_of
 from fused_ft._validation import LR, check_positive_int
 from fused_ft.data import DataBundle, load_data
-from fused_ft.distributed import Context, full_state, load_full_state, setup, wrap
+from fused_ft.distributed import Context, full_state, load_full_state, setup, world_size, wrap
 from fused_ft.methods import create_optimizer, method as get_method
 from fused_ft.unfreeze import GradualUnfreeze
 
-__all__ = ["FinetuneConfig", "finetune", "evaluate", "build_model"]
+__all__ = ["FinetuneConfig", "finetune", "evaluate", "build_model", "check_config", "saved_run"]
 
 
 @dataclass
@@ -62,9 +62,7 @@ def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
     from fused_ft.models import create_model
 
     if config.model in shift_lab.SHIFT_LAB_MODELS:
-        if config.checkpoint is not None:  # it was ignored, and recorded as if used
-            raise ValueError(f"Invalid checkpoint for {config.model}: shift-lab models are pretrained in-process "
-                             "(pretrained='adamw' or 'sgd'); drop the checkpoint")
+        _check_checkpoint(config)
         pretrain = config.pretrained if isinstance(config.pretrained, str) else "adamw"
         return shift_lab.create_pretrained(config.model, num_classes, pretrain, progress=config.progress)
     return create_model(config.model, num_classes, pretrained=config.pretrained, checkpoint=config.checkpoint,
@@ -98,13 +96,30 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def _validate(config: FinetuneConfig) -> None:
+def check_config(config: FinetuneConfig, world_size: int = 1) -> None:
+    """The settings' own checks (names, numbers, a global batch that splits over ``world_size`` ranks)."""
     get_method(config.method)
     param_dtype_of(config.param_dtype)
     BF16_UPDATE.check("bf16_update", config.bf16_update)
     check_positive_int("epochs", config.epochs)
     check_positive_int("batch_size", config.batch_size)
     LR.check("lr", config.lr)
+    _check_checkpoint(config)
+    if config.batch_size % world_size:
+        raise ValueError(f"Invalid batch_size: {config.batch_size} (the global batch must split evenly over "
+                         f"{world_size} ranks)")
+
+
+def _check_checkpoint(config: FinetuneConfig) -> None:
+    from fused_ft.data import shift_lab
+
+    if config.checkpoint is None:
+        return
+    if config.model in shift_lab.SHIFT_LAB_MODELS:  # it was ignored, and recorded as if used
+        raise ValueError(f"Invalid checkpoint for {config.model}: shift-lab models are pretrained in-process "
+                         "(pretrained='adamw' or 'sgd'); drop the checkpoint")
+    if not Path(config.checkpoint).is_file():
+        raise ValueError(f"Invalid checkpoint: {config.checkpoint!r} is not a file")
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
@@ -162,23 +177,32 @@ def _finished_result(out: Path, config: FinetuneConfig) -> dict[str, Any] | None
     return results
 
 
+def saved_run(config: FinetuneConfig) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(results, checkpoint) of what ``config.out`` holds, either None: a finished run's results, or the
+    checkpoint of an unfinished one. Refused before any work: other settings, a damaged checkpoint, a
+    finished run whose checkpoint no longer matches its checksum."""
+    out = Path(config.out)
+    finished = _finished_result(out, config)
+    if finished is not None:
+        return finished, None
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = _load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    if ckpt is not None:
+        _check_same_settings(ckpt.get("settings", {}), config, out)
+    return None, ckpt
+
+
 def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str, Any]:
     """Run (or resume) one fine-tuning run; return the final metrics (also in ``out/results.json``)."""
     from tqdm import tqdm
 
-    _validate(config)
+    check_config(config, world_size())
     ctx = setup(config.fsdp)
-    if config.batch_size % ctx.world:
-        raise ValueError(f"Invalid batch_size: {config.batch_size} (the global batch must split evenly over "
-                         f"{ctx.world} ranks)")
     out = Path(config.out)
     ckpt_path, log_path = out / "checkpoint.pt", out / "metrics.jsonl"
-    finished = _finished_result(out, config)
+    finished, ckpt = saved_run(config)
     if finished is not None:
         return finished  # finished earlier with the same settings: nothing is redone
-    ckpt = _load_checkpoint(ckpt_path) if ckpt_path.exists() else None  # damaged or changed: refused before any work
-    if ckpt is not None:
-        _check_same_settings(ckpt.get("settings", {}), config, out)
     device = torch.device(config.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
                                             else "cpu"))
     data = data or load_data(config.data, image_size=config.image_size or 224)

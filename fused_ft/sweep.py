@@ -17,7 +17,7 @@ from fused_ft import _tables
 from fused_ft.finetune import FinetuneConfig, finetune
 from fused_ft.methods import method as get_method
 
-__all__ = ["run_sweep", "summarize", "finding", "render_sweep_table", "plot_sweep", "lr_grid"]
+__all__ = ["run_sweep", "run_configs", "summarize", "finding", "render_sweep_table", "plot_sweep", "lr_grid"]
 
 # two-sided 90% Student t quantiles by degrees of freedom (1.645 beyond)
 _T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
@@ -49,17 +49,23 @@ def _worker(config_dict: dict) -> dict:
     return finetune(FinetuneConfig(**config_dict))
 
 
+def run_configs(base: FinetuneConfig, methods: Sequence[str], lrs: str | dict[str, Sequence[float]],
+                seeds: Sequence[int], lr_multiplier: float = 1.0) -> list[FinetuneConfig]:
+    """The sweep's runs: ``base`` for every (method, lr, seed), each in its own folder under ``base.out``."""
+    for m in methods:
+        get_method(m)
+    grids = {m: (lr_grid(m, lrs, lr_multiplier) if isinstance(lrs, str) else tuple(lrs[m])) for m in methods}
+    out = Path(base.out)
+    return [replace(base, method=m, lr=lr, seed=s, out=str(_run_dir(out, m, lr, s)), progress=False)
+            for m in methods for lr in grids[m] for s in seeds]
+
+
 def run_sweep(base: FinetuneConfig, methods: Sequence[str], lrs: str | dict[str, Sequence[float]],
               seeds: Sequence[int], jobs: int = 1, lr_multiplier: float = 1.0) -> list[dict[str, Any]]:
     """Every (method, lr, seed) run under ``base.out``; finished runs are read back, not redone."""
     from tqdm import tqdm
 
-    for m in methods:
-        get_method(m)
-    grids = {m: (lr_grid(m, lrs, lr_multiplier) if isinstance(lrs, str) else tuple(lrs[m])) for m in methods}
-    out = Path(base.out)
-    configs = [replace(base, method=m, lr=lr, seed=s, out=str(_run_dir(out, m, lr, s)), progress=False)
-               for m in methods for lr in grids[m] for s in seeds]
+    configs = run_configs(base, methods, lrs, seeds, lr_multiplier)
     from fused_ft.data import shift_lab
 
     if base.model in shift_lab.SHIFT_LAB_MODELS:  # pretrain once, before the workers race to fill the cache

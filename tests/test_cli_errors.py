@@ -24,6 +24,8 @@ CASES = {
     # these load the data first: the run directory must not be created before the model is built
     "checkpoint for a shift-lab model": ["finetune", "--method", "sgd", "--lr", "0.01", "--checkpoint", "/no/such.pt"],
     "unknown model to fine-tune": ["finetune", "--model", "no_such_model", "--method", "sgd", "--lr", "0.01"],
+    "missing checkpoint in a dry run": ["finetune", "--model", "vit_tiny_patch16_224", "--method", "sgd", "--lr",
+                                        "0.01", "--checkpoint", "/no/such.pt", "--dry-run"],
 }
 
 

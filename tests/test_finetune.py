@@ -38,22 +38,29 @@ def test_finetune_end_to_end(image_folder, tmp_path, capsys):
     assert '"ood_test_b"' in capsys.readouterr().out
     assert cli.main(_finetune_args(image_folder, tmp_path / "run")) == 2  # refuses to overwrite without --resume
     # a finished run reused with other settings, or from a damaged checkpoint: one line, nothing changed
+    # (each also as a dry run, which must refuse the same, in the same line, and write nothing)
     files = {f: f.read_bytes() for f in (tmp_path / "run").iterdir()}
     capsys.readouterr()
-    assert cli.main(_finetune_args(image_folder, tmp_path / "run", extra=["--resume", "--seed", "1"])) == 2
-    assert "started with other settings (seed 0 -> 1)" in capsys.readouterr().err
+    assert cli.main(_finetune_args(image_folder, tmp_path / "run", extra=["--resume", "--dry-run"])) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"  out     {tmp_path / 'run'}: finished (its results are " \
+        "read back, nothing is redone)"
+    for dry in ([], ["--dry-run"]):
+        assert cli.main(_finetune_args(image_folder, tmp_path / "run", extra=["--resume", "--seed", "1", *dry])) == 2
+        assert "started with other settings (seed 0 -> 1)" in capsys.readouterr().err
     checkpoint = tmp_path / "run" / "checkpoint.pt"
     checkpoint.write_bytes(files[checkpoint][: len(files[checkpoint]) // 2])
-    assert cli.main(_finetune_args(image_folder, tmp_path / "run", extra=["--resume"])) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "checkpoint.pt is damaged or missing" in err[0], err
+    for dry in ([], ["--dry-run"]):
+        assert cli.main(_finetune_args(image_folder, tmp_path / "run", extra=["--resume", *dry])) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "checkpoint.pt is damaged or missing" in err[0], err
     (tmp_path / "run" / "results.json").unlink()  # an unfinished run: the checkpoint itself is read
-    assert cli.main(_finetune_args(image_folder, tmp_path / "run", extra=["--resume"])) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "checkpoint.pt is damaged:" in err[0] and "delete it to start over" in err[0], err
+    for dry in (["--dry-run"], []):
+        assert cli.main(_finetune_args(image_folder, tmp_path / "run", extra=["--resume", *dry])) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "checkpoint.pt is damaged:" in err[0] and "delete it to start over" in err[0], err
 
 
-def test_killed_run_resumes_to_the_same_result(image_folder, tmp_path):
+def test_killed_run_resumes_to_the_same_result(image_folder, tmp_path, capsys):
     args = _finetune_args(image_folder, tmp_path / "killed", epochs=4)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "fused_ft.cli", *args], env=env,
@@ -71,6 +78,12 @@ def test_killed_run_resumes_to_the_same_result(image_folder, tmp_path):
     files = {f: f.read_bytes() for f in (tmp_path / "killed").iterdir()}
     changed_lr = [a if a != "0.01" else "0.02" for a in args]
     assert cli.main(changed_lr + ["--resume"]) == 2  # it would continue the old schedule and record the new lr
+    assert cli.main(changed_lr + ["--resume", "--dry-run"]) == 2
+    done = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["state"]["epoch"]
+    capsys.readouterr()
+    assert cli.main(args + ["--resume", "--dry-run"]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert plan[-1] == f"  out     {tmp_path / 'killed'}: resumes from epoch {done} of 4"
     assert {f: f.read_bytes() for f in (tmp_path / "killed").iterdir()} == files
     assert cli.main(args + ["--resume"]) == 0
     assert cli.main(_finetune_args(image_folder, tmp_path / "straight", epochs=4)) == 0
@@ -101,6 +114,9 @@ def test_an_unreadable_image_stops_the_run_before_training_naming_the_file(image
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read the image" in err[0] and "id_test/bright/1.png" in err[0], err
     assert not (tmp_path / "out").exists()  # the landed code left a config-only metrics.jsonl
+    assert cli.main(_finetune_args(root, tmp_path / "out", extra=["--dry-run"])) == 2  # the check a dry run is for
+    assert "id_test/bright/1.png" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_sweep_picks_the_lr_by_id_val_and_reports_90_percent_intervals():
