@@ -1,7 +1,7 @@
 """The demo behind `make demo`: the paper's memory table (Table 4) for the three CLIP models, simulated,
 then a short shift-lab version of its accuracy experiment.
 
-Parts 1 and 2 run on any machine in about a minute: the models are built on the meta device and every
+Parts 1 and 2 run on any machine in about 30 s: the models are built on the meta device and every
 tensor of a training step is counted (fused_ft.memory). Part 2 is what fused_ft adds beyond the paper:
 the optimizer step inside backward, which frees each gradient as soon as it is used, and bf16 weights
 that still learn. Part 3 fine-tunes for a few minutes on the CPU.
