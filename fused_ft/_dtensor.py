@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["is_dtensor", "any_dtensor", "local", "sharded_call", "global_norms"]
+__all__ = ["is_dtensor", "any_dtensor", "local", "shard_index", "sharded_call", "global_norms"]
 
 
 def _dtensor_class() -> type | None:
@@ -56,6 +56,23 @@ def _shard_groups(params: Sequence[torch.Tensor]) -> tuple:
                     group = p.device_mesh.get_group(dim)
                     groups[id(group)] = group
     return tuple(groups.values())
+
+
+def shard_index(params: Sequence[torch.Tensor]) -> int:
+    """Which shard of the parameters this process holds: its coordinate along the mesh dimensions the
+    first sharded parameter is split on, 0 when none is. Ranks holding different shards must draw
+    different random bits (the kernels number elements from 0 in every shard); replicas of one shard
+    the same ones."""
+    from torch.distributed.tensor import Shard
+
+    for p in params:
+        if is_dtensor(p) and any(isinstance(placement, Shard) for placement in p.placements):
+            mesh, coordinate, index = p.device_mesh, p.device_mesh.get_coordinate(), 0
+            for dim, placement in enumerate(p.placements):
+                if isinstance(placement, Shard):
+                    index = index * mesh.size(dim) + coordinate[dim]
+            return index
+    return 0
 
 
 def _like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

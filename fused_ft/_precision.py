@@ -84,9 +84,11 @@ def _mix32_tensor(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def stream_key(seed: int, counter: int) -> int:
-    """The key of one update call: the group's seed and how many updates the group has made."""
-    return mix32(seed ^ mix32(counter))
+def stream_key(seed: int, counter: int, shard: int = 0) -> int:
+    """The key of one update call: the group's seed, how many updates the group has made and, for
+    sharded parameters, which shard this process holds (shard 0 keeps the unsharded key)."""
+    key = mix32(seed ^ mix32(counter))
+    return mix32(key ^ mix32(shard * GOLDEN)) if shard else key
 
 
 def tensor_key(key: int, position: int) -> int:

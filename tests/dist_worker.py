@@ -99,9 +99,29 @@ def trajectories(rank: int, world: int, port: int, wrapper: str, out: str) -> No
         results[name] = full_params(wrapped)
         frozen = [p for g in optimizer.param_groups if g["frozen"] for p in g["params"]]
         results[name + "/frozen_state"] = sum(len(optimizer.state.get(p, {})) for p in frozen)
+    if wrapper == "fsdp":
+        results["bf16_stochastic_shards"] = _stochastic_shards(world)
     if rank == 0:
         torch.save(results, out)
     _leave()
+
+
+def _stochastic_shards(world: int) -> list[torch.Tensor]:
+    """Every rank's shard of a bf16 weight of ones after one SGD step of half a bf16 ulp below 1.0,
+    rounded stochastically: each element moves down with probability 1/2 on its own draw."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    from fused_ft import SGD
+
+    mesh = init_device_mesh("cpu", (world,))
+    local = torch.ones(32, 16, dtype=torch.bfloat16)
+    weight = nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False))
+    weight.grad = DTensor.from_local(torch.ones_like(local), mesh, [Shard(0)], run_check=False)
+    SGD([weight], lr=2.0**-9, bf16_update="stochastic", bf16_seed=0).step()
+    shards = [None] * world
+    dist.all_gather_object(shards, weight.to_local().clone())
+    return shards
 
 
 def _sharded_run(rank: int, world: int, port: int, name: str):

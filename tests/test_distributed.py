@@ -39,6 +39,12 @@ def test_two_ranks_match_one_process_on_the_full_batch(wrapper, tmp_path):
             if key.startswith("embed."):  # the frozen group stayed put
                 assert torch.equal(results[name][key], initial[key])
         assert results[name + "/frozen_state"] == 0
+    if wrapper == "fsdp":  # shards numbered their elements from 0 and drew the same bits on every rank
+        first, second = results["bf16_stochastic_shards"]
+        for shard in (first, second):
+            assert set(shard.unique().tolist()) == {1.0, 1.0 - 2.0**-8}
+            assert 0.4 < (shard < 1).float().mean() < 0.6
+        assert not torch.equal(first, second)
 
 
 @pytest.mark.parametrize("name", ["sgd", "lamb"])

@@ -402,7 +402,8 @@ class FusedOptimizer(Optimizer):
         if mode == "stochastic":
             counter = group.get("bf16_step", 0)
             group["bf16_step"] = counter + 1
-            return Rounding(mode, key=stream_key(group["bf16_seed"], counter))
+            shard = _dtensor.shard_index(plan.params) if _dtensor.any_dtensor(plan.params) else 0
+            return Rounding(mode, key=stream_key(group["bf16_seed"], counter, shard))
         compensations = []
         for p, g in zip(plan.params, plan.grads):
             if p.dtype != torch.bfloat16:
