@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["Rule", "check_group", "check_params", "check_positive_int", "check_positive_number", "scalar_value"]
+__all__ = ["Rule", "check_group", "check_params", "check_positive_int", "check_positive_number", "check_output_dir",
+           "scalar_value"]
 
 
 def scalar_value(value: Any) -> float:
@@ -32,6 +33,18 @@ def check_positive_number(name: str, value: Any) -> None:
     """A finite number > 0 (a starting learning rate, a scale), never a bool."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"Invalid {name}: {value!r} (must be a finite number > 0)")
+
+
+def check_output_dir(name: str, path: Any) -> None:
+    """A folder results will be written to: it, or the nearest of its parents that exists, must be a
+    directory (mkdir and writing into it would fail only after the work)."""
+    from pathlib import Path
+
+    target = Path(path)
+    existing = next((p for p in (target, *target.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "" if existing == target else f" ({str(existing)!r} is a file)"
+        raise ValueError(f"Invalid {name}: {str(path)!r} is not a directory{where}")
 
 
 @dataclass(frozen=True)

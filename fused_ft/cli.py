@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from fused_ft._validation import check_output_dir
 from fused_ft.embedding import EmbeddingNotFound
 from fused_ft.models import PretrainedWeightsError
 
@@ -64,6 +65,7 @@ def _grad_norms(args: argparse.Namespace) -> None:
     from fused_ft import diagnostics
     from fused_ft.models import input_size
 
+    check_output_dir("--out", args.out)
     torch.manual_seed(args.seed)
     model = model_from_args(args)
     size = args.image_size or input_size(model)
@@ -201,6 +203,7 @@ def _finetune(args: argparse.Namespace) -> None:
 
     if args.lr is None and args.lr_sweep is None:
         raise ValueError("Invalid arguments: give --lr LR or --lr-sweep paper")
+    check_output_dir("--out", args.out)
     out = Path(args.out)
     if not args.resume and int(os.environ.get("RANK", "0")) == 0 and out.exists() and any(out.iterdir()):
         raise ValueError(f"Invalid --out: {str(out)!r} is not empty "
@@ -230,6 +233,7 @@ def _sweep(args: argparse.Namespace) -> None:
     from fused_ft.finetune import build_model
 
     _check_output_file("--plot", args.plot)
+    check_output_dir("--out", args.out)
     base = _base_config(args)
     if args.dry_run:
         _print_dry_run(sweep.run_configs(base, args.methods, args.lr_sweep, args.seeds, args.lr_multiplier))

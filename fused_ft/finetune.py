@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from fused_ft._precision import BF16_UPDATE, param_dtype_of
-from fused_ft._validation import LR, check_positive_int
+from fused_ft._validation import LR, check_output_dir, check_positive_int
 from fused_ft.data import DataBundle, load_data
 from fused_ft.distributed import Context, full_state, load_full_state, setup, world_size, wrap
 from fused_ft.methods import create_optimizer, method as get_method
@@ -104,6 +104,7 @@ def check_config(config: FinetuneConfig, world_size: int = 1) -> None:
     check_positive_int("epochs", config.epochs)
     check_positive_int("batch_size", config.batch_size)
     LR.check("lr", config.lr)
+    check_output_dir("out", config.out)
     _check_checkpoint(config)
     if config.batch_size % world_size:
         raise ValueError(f"Invalid batch_size: {config.batch_size} (the global batch must split evenly over "

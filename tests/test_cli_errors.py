@@ -28,14 +28,38 @@ CASES = {
                                         "0.01", "--checkpoint", "/no/such.pt", "--dry-run"],
 }
 
+# bad inputs that need files to exist first: (args, {path: bytes}); the files must come out unchanged
+_NOT_AN_IMAGE = b"not an image"
+CASES_WITH_FILES = {
+    "--out is a file": (["finetune", "--method", "sgd", "--lr", "0.01", "--out", "afile"], {"afile": b"x"}),
+    "sweep --out is a file": (["sweep", "--out", "afile"], {"afile": b"x"}),
+    "grad-norms --out inside a file": (["grad-norms", "--model", "vit_tiny_patch16_224", "--out", "afile/gn"],
+                                       {"afile": b"x"}),
+    "damaged checkpoint on --resume": (["finetune", "--method", "sgd", "--lr", "0.01", "--out", "run", "--resume"],
+                                       {"run/checkpoint.pt": b"PK\x03\x04 truncated"}),
+    "unreadable image": (["finetune", "--model", "vit_tiny_patch16_224", "--data", "imagefolder:data", "--method",
+                          "sgd", "--lr", "0.01", "--out", "run"],
+                         {f"data/{split}/a/0.png": _NOT_AN_IMAGE for split in ("train", "id_val", "id_test")}),
+    "missing data folder": (["finetune", "--data", "imagefolder:nowhere", "--method", "sgd", "--lr", "0.01"], {}),
+}
+
 
 def _run(args, cwd):
     return subprocess.run([sys.executable, "-m", "fused_ft.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
 
 
-@pytest.mark.parametrize("args", CASES.values(), ids=CASES.keys())
-def test_bad_input_gives_one_line_and_status_2(args, tmp_path):
+def _files(root):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("args,files", [(a, {}) for a in CASES.values()] + list(CASES_WITH_FILES.values()),
+                         ids=list(CASES) + list(CASES_WITH_FILES))
+def test_bad_input_gives_one_line_and_status_2(args, files, tmp_path):
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    before = _files(tmp_path)
     result = _run(args, tmp_path)
     lines = [line for line in result.stderr.splitlines() if line.strip() and "it/s]" not in line]
     assert result.returncode == 2, result.stderr
@@ -43,7 +67,7 @@ def test_bad_input_gives_one_line_and_status_2(args, tmp_path):
     assert lines[0].startswith("fused-ft ") and "error:" in lines[0], lines
     if args[-2:] == ["--lr", "-1"]:  # the optimizers' own rule and words (the CLI said "> 0", the API ">= 0")
         assert "Invalid lr: -1.0 (must be >= 0)" in lines[0]
-    assert not any(tmp_path.iterdir())  # nothing written
+    assert _files(tmp_path) == before  # nothing written, nothing changed
 
 
 def test_a_plain_timm_name_that_open_clip_also_knows_is_timms(tmp_path):
