@@ -205,6 +205,25 @@ def test_gradients_in_any_dtype_through_the_functional_api(param_dtype, grad_dty
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_bf16_store_rounds_as_torch_does_bit_for_bit(backend):
+    # the parity tests allow one bf16 ulp, which a store rounding ties away from zero passes. SGD with
+    # lr 1 from zero weights stores -grad: here every tie (low half 0x8000) below an even and an odd
+    # bf16 value, its neighbours, subnormals, the largest finite values (which round to inf), inf and NaN
+    high = torch.tensor([0x3F80, 0x3F81, 0xBF80, 0xBF81, 0x0000, 0x0001, 0x8001, 0x7F7F, 0xFF7F, 0x7F80, 0x7FC0,
+                         0x4B00, 0x4B01], dtype=torch.int64)
+    low = torch.tensor([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xC000, 0xFFFF], dtype=torch.int64)
+    bits = ((high[:, None] << 16) | low[None, :]).flatten()
+    target = bits.to(torch.int32).view(torch.float32)  # 91 values: 11 vectors of 8 and a scalar tail
+    param = torch.zeros(target.shape, dtype=torch.bfloat16)
+    sgd_mod.sgd([param], [-target], [None], lr=1.0, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                maximize=False, update=getattr(MODULES[backend], "sgd"))
+    expected = target.to(torch.bfloat16)
+    nan = expected.isnan()
+    assert torch.equal(param.isnan(), nan)
+    assert torch.equal(param[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_hundreds_of_tiny_tensors_and_one_large_one(backend, monkeypatch):
     """200 tensors of 1-3 elements plus one of 70,001 elements (for triton: 18 blocks of 4,096,
     reduced 4 partials at a time, so the per-tensor norm loop runs several times)."""
