@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-from dataclasses import replace
 import os
+import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from fused_ft._validation import check_output_dir
@@ -27,11 +28,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | No
     parser.add_argument("--pretrained", nargs="?", const=True, default=False, metavar="TAG",
                         help="load pretrained weights (the alias's tag, or TAG such as openai)")
     parser.add_argument("--checkpoint", type=Path, help="local weights file (works offline)")
-    parser.add_argument("--num-classes", type=int, default=10, help="size of the new classification head")
-    parser.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
-    parser.add_argument("--embed-names", type=lambda s: s.split(","), default=None,
+    parser.add_argument("--num-classes", type=_positive_int, default=10, help="size of the new classification head")
+    parser.add_argument("--image-size", type=_positive_int, default=None,
+                        help="input resolution (default: the model's)")
+    parser.add_argument("--embed-names", type=_csv_list, default=None,
                         help="comma-separated module names of the embedding (override the rules)")
-    parser.add_argument("--embed-pattern", default=None, help="regex over parameter names (override the rules)")
+    parser.add_argument("--embed-pattern", type=_regex, default=None,
+                        help="regex over parameter names (override the rules)")
     parser.add_argument("--stem-only", action="store_true", help="convnets: the stem without the first stage")
 
 
@@ -63,12 +66,14 @@ def _grad_norms(args: argparse.Namespace) -> None:
     import torch
 
     from fused_ft import diagnostics
-    from fused_ft.models import input_size
+    from fused_ft.models import check_input_size, input_size
 
     check_output_dir("--out", args.out)
     torch.manual_seed(args.seed)
     model = model_from_args(args)
     size = args.image_size or input_size(model)
+    if args.image_size:
+        check_input_size(model, size, args.model)
     gen = torch.Generator().manual_seed(args.seed)
     batches = [(torch.randn(args.batch_size, 3, size, size, generator=gen),
                 torch.randint(0, args.num_classes, (args.batch_size,), generator=gen)) for _ in range(args.batches)]
@@ -85,7 +90,31 @@ def _grad_norms(args: argparse.Namespace) -> None:
 
 
 def _csv_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    """argparse type: comma-separated names, at least one."""
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"must be comma-separated names, at least one, got {text!r}")
+    return values
+
+
+def _regex(text: str) -> str:
+    """argparse type: a regular expression that compiles."""
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"not a regular expression ({exc}): {text!r}") from None
+    return text
+
+
+def _nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}")
+    return value
 
 
 def _int_list(text: str) -> list[int]:
@@ -146,11 +175,11 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser, default_model="shift-lab-vit")
     parser.add_argument("--data", default="shift-lab",
                         help="shift-lab[:spurious], imagefolder:DIR, waterbirds:DIR, ...")
-    parser.add_argument("--epochs", type=int, default=3, help="passes over the training set")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per step (all ranks together)")
+    parser.add_argument("--epochs", type=_positive_int, default=3, help="passes over the training set")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="images per step (all ranks together)")
     parser.add_argument("--after-linear-probe", action="store_true", help="LP-FT's second stage: LRs / 10")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--num-workers", type=_nonnegative_int, default=0, help="DataLoader workers")
     parser.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP2 instead of DDP")
     _precision_arguments(parser, several_updates=False)
     parser.add_argument("--dry-run", action="store_true",
@@ -299,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     grad = commands.add_parser("grad-norms", **_HELP, help="layer gradient norms at the current weights (paper Fig. 2)")
     add_model_arguments(grad)
     grad.add_argument("--data", default="synthetic", choices=["synthetic"], help="minibatches to measure on")
-    grad.add_argument("--batches", type=int, default=4, help="minibatches averaged over")
-    grad.add_argument("--batch-size", type=int, default=8, help="images per minibatch")
+    grad.add_argument("--batches", type=_positive_int, default=4, help="minibatches averaged over")
+    grad.add_argument("--batch-size", type=_positive_int, default=8, help="images per minibatch")
     grad.add_argument("--seed", type=int, default=0, help="seed of the head and the minibatches")
     grad.add_argument("--out", default="grad-norms", help="directory for grad_norms.csv and grad_norms.png")
 
@@ -311,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--models", type=_csv_list, default=list(DEFAULT_MODELS),
                      help="comma-separated aliases or timm/open_clip names")
     mem.add_argument("--methods", type=_csv_list, default=list(DEFAULT_METHODS), help="comma-separated methods")
-    mem.add_argument("--batch-size", type=int, default=1, help="images per step (the paper's Table 4: 1)")
+    mem.add_argument("--batch-size", type=_positive_int, default=1, help="images per step (the paper's Table 4: 1)")
     mem.add_argument("--step-in-backward", action="store_true", help="update during backward, free gradients")
     mem.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
     mem.add_argument("--format", default="table", choices=["table", "md", "csv", "json"], help="output format")

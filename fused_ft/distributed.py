@@ -43,6 +43,10 @@ class Context:
             dist.barrier()
 
 
+FSDP_NEEDS_TORCHRUN = ("Invalid --fsdp without torchrun: FSDP shards over several processes "
+                       "(torchrun --nproc-per-node N fused-ft finetune ... --fsdp)")
+
+
 def world_size() -> int:
     """The number of processes torchrun started (1 without torchrun), known before joining their group."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -53,8 +57,7 @@ def setup(fsdp: bool = False) -> Context:
     world = world_size()
     if world <= 1:
         if fsdp:
-            raise ValueError("Invalid --fsdp without torchrun: FSDP shards over several processes "
-                             "(torchrun --nproc-per-node N fused-ft finetune ... --fsdp)")
+            raise ValueError(FSDP_NEEDS_TORCHRUN)
         return Context()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -17,7 +17,7 @@ from fused_ft._precision import param_dtype_of
 from fused_ft.data import DataBundle, load_data, shift_lab
 from fused_ft.finetune import FinetuneConfig, check_config, saved_run
 from fused_ft.methods import create_optimizer
-from fused_ft.models import create_model, resolve_model_name
+from fused_ft.models import check_input_size, create_model, resolve_model_name
 
 __all__ = ["dry_run"]
 
@@ -31,6 +31,7 @@ def dry_run(configs: Sequence[FinetuneConfig], world_size: int = 1) -> str:
     base = configs[0]
     data = load_data(base.data, image_size=base.image_size or 224)
     model = _structure(base, data.num_classes)
+    check_input_size(model, data.image_size, base.model)
     lines = ["dry run: checked, nothing trained or written",
              f"  data    {_describe_data(data)}",
              f"  model   {base.model}: {_count(model.parameters())} parameters, {_weights(base)}"]

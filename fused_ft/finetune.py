@@ -26,8 +26,9 @@ from torch.utils.data.distributed import DistributedSampler
 from fused_ft._precision import BF16_UPDATE, param_dtype_of
 from fused_ft._validation import LR, check_output_dir, check_positive_int
 from fused_ft.data import DataBundle, load_data
-from fused_ft.distributed import Context, full_state, load_full_state, setup, world_size, wrap
+from fused_ft.distributed import FSDP_NEEDS_TORCHRUN, Context, full_state, load_full_state, setup, world_size, wrap
 from fused_ft.methods import create_optimizer, method as get_method
+from fused_ft.models import check_input_size
 from fused_ft.unfreeze import GradualUnfreeze
 
 __all__ = ["FinetuneConfig", "finetune", "evaluate", "build_model", "check_config", "saved_run"]
@@ -106,9 +107,25 @@ def check_config(config: FinetuneConfig, world_size: int = 1) -> None:
     LR.check("lr", config.lr)
     check_output_dir("out", config.out)
     _check_checkpoint(config)
+    _check_device(config.device)
+    if config.fsdp and world_size <= 1:
+        raise ValueError(FSDP_NEEDS_TORCHRUN)
     if config.batch_size % world_size:
         raise ValueError(f"Invalid batch_size: {config.batch_size} (the global batch must split evenly over "
                          f"{world_size} ranks)")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"Invalid device: {device!r} (cpu, cuda or cuda:N)") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Invalid device: {device!r} (no CUDA device is available here)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"Invalid device: {device!r} (this machine has {torch.cuda.device_count()} CUDA devices)")
 
 
 def _check_checkpoint(config: FinetuneConfig) -> None:
@@ -211,6 +228,7 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
     random.seed(config.seed)
     dtype = param_dtype_of(config.param_dtype)
     model = build_model(config, data.num_classes).to(device, dtype)
+    check_input_size(model, data.image_size, config.model)
     out.mkdir(parents=True, exist_ok=True)  # only now: a bad model, data or checkpoint leaves no directory
     make_optimizer = lambda m: create_optimizer(m, config.method, lr=config.lr,  # noqa: E731
                                                 after_linear_probe=config.after_linear_probe,

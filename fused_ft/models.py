@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["ALIASES", "ModelAlias", "ClipClassifier", "PretrainedWeightsError", "create_model", "input_size",
+__all__ = ["ALIASES", "ModelAlias", "ClipClassifier", "PretrainedWeightsError", "create_model", "check_input_size",
+           "input_size",
            "resolve_model_name"]
 
 
@@ -256,6 +257,25 @@ def _create_timm(model_name, num_classes, tag, checkpoint, image_size, device, w
                     raise
         return timm.create_model(full_name, pretrained=wants_weights, num_classes=num_classes, **kwargs)
 
+
+
+def check_input_size(model: nn.Module, size: int, name: str) -> None:
+    """Put one image of ``size`` through ``model`` (no compute for a model on the meta device): a size
+    the model cannot take, such as one smaller than its patch, fails here in one line instead of as a
+    traceback in the first training step. Raises ValueError naming the size and the model."""
+    param = next(model.parameters())
+    x = torch.zeros(1, 3, size, size, device=param.device, dtype=param.dtype)
+    training = model.training
+    model.eval()  # batch norm must not count this image in its running statistics
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"Invalid image size: {size} for {name} (one image of that size through the model "
+                         f"failed: {reason})") from None
+    finally:
+        model.train(training)
 
 
 def input_size(model: nn.Module) -> int:

@@ -3,10 +3,13 @@
 Each case runs `fused-ft` in a subprocess, in an empty directory, as a user would. (The cases of the
 harness's own files, such as damaged checkpoints and resume, are in tests/test_finetune.py.)
 """
+import io
 import subprocess
 import sys
 
 import pytest
+import torch
+from PIL import Image
 
 CASES = {
     "unknown method": ["finetune", "--method", "sgdx", "--lr", "0.1"],
@@ -26,10 +29,33 @@ CASES = {
     "unknown model to fine-tune": ["finetune", "--model", "no_such_model", "--method", "sgd", "--lr", "0.01"],
     "missing checkpoint in a dry run": ["finetune", "--model", "vit_tiny_patch16_224", "--method", "sgd", "--lr",
                                         "0.01", "--checkpoint", "/no/such.pt", "--dry-run"],
+    # found by trying every option with a bad value (each gave a traceback, or exit 0 having done nothing)
+    "device that does not exist": ["finetune", "--method", "sgd", "--lr", "0.01", "--device", "foo"],
+    "fsdp without torchrun": ["finetune", "--method", "sgd", "--lr", "0.01", "--fsdp"],
+    "fsdp without torchrun, dry run": ["finetune", "--method", "sgd", "--lr", "0.01", "--fsdp", "--dry-run"],
+    "embedding pattern that is no regex": ["grad-norms", "--model", "vit_tiny_patch16_224", "--embed-pattern", "["],
+    "image size the model cannot take": ["grad-norms", "--model", "vit_tiny_patch16_224", "--image-size", "7"],
+    "zero images per minibatch": ["grad-norms", "--model", "vit_tiny_patch16_224", "--batch-size", "0"],
+    "no methods": ["sweep", "--methods", ",", "--dry-run"],
+    "negative data workers": ["finetune", "--method", "sgd", "--lr", "0.01", "--num-workers", "-1"],
 }
+if not torch.cuda.is_available():  # what CI is: a machine without a GPU asked for one
+    CASES["cuda on a machine without one"] = ["finetune", "--method", "sgd", "--lr", "0.01", "--device", "cuda"]
 
 # bad inputs that need files to exist first: (args, {path: bytes}); the files must come out unchanged
 _NOT_AN_IMAGE = b"not an image"
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (90, 120, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+_PNG = _png()
+_FOLDER = {f"data/{split}/a/0.png": _PNG for split in ("train", "id_val", "id_test", "ood_test")}
+_TOO_SMALL = ["finetune", "--model", "vit_tiny_patch16_224", "--data", "imagefolder:data", "--image-size", "7",
+              "--method", "sgd", "--lr", "0.01"]
 CASES_WITH_FILES = {
     "--out is a file": (["finetune", "--method", "sgd", "--lr", "0.01", "--out", "afile"], {"afile": b"x"}),
     "sweep --out is a file": (["sweep", "--out", "afile"], {"afile": b"x"}),
@@ -41,6 +67,8 @@ CASES_WITH_FILES = {
                           "sgd", "--lr", "0.01", "--out", "run"],
                          {f"data/{split}/a/0.png": _NOT_AN_IMAGE for split in ("train", "id_val", "id_test")}),
     "missing data folder": (["finetune", "--data", "imagefolder:nowhere", "--method", "sgd", "--lr", "0.01"], {}),
+    "image size the model cannot take, on real images": (_TOO_SMALL, _FOLDER),
+    "the same, dry run": (_TOO_SMALL + ["--dry-run"], _FOLDER),
 }
 
 
