@@ -240,7 +240,7 @@ def _finetune(args: argparse.Namespace) -> None:
     if args.dry_run:
         configs = ([_base_config(args, method=args.method, lr=args.lr, seed=args.seed)] if args.lr is not None else
                    sweep.run_configs(_base_config(args, seed=args.seed), [args.method], args.lr_sweep, [args.seed]))
-        _print_dry_run(configs)
+        _print_dry_run(configs, args.out)
         return
     if args.lr is not None:
         result = finetune(_base_config(args, method=args.method, lr=args.lr, seed=args.seed))
@@ -265,7 +265,7 @@ def _sweep(args: argparse.Namespace) -> None:
     check_output_dir("--out", args.out)
     base = _base_config(args)
     if args.dry_run:
-        _print_dry_run(sweep.run_configs(base, args.methods, args.lr_sweep, args.seeds, args.lr_multiplier))
+        _print_dry_run(sweep.run_configs(base, args.methods, args.lr_sweep, args.seeds, args.lr_multiplier), args.out)
         return
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -291,11 +291,11 @@ def _sweep(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}")
 
 
-def _print_dry_run(configs) -> None:
+def _print_dry_run(configs, out: str) -> None:
     from fused_ft.distributed import world_size
     from fused_ft.dry_run import dry_run
 
-    plan = dry_run(configs, world_size())
+    plan = dry_run(configs, world_size(), out)
     if int(os.environ.get("RANK", "0")) == 0:
         print(plan)
 

@@ -8,7 +8,7 @@ loaded or downloaded). Nothing is trained or written.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Sequence
 
 import torch
@@ -22,9 +22,10 @@ from fused_ft.models import check_input_size, create_model, resolve_model_name
 __all__ = ["dry_run"]
 
 
-def dry_run(configs: Sequence[FinetuneConfig], world_size: int = 1) -> str:
+def dry_run(configs: Sequence[FinetuneConfig], world_size: int = 1, out: str | None = None) -> str:
     """Check ``configs`` (runs sharing model and data) as they are checked before training; return the
-    plan, a line per fact. Raises what the runs would raise (``ValueError`` and its kin), one line each."""
+    plan, a line per fact; ``out`` names the folder the runs are under (default: their common folder).
+    Raises what the runs would raise (``ValueError`` and its kin), one line each."""
     for config in configs:
         check_config(config, world_size)
     saved = [saved_run(config) for config in configs]
@@ -41,9 +42,10 @@ def dry_run(configs: Sequence[FinetuneConfig], world_size: int = 1) -> str:
         lines.append(f"  method  {method}: {_trained(model, method, runs[0])}; lr {lrs}")
     steps = -(-len(data.train) // base.batch_size)
     seeds = ", ".join(map(str, sorted({c.seed for c in configs})))
-    lines.append(f"  runs    {len(configs)} (seed {seeds}): {base.epochs} epochs of {steps} step{'s' * (steps > 1)} of "
-                 f"{base.batch_size} images" + (f" over {world_size} ranks" if world_size > 1 else ""))
-    lines.append(f"  out     {_describe_saved(configs, saved)}")
+    lines.append(f"  runs    {len(configs)} (seed {seeds}): {_plural(base.epochs, 'epoch')} of "
+                 f"{_plural(steps, 'step')} of {base.batch_size} images"
+                 + (f" over {world_size} ranks" if world_size > 1 else ""))
+    lines.append(f"  out     {_describe_saved(configs, saved, out)}")
     return "\n".join(lines)
 
 
@@ -54,6 +56,10 @@ def _structure(config: FinetuneConfig, num_classes: int) -> torch.nn.Module:
         with torch.device("meta"):
             return shift_lab.build(config.model, num_classes).to(dtype)
     return create_model(config.model, num_classes, image_size=config.image_size, device="meta").to(dtype)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _count(params) -> str:
@@ -92,7 +98,7 @@ def _describe_data(data: DataBundle) -> str:
     return f"{data.name}: {data.num_classes} classes; images: {sizes} ({origin})"
 
 
-def _describe_saved(configs: Sequence[FinetuneConfig], saved) -> str:
+def _describe_saved(configs: Sequence[FinetuneConfig], saved, out: str | None) -> str:
     if len(configs) == 1:
         results, ckpt = saved[0]
         where = configs[0].out
@@ -103,5 +109,5 @@ def _describe_saved(configs: Sequence[FinetuneConfig], saved) -> str:
         return f"{where}: new"
     finished = sum(r is not None for r, _ in saved)
     resumed = sum(c is not None for _, c in saved)
-    return (f"{Path(configs[0].out).parent.parent.parent}: {finished} runs finished, {resumed} to resume, "
+    return (f"{out or os.path.commonpath([c.out for c in configs])}: {finished} runs finished, {resumed} to resume, "
             f"{len(configs) - finished - resumed} new")

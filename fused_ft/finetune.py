@@ -97,8 +97,9 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def check_config(config: FinetuneConfig, world_size: int = 1) -> None:
-    """The settings' own checks (names, numbers, a global batch that splits over ``world_size`` ranks)."""
+def check_config(config: FinetuneConfig, ranks: int = 1) -> None:
+    """The settings' own checks (names, numbers, paths, the device, a global batch that splits over
+    ``ranks`` processes)."""
     get_method(config.method)
     param_dtype_of(config.param_dtype)
     BF16_UPDATE.check("bf16_update", config.bf16_update)
@@ -108,11 +109,11 @@ def check_config(config: FinetuneConfig, world_size: int = 1) -> None:
     check_output_dir("out", config.out)
     _check_checkpoint(config)
     _check_device(config.device)
-    if config.fsdp and world_size <= 1:
+    if config.fsdp and ranks <= 1:
         raise ValueError(FSDP_NEEDS_TORCHRUN)
-    if config.batch_size % world_size:
+    if config.batch_size % ranks:
         raise ValueError(f"Invalid batch_size: {config.batch_size} (the global batch must split evenly over "
-                         f"{world_size} ranks)")
+                         f"{ranks} ranks)")
 
 
 def _check_device(device: str | None) -> None:
