@@ -118,11 +118,14 @@ def _nonnegative_int(text: str) -> int:
 
 
 def _int_list(text: str) -> list[int]:
-    """argparse type: comma-separated integers (argparse names the option in its one-line error)."""
+    """argparse type: distinct comma-separated integers (argparse names the option in its one-line error)."""
     try:
-        return [int(x) for x in _csv_list(text)]
-    except ValueError:
+        values = [int(x) for x in _csv_list(text)]
+    except (ValueError, argparse.ArgumentTypeError):
         raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+    if len(set(values)) < len(values):  # a repeated seed is the same run, counted twice in the intervals
+        raise argparse.ArgumentTypeError(f"must be distinct, got {text!r}")
+    return values
 
 
 def _positive_int(text: str) -> int:

@@ -63,7 +63,7 @@ def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
     from fused_ft.models import create_model
 
     if config.model in shift_lab.SHIFT_LAB_MODELS:
-        _check_checkpoint(config)
+        _check_weights(config)
         pretrain = config.pretrained if isinstance(config.pretrained, str) else "adamw"
         return shift_lab.create_pretrained(config.model, num_classes, pretrain, progress=config.progress)
     return create_model(config.model, num_classes, pretrained=config.pretrained, checkpoint=config.checkpoint,
@@ -107,7 +107,7 @@ def check_config(config: FinetuneConfig, ranks: int = 1) -> None:
     check_positive_int("batch_size", config.batch_size)
     LR.check("lr", config.lr)
     check_output_dir("out", config.out)
-    _check_checkpoint(config)
+    _check_weights(config)
     _check_device(config.device)
     if config.fsdp and ranks <= 1:
         raise ValueError(FSDP_NEEDS_TORCHRUN)
@@ -129,9 +129,11 @@ def _check_device(device: str | None) -> None:
         raise ValueError(f"Invalid device: {device!r} (this machine has {torch.cuda.device_count()} CUDA devices)")
 
 
-def _check_checkpoint(config: FinetuneConfig) -> None:
+def _check_weights(config: FinetuneConfig) -> None:
     from fused_ft.data import shift_lab
 
+    if config.model in shift_lab.SHIFT_LAB_MODELS and isinstance(config.pretrained, str):
+        shift_lab.check_pretrain_optimizer(config.pretrained)
     if config.checkpoint is None:
         return
     if config.model in shift_lab.SHIFT_LAB_MODELS:  # it was ignored, and recorded as if used

@@ -270,10 +270,11 @@ def check_input_size(model: nn.Module, size: int, name: str) -> None:
     try:
         with torch.no_grad():
             model(x)
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (RuntimeError, AssertionError) as exc:  # timm asserts a transformer's input size
+        reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
         raise ValueError(f"Invalid image size: {size} for {name} (one image of that size through the model "
-                         f"failed: {reason})") from None
+                         f"failed: {reason}; build the model for the data's size: image_size=, CLI --image-size)"
+                         ) from None
     finally:
         model.train(training)
 

@@ -35,6 +35,8 @@ def lr_grid(method: str, spec: str = "paper", multiplier: float = 1.0) -> tuple[
         raise ValueError(f"Invalid lr-sweep: {spec!r} (use 'paper' or comma-separated numbers)") from None
     if not lrs or any(not math.isfinite(lr) or lr <= 0 for lr in lrs):
         raise ValueError(f"Invalid lr-sweep: {spec!r} (learning rates must be finite and > 0)")
+    if len(set(lrs)) < len(lrs):  # one run directory per lr: a repeat would be counted twice
+        raise ValueError(f"Invalid lr-sweep: {spec!r} (learning rates must be distinct)")
     return lrs
 
 

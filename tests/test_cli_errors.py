@@ -38,6 +38,13 @@ CASES = {
     "zero images per minibatch": ["grad-norms", "--model", "vit_tiny_patch16_224", "--batch-size", "0"],
     "no methods": ["sweep", "--methods", ",", "--dry-run"],
     "negative data workers": ["finetune", "--method", "sgd", "--lr", "0.01", "--num-workers", "-1"],
+    "shift-lab pretraining optimizer that does not exist": ["finetune", "--method", "sgd", "--lr", "0.01",
+                                                            "--pretrained", "bogus"],
+    "the same, dry run (it passed)": ["finetune", "--method", "sgd", "--lr", "0.01", "--pretrained", "bogus",
+                                      "--dry-run"],
+    "a 224-px model on 32-px data": ["finetune", "--model", "vit_tiny_patch16_224", "--method", "sgd", "--lr", "0.01"],
+    "repeated seeds": ["sweep", "--seeds", "0,0", "--dry-run"],
+    "repeated learning rates": ["sweep", "--lr-sweep", "0.01,0.01", "--dry-run"],
 }
 if not torch.cuda.is_available():  # what CI is: a machine without a GPU asked for one
     CASES["cuda on a machine without one"] = ["finetune", "--method", "sgd", "--lr", "0.01", "--device", "cuda"]

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["SHIFT_LAB_MODELS", "ShiftLabConfig", "make_splits", "render_images", "create_pretrained", "cache_dir"]
+__all__ = ["SHIFT_LAB_MODELS", "ShiftLabConfig", "make_splits", "render_images", "create_pretrained",
+           "check_pretrain_optimizer", "cache_dir"]
 
 IMAGE_SIZE = 32
 TARGET_SHAPES = ("circle", "square", "triangle", "cross")
@@ -198,13 +199,19 @@ _PRETRAIN_OPTIMIZERS = {"adamw": ("adamw", dict(lr=2e-3, weight_decay=0.05)),
                         "sgd": ("sgd", dict(lr=0.05, momentum=0.9, weight_decay=5e-4))}
 
 
+def check_pretrain_optimizer(optimizer: str) -> None:
+    """What ``pretrained=`` may name for a shift-lab model."""
+    if optimizer not in _PRETRAIN_OPTIMIZERS:
+        choices = ", ".join(_PRETRAIN_OPTIMIZERS)
+        raise ValueError(f"Invalid pretraining optimizer: {optimizer!r} (choose from {choices})")
+
+
 def _pretrain(model: nn.Module, recipe: PretrainRecipe, progress: bool) -> None:
     from tqdm import tqdm
 
     from fused_ft.optim import OPTIMIZER_CLASSES
 
-    if recipe.optimizer not in _PRETRAIN_OPTIMIZERS:
-        raise ValueError(f"Invalid pretraining optimizer: {recipe.optimizer!r} (choose from adamw, sgd)")
+    check_pretrain_optimizer(recipe.optimizer)
     g = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     x, y = source_task(recipe.examples, g)
