@@ -1,7 +1,8 @@
 """The CLI's promise: a bad input exits with status 2 and one line on stderr, no traceback, no files.
 
-Each case runs `fused-ft` in a subprocess, in an empty directory, as a user would. (The cases of the
-harness's own files, such as damaged checkpoints and resume, are in tests/test_finetune.py.)
+Each case of the issue's list runs `fused-ft` in a subprocess, in an empty directory, as a user would;
+the cases found later run through cli.main in-process (see FOUND_CASES). (Resume and damaged checkpoints
+are also tested against real runs in tests/test_finetune.py.)
 """
 import io
 import subprocess
@@ -29,7 +30,11 @@ CASES = {
     "unknown model to fine-tune": ["finetune", "--model", "no_such_model", "--method", "sgd", "--lr", "0.01"],
     "missing checkpoint in a dry run": ["finetune", "--model", "vit_tiny_patch16_224", "--method", "sgd", "--lr",
                                         "0.01", "--checkpoint", "/no/such.pt", "--dry-run"],
-    # found by trying every option with a bad value (each gave a traceback, or exit 0 having done nothing)
+}
+# Found by trying every option with a bad value (each gave a traceback, or exit 0 having done nothing).
+# They run in-process through cli.main, which the console script calls: a subprocess per case cost the
+# suite a minute of imports, and an uncaught exception fails the test just as a traceback would.
+FOUND_CASES = {
     "device that does not exist": ["finetune", "--method", "sgd", "--lr", "0.01", "--device", "foo"],
     "fsdp without torchrun": ["finetune", "--method", "sgd", "--lr", "0.01", "--fsdp"],
     "fsdp without torchrun, dry run": ["finetune", "--method", "sgd", "--lr", "0.01", "--fsdp", "--dry-run"],
@@ -47,7 +52,7 @@ CASES = {
     "repeated learning rates": ["sweep", "--lr-sweep", "0.01,0.01", "--dry-run"],
 }
 if not torch.cuda.is_available():  # what CI is: a machine without a GPU asked for one
-    CASES["cuda on a machine without one"] = ["finetune", "--method", "sgd", "--lr", "0.01", "--device", "cuda"]
+    FOUND_CASES["cuda on a machine without one"] = ["finetune", "--method", "sgd", "--lr", "0.01", "--device", "cuda"]
 
 # bad inputs that need files to exist first: (args, {path: bytes}); the files must come out unchanged
 _NOT_AN_IMAGE = b"not an image"
@@ -63,6 +68,10 @@ _PNG = _png()
 _FOLDER = {f"data/{split}/a/0.png": _PNG for split in ("train", "id_val", "id_test", "ood_test")}
 _TOO_SMALL = ["finetune", "--model", "vit_tiny_patch16_224", "--data", "imagefolder:data", "--image-size", "7",
               "--method", "sgd", "--lr", "0.01"]
+FOUND_CASES_WITH_FILES = {
+    "image size the model cannot take, on real images": (_TOO_SMALL, _FOLDER),
+    "the same, dry run": (_TOO_SMALL + ["--dry-run"], _FOLDER),
+}
 CASES_WITH_FILES = {
     "--out is a file": (["finetune", "--method", "sgd", "--lr", "0.01", "--out", "afile"], {"afile": b"x"}),
     "sweep --out is a file": (["sweep", "--out", "afile"], {"afile": b"x"}),
@@ -74,8 +83,6 @@ CASES_WITH_FILES = {
                           "sgd", "--lr", "0.01", "--out", "run"],
                          {f"data/{split}/a/0.png": _NOT_AN_IMAGE for split in ("train", "id_val", "id_test")}),
     "missing data folder": (["finetune", "--data", "imagefolder:nowhere", "--method", "sgd", "--lr", "0.01"], {}),
-    "image size the model cannot take, on real images": (_TOO_SMALL, _FOLDER),
-    "the same, dry run": (_TOO_SMALL + ["--dry-run"], _FOLDER),
 }
 
 
@@ -88,21 +95,46 @@ def _files(root):
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
 
 
+def _create(root, files):
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    return _files(root)
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip() and "it/s]" not in line]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert lines[0].startswith("fused-ft ") and "error:" in lines[0], lines
+    return lines[0]
+
+
 @pytest.mark.parametrize("args,files", [(a, {}) for a in CASES.values()] + list(CASES_WITH_FILES.values()),
                          ids=list(CASES) + list(CASES_WITH_FILES))
 def test_bad_input_gives_one_line_and_status_2(args, files, tmp_path):
-    for name, content in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(content)
-    before = _files(tmp_path)
+    before = _create(tmp_path, files)
     result = _run(args, tmp_path)
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "it/s]" not in line]
     assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("fused-ft ") and "error:" in lines[0], lines
+    line = _one_error_line(result.stderr)
     if args[-2:] == ["--lr", "-1"]:  # the optimizers' own rule and words (the CLI said "> 0", the API ">= 0")
-        assert "Invalid lr: -1.0 (must be >= 0)" in lines[0]
+        assert "Invalid lr: -1.0 (must be >= 0)" in line
     assert _files(tmp_path) == before  # nothing written, nothing changed
+
+
+@pytest.mark.parametrize("args,files", [(a, {}) for a in FOUND_CASES.values()] + list(FOUND_CASES_WITH_FILES.values()),
+                         ids=list(FOUND_CASES) + list(FOUND_CASES_WITH_FILES))
+def test_more_bad_input_gives_one_line_and_status_2_in_process(args, files, tmp_path, monkeypatch, capsys):
+    from fused_ft import cli
+
+    before = _create(tmp_path, files)
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = cli.main(args)
+    except SystemExit as exit_:  # argparse's errors exit
+        code = exit_.code
+    assert code == 2
+    _one_error_line(capsys.readouterr().err)
+    assert _files(tmp_path) == before
 
 
 def test_a_plain_timm_name_that_open_clip_also_knows_is_timms(tmp_path):
