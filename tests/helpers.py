@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 
 import torch
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 # timm models at tiny input sizes: real parameter lists, forward/backward in milliseconds on a CPU.
 MODELS = {
@@ -100,3 +104,11 @@ def assert_state_close(opt_a, opt_b, *, rtol: float, atol: float) -> None:
         assert sa.keys() == sb.keys(), f"param {i}: state keys {sorted(sa)} != {sorted(sb)}"
         for key in sa:
             assert_close_report(sa[key], sb[key], rtol=rtol, atol=atol, what=f"param {i} state[{key!r}]")
+
+
+def readme_block(marker: str) -> list[str]:
+    """The lines of the README's code block that follows the comment ``<!-- {marker}...``: blocks the
+    tests compare with what the code prints."""
+    match = re.search(r"<!-- " + re.escape(marker) + r".*?-->\n```\n(.*?)```", README.read_text(), re.S)
+    assert match, f"no code block after <!-- {marker} in README.md"
+    return match.group(1).rstrip("\n").splitlines()

@@ -1,14 +1,12 @@
 """The docstring examples of the public modules run as written."""
 import doctest
 import importlib
-import re
-from pathlib import Path
 
 import pytest
 
 from fused_ft import demo, memory_report
+from tests.helpers import README, readme_block
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 MODULES = ["fused_ft.embedding", "fused_ft.methods", "fused_ft.unfreeze", "fused_ft.models", "fused_ft.diagnostics",
            "fused_ft.optim.sgd", "fused_ft.optim.adamw", "fused_ft.optim.lars", "fused_ft.optim.lamb"]
@@ -26,9 +24,8 @@ def test_readme_python_snippets_run_and_print_what_the_readme_shows(tmp_path):
     import re
     import subprocess
     import sys
-    from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = README.read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
     assert len(blocks) >= 6
     script = tmp_path / "readme_snippets.py"
@@ -43,16 +40,9 @@ def test_readme_python_snippets_run_and_print_what_the_readme_shows(tmp_path):
         assert line in readme and line in out, (line, out)
 
 
-def _block_after(marker: str) -> list[str]:
-    """The lines of the README's code block that follows the comment ``<!-- {marker}...``."""
-    match = re.search(r"<!-- " + re.escape(marker) + r".*?-->\n```\n(.*?)```", README.read_text(), re.S)
-    assert match, f"no code block after <!-- {marker} in README.md"
-    return match.group(1).rstrip("\n").splitlines()
-
-
 @pytest.mark.parametrize("model", memory_report.DEFAULT_MODELS)  # one model a test: they share the workers
 def test_readme_demo_part_1_rows_are_what_make_demo_prints(model):
-    block = _block_after("make demo part 1")
+    block = readme_block("make demo part 1")
     assert {line.split()[0] for line in block[2:]} == set(memory_report.DEFAULT_MODELS)
     printed = demo.memory_table([model], progress=False).splitlines()
     assert printed[0].split() == block[0].split()
@@ -62,7 +52,7 @@ def test_readme_demo_part_1_rows_are_what_make_demo_prints(model):
 
 def test_readme_demo_part_2_is_what_make_demo_prints_and_meets_the_memory_bars():
     runs = memory_report.beyond_the_paper()
-    assert demo.beyond_the_paper_lines(runs) == _block_after("make demo part 2")
+    assert demo.beyond_the_paper_lines(runs) == readme_block("make demo part 2")
     peak = {label: p for label, p in runs}
     adamw = peak["adamw"]
     # the step-in-backward bar: >= 3x, checkpointing on both sides (the paper's Sec. 5 trick)

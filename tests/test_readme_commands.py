@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fused_ft import cli
+from tests.helpers import readme_block
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -42,12 +43,6 @@ def _commands() -> list[list[str]]:
 
 
 COMMANDS = _commands()
-
-
-def _block_after(marker: str) -> list[str]:
-    match = re.search(r"<!-- " + re.escape(marker) + r".*?-->\n```\n(.*?)```", README, re.S)
-    assert match, marker
-    return match.group(1).rstrip("\n").splitlines()
 
 
 def test_every_readme_command_has_a_check():
@@ -95,7 +90,7 @@ def _memory(argv, tmp_path, monkeypatch, capsys, image_folder):
     assert code == 0, err
     models, methods = argv[argv.index("--models") + 1].split(","), argv[argv.index("--methods") + 1].split(",")
     if "--format" not in argv:  # the table of the README's part-1 block
-        assert out[0].split() == _block_after("make demo part 1")[0].split()
+        assert out[0].split() == readme_block("make demo part 1")[0].split()
         assert [line.split()[:2] for line in out[2:]] == [[m, meth] for m in models for meth in methods]
     else:
         rows = [line for line in out if line.startswith("| ")][1:]
@@ -113,7 +108,7 @@ def _dry_run(argv, tmp_path, monkeypatch, capsys, image_folder):
     assert code == 0, err
     assert out[0] == "dry run: checked, nothing trained or written"
     if args[0] == "finetune" and "--resume" not in args:
-        assert out == _block_after("the dry run of the first command above")
+        assert out == readme_block("the dry run of the first command above")
     if args[0] == "sweep":  # 4 methods x 6 lrs x 3 seeds, the table's folder untouched
         assert out[-2].startswith("  runs    72 (seed 0, 1, 2):") and out[-1] == "  out     runs/sweep: 0 runs " \
             "finished, 0 to resume, 72 new"
