@@ -1,6 +1,6 @@
 // Python bindings of fused_ft's CPU kernels (module fused_ft._C). Each update function updates one
 // param group's tensors in place; fused_ft/kernels/cpu.py adapts them to the backend signature.
-// flat_addresses, params_with_grads and increment_steps are host-side helpers of a step
+// flat_addresses, params_with_grads, increment_steps and state_mismatch are host-side helpers of a step
 // (csrc/tensor_tables.cpp).
 #include <torch/extension.h>
 
@@ -21,6 +21,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>, bool> flat_addresses(
     const std::vector<std::vector<at::Tensor>>&, int64_t);
 std::tuple<Tensors, Tensors, int64_t, bool, std::vector<at::ScalarType>> params_with_grads(const Tensors&);
 std::vector<double> increment_steps(const Tensors&);
+std::tuple<int64_t, int64_t, int64_t> state_mismatch(const Tensors&,
+                                                     const std::vector<std::vector<std::optional<at::Tensor>>>&,
+                                                     const std::vector<int64_t>&, const std::vector<bool>&);
 }  // namespace fused_ft
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -52,5 +55,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "params that have grads, their grads, first sparse grad's index or -1, one device?, dtypes (step planning)");
   m.def("increment_steps", &fused_ft::increment_steps, py::arg("steps"),
         "add 1 to one-element CPU step counts and return them; [] (nothing changed) if any is not one");
+  m.def("state_mismatch", &fused_ft::state_mismatch, py::arg("params"), py::arg("columns"), py::arg("kinds"),
+        py::arg("together"), "first (slot, index, problem) where state does not fit its parameter, or (-1, -1, 0)");
   m.def("vector_width", []() { return static_cast<int>(fused_ft::Vec::size()); }, "floats per SIMD vector");
 }

@@ -7,6 +7,7 @@ optimizer exactly as it was.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -47,6 +48,11 @@ def check_output_dir(name: str, path: Any) -> None:
         raise ValueError(f"Invalid {name}: {str(path)!r} is not a directory{where}")
 
 
+def _is_bool(value: Any) -> bool:
+    """Python's and numpy's booleans (numbers.Integral counts Python's bool, not numpy's)."""
+    return isinstance(value, bool) or type(value).__name__ == "bool_"
+
+
 @dataclass(frozen=True)
 class Rule:
     """What one hyperparameter accepts.
@@ -70,7 +76,7 @@ class Rule:
                 raise ValueError(f"Invalid {name}: {value!r} (choose from {', '.join(map(repr, self.choices))})")
             return
         if self.kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
+            if _is_bool(value) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"Invalid {name}: {value!r} (must be an int)")
             if self.low is not None and value < self.low:
                 raise ValueError(f"Invalid {name}: {value} (must be >= {self.low:g})")
@@ -103,7 +109,7 @@ class Rule:
                 raise TypeError(f"Invalid {name}: {value!r} (must be a float, not a Tensor)")
             if value.numel() != 1:
                 raise ValueError(f"Invalid {name}: tensor with {value.numel()} elements (must be 1-element)")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif _is_bool(value) or not isinstance(value, numbers.Real):  # numpy's scalars too, as torch.optim takes
             raise TypeError(f"Invalid {name}: {value!r} (must be a number)")
         x = scalar_value(value)
         shown = repr(value) if isinstance(value, torch.Tensor) else value  # f-strings print 0-dim tensors as floats
@@ -143,9 +149,7 @@ def check_params(params: Iterable[torch.Tensor], seen: set[int], group_index: in
     ``seen`` holds the ids of parameters already in earlier groups; it is only read here, the
     caller adds to it once the whole group passed, so a refused group leaves nothing behind.
     """
-    params = list(params)
-    if not params:
-        raise ValueError(f"Invalid params: group {group_index} is an empty parameter list")
+    params = list(params)  # an empty group is accepted, as torch.optim and timm accept it (grouping helpers make them)
     ids: set[int] = set()
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):

@@ -12,17 +12,22 @@ With ``step_in_backward=True`` each parameter is updated by a post-accumulate-gr
 its gradient is complete, and the gradient is freed right away: only a few gradients are alive at
 once (the idea of torch's "optimizer step in backward" recipe). ``step()`` then only updates
 parameters that took gradients before they had a hook (unfrozen since the last step) and hooks them;
-keep calling it, schedulers count it. Closures, GradScaler and gradient accumulation across backward passes cannot work.
+call it after every backward pass, schedulers count it. Closures, GradScaler and gradient
+accumulation across backward passes cannot work: a second gradient for a parameter before
+``step()`` raises in backward, before it is applied. The hooks find each parameter's group when they
+run, so they follow ``load_state_dict``, ``add_param_group`` and a replaced ``param_groups`` list.
 
 Parameters in bf16/fp16 keep their optimizer state in fp32 and every backend does its math in
 fp32, storing the parameter once (the "fp32 math, one final store" rule of optimi/apex). How that
 store rounds bf16 parameters is the group's ``bf16_update`` (see :mod:`fused_ft._precision`).
+
+The lifecycle contract (what survives what) is :class:`FusedOptimizer`'s docstring.
 """
 from __future__ import annotations
 
 import functools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
@@ -30,8 +35,10 @@ from torch.optim import Optimizer
 
 from fused_ft import _dispatch
 from fused_ft._native import _C
-from fused_ft._precision import BF16_UPDATE, COMPENSATION_KEY, LOW_PRECISION, Rounding, stream_key
+from fused_ft._precision import BF16_UPDATE, COMPENSATION_KEY, Rounding, stream_key
 from fused_ft import _dtensor
+from fused_ft.optim import _checkpoint, _state
+from fused_ft.optim._state import Slot
 from fused_ft._validation import BOOL, OPTIONAL_BOOL, Rule, check_group, check_params
 
 __all__ = ["FusedOptimizer", "GroupPlan", "SHARED_ARGS_DOC", "UpdateFn"]
@@ -141,11 +148,40 @@ class GroupPlan:
     backend: str
     update: UpdateFn
     dtypes: frozenset = frozenset()
+    # the parameters' state tensors by key (see fused_ft.optim._state), None where not created yet
+    state: dict = field(default_factory=dict)
     clip: Any = None  # LAMB: the global gradient clipping, in the backend's form (set by _before_updates)
 
 
 class FusedOptimizer(Optimizer):
-    """Base of fused_ft.SGD, AdamW, LARS and LAMB (see those for the math)."""
+    """Base of fused_ft.SGD, AdamW, LARS and LAMB (see those for the math).
+
+    The lifecycle contract, the same for every subclass (``tests/test_lifecycle.py``):
+
+    - ``state_dict()`` / ``load_state_dict()``: torch.optim's format, exchanged both ways with
+      torch.optim and timm.optim, in every format those still load (a step saved as a number). fp32
+      state of bf16/fp16 parameters and kahan's int16 compensations come back bit for bit (torch casts
+      loaded state to the parameter's dtype); bf16 state from a torch checkpoint widens to fp32.
+      save -> load -> save gives equal dicts. A state dict saved from other parameters (group count,
+      group sizes, state shapes) is refused before anything changes. Loaded tensors are copies where
+      they are converted; where nothing needs converting they are shared with the dict, as in torch.
+    - ``copy.deepcopy``, ``pickle`` and ``torch.save`` of the whole optimizer: the copy steps, keeps its
+      backend and ``step_in_backward`` (hooking its own parameters), and its hooks (torch's, below)
+      start empty, as torch.optim's copies do.
+    - torch's hooks: ``register_step_pre_hook``/``post_hook`` run around ``step()`` (not around the
+      updates that ``step_in_backward`` makes during backward); ``register_state_dict_pre_hook``/
+      ``post_hook`` as in torch; ``register_load_state_dict_pre_hook``/``post_hook``: pre-hooks see
+      the dict as given, post-hooks see the final state (fp32 buffers, int16 compensations), and what
+      they write stays.
+    - ``add_param_group``, a replaced ``param_groups`` list, frozen groups turned on or off: state is
+      created lazily for parameters that have none, as torch does; ``step_in_backward`` hooks find
+      each parameter's group when they run.
+    - A step that raises has changed nothing: hyperparameters, gradients, backends and state (keys,
+      shapes, devices, dtypes) are checked for every group before any update. State a step can
+      create on its own is created (a momentum buffer when momentum is turned on, ``max_exp_avg_sq``
+      when amsgrad is, a compensation when ``bf16_update`` turns to kahan); state that cannot
+      continue the run it came from is refused, naming the group, parameter, shape, key and fix.
+    """
 
     _NAME: ClassVar[str]  # the key into fused_ft.optim.OPTIMIZER_CLASSES and the backends' UPDATES
     _RULES: ClassVar[Mapping[str, Rule]]
@@ -153,6 +189,8 @@ class FusedOptimizer(Optimizer):
     # True where the update needs norms of whole tensors (LARS/LAMB trust ratios): on sharded
     # parameters only the reference backend, which all-reduces them, can run it
     _WHOLE_TENSOR_NORMS: ClassVar[bool] = False
+    # every per-parameter state key holding a tensor shaped like its parameter, whatever the options
+    _ELEMENT_STATE: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, params: Iterable, defaults: dict[str, Any], *, backend: str = "auto", step_in_backward: bool = False,
@@ -162,15 +200,9 @@ class FusedOptimizer(Optimizer):
         if not isinstance(step_in_backward, bool):
             raise TypeError(f"Invalid step_in_backward: {step_in_backward!r} (must be a bool)")
         self.step_in_backward = step_in_backward
-        self._hooks: list = []
-        self._hooked: set[int] = set()
-        self._round_seen: dict[int, set[int]] = {}
-        self._checked_groups: dict[int, dict] = {}  # id(group) -> the hyperparameters that last passed
         if step_in_backward:
             self._check_step_in_backward(defaults)
-            # GradScaler then passes its scale to step(), which refuses it (see step()) instead of
-            # letting scaled gradients update the weights during backward
-            self._step_supports_amp_scaling = True
+        self._init_runtime()
         if bf16_seed is None:  # drawn only when used, so that other modes leave torch's generator alone
             bf16_seed = int(torch.randint(0, 2**31 - 1, ()).item()) if bf16_update == "stochastic" else 0
         defaults = {**defaults, "frozen": False, "bf16_update": bf16_update, "bf16_seed": bf16_seed}
@@ -184,6 +216,19 @@ class FusedOptimizer(Optimizer):
         if not params:
             raise ValueError("Invalid params: empty parameter list")
         super().__init__(params, defaults)
+
+    def _init_runtime(self) -> None:
+        """What belongs to this object in this process, never pickled or copied: hooks and caches."""
+        self._hooks: dict[int, tuple[weakref.ref, Any]] = {}  # id(param) -> (the param, its hook's handle)
+        self._hook = _make_hook(weakref.ref(self))
+        self._located: tuple[Any, dict[int, tuple[int, dict]]] = (None, {})  # see _locate
+        self._updated_in_backward: set[int] = set()  # ids of params a hook updated since the last step()
+        self._ticked: set[int] = set()  # ids of groups that counted a step since the last step() (LAMB)
+        self._checked_groups: dict[int, dict] = {}  # id(group) -> the hyperparameters that last passed
+        if self.step_in_backward:
+            # GradScaler then passes its scale to step(), which refuses it (see step()) instead of
+            # letting scaled gradients update the weights during backward
+            self._step_supports_amp_scaling = True
 
     # -- groups ---------------------------------------------------------------------------------
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
@@ -250,74 +295,98 @@ class FusedOptimizer(Optimizer):
         without requires_grad, so they cannot all be hooked up front; until hooked, step() updates them)."""
         for group in self.param_groups:
             for p in group["params"]:
-                if p.requires_grad and id(p) not in self._hooked:
-                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
-                    self._hooked.add(id(p))
+                if p.requires_grad:
+                    hooked = self._hooks.get(id(p))
+                    if hooked is None or hooked[0]() is not p:  # an id can be reused once its tensor is gone
+                        self._hooks[id(p)] = (weakref.ref(p), p.register_post_accumulate_grad_hook(self._hook))
 
-    def _make_hook(self, group: dict) -> Callable[[torch.Tensor], None]:
-        # a weak reference: a hook must not keep its optimizer alive, nor update parameters for an
-        # optimizer that is gone (a model often outlives its optimizer: LP-FT, a second profile)
-        owner = weakref.ref(self)
+    def _locate(self, p: torch.Tensor) -> tuple[int, dict] | None:
+        """The index and dict of ``p``'s group now, or None when ``p`` is not in this optimizer. Read
+        when a hook runs, never captured: load_state_dict replaces the group dicts, and users replace
+        param_groups. The map is rebuilt when the groups' structure changes (O(groups) to compare)."""
+        key = tuple((id(g), id(g["params"]), len(g["params"])) for g in self.param_groups)
+        if self._located[0] != key:
+            self._located = (key, {id(q): (i, g) for i, g in enumerate(self.param_groups) for q in g["params"]})
+        return self._located[1].get(id(p))
 
-        def hook(p: torch.Tensor) -> None:
-            self = owner()
-            if self is None or group["frozen"] or p.grad is None:
-                return
-            index = next(i for i, g in enumerate(self.param_groups) if g is group)
-            with torch.no_grad():
-                plans = self._plan_group(index, group, [p])
-                self._before_updates(plans)
-                for plan in plans:
-                    self._update_group(plan)
-            p.grad = None  # freed now: this is where the memory goes
+    def _update_in_backward(self, p: torch.Tensor) -> None:
+        """One parameter's update, run by its hook as soon as its gradient is complete."""
+        located = self._locate(p)
+        if located is None or p.grad is None:
+            return  # not (or no longer) this optimizer's: a parameter removed from the groups
+        index, group = located
+        if group["frozen"]:
+            return
+        if id(p) in self._updated_in_backward:
+            i = next(i for i, q in enumerate(group["params"]) if q is p)
+            raise RuntimeError(
+                f"Invalid gradient accumulation with step_in_backward=True: group {index} param {i} (shape "
+                f"{tuple(p.shape)}) got a second gradient before optimizer.step(), and its first was already "
+                "applied and freed; call optimizer.step() after every backward pass, or use step_in_backward=False "
+                "to accumulate gradients"
+            )
+        with torch.no_grad():
+            plans = self._plan_group(index, group, [p])
+            self._before_updates(plans)
+            for plan in plans:
+                self._update_group(plan)
+        self._updated_in_backward.add(id(p))
+        p.grad = None  # freed now: this is where the memory goes
 
-        return hook
+    def _first_tick(self, group: dict) -> bool:
+        """Does ``group`` count a step now? Once per step(): at its first update since the last step()
+        (in backward, its first parameter's hook; else step() itself)."""
+        if id(group) in self._ticked:
+            return False
+        self._ticked.add(id(group))
+        return True
 
-    def _starts_round(self, group: dict, params: list[torch.Tensor]) -> bool:
-        """In step-in-backward mode: does updating ``params`` start a new step of ``group``?
-
-        A step of a group is one backward pass; it starts when a parameter of the group is updated
-        a second time (or for the first time ever).
-        """
-        seen = self._round_seen.setdefault(id(group), set())
-        ids = {id(p) for p in params}
-        new_round = not seen or bool(seen & ids)
-        if new_round:
-            seen.clear()
-        seen |= ids
-        return new_round
-
+    # -- pickling, copies and state dicts ---------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        # torch pickles only defaults, state and groups; the backend choice travels too
-        return {**super().__getstate__(), "backend": self.backend}
+        # torch pickles only defaults, state and groups; fused_ft's constructor choices travel too
+        return {**super().__getstate__(), "backend": self.backend, "step_in_backward": self.step_in_backward}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # called by unpickling (with "backend") and by load_state_dict (without: keep ours)
+        # called by unpickling and deepcopy (with "backend", and "step_in_backward" since fused_ft 0.1.1)
+        # and by load_state_dict (without: keep ours)
         state = dict(state)
+        restoring = "_hooks" not in self.__dict__  # a new object, not a load into this one
         self.backend = state.pop("backend", getattr(self, "backend", "auto"))
+        self.step_in_backward = state.pop("step_in_backward", getattr(self, "step_in_backward", False))
+        group_keys = list(state.get("defaults", getattr(self, "defaults", {})))  # before torch adds its own
         super().__setstate__(state)
-        self._checked_groups = {}  # load_state_dict brings new groups: check them at the next step
-        # State dicts from torch.optim/timm lack fused_ft's own keys (frozen, ...): use the defaults.
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+        if restoring:
+            self._init_runtime()
+        self._checked_groups = {}  # new groups: check them at the next step
+        _checkpoint.upgrade(self, group_keys)
+        if self.step_in_backward:
+            self._ensure_hooks()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch casts every loaded state tensor to its parameter's dtype: kahan's int16 compensations
-        # would become bf16 numbers, so they are set aside and put back as they were
-        compensations = {k: s[COMPENSATION_KEY] for k, s in state_dict.get("state", {}).items()
-                         if isinstance(s, dict) and COMPENSATION_KEY in s}
-        super().load_state_dict(state_dict)
-        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
-        by_id = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"])))
-        for k, comp in compensations.items():
-            self.state[by_id[k]][COMPENSATION_KEY] = comp.to(device=by_id[k].device, copy=True)
-        # fused_ft keeps low-precision params' state in fp32.
-        for p, p_state in self.state.items():
-            if p.dtype in LOW_PRECISION:
-                for key, value in p_state.items():
-                    if torch.is_tensor(value) and value.is_floating_point() and key != "step":
-                        p_state[key] = value.float()
+        """Load state as torch.optim does, keeping fp32 state of bf16/fp16 parameters and kahan's
+        compensations exact; refuse a state dict of other parameters (``ValueError``) before any change.
+
+        The state dict may come from this class, torch.optim's or timm.optim's matching class, in any
+        format those still load. See the class docstring for the whole contract.
+        """
+        kept: list = []
+
+        def set_aside(optimizer, loaded):  # after the user's pre-hooks: they may rewrite the dict
+            _checkpoint.check_loadable(self, loaded)
+            loaded, exact = _checkpoint.set_aside_exact_state(self, loaded)
+            kept.extend(exact)
+            return loaded
+
+        def put_back(optimizer):  # before the user's post-hooks: they see the final state
+            _checkpoint.put_back_exact_state(self, kept)
+
+        pre = self.register_load_state_dict_pre_hook(set_aside)
+        post = self.register_load_state_dict_post_hook(put_back, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
 
     # -- step -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -351,6 +420,8 @@ class FusedOptimizer(Optimizer):
         self._before_updates(plans)
         for plan in plans:
             self._update_group(plan)
+        self._updated_in_backward.clear()
+        self._ticked.clear()
         return loss
 
     def _plan_group(self, index: int, group: dict, params: list[torch.Tensor] | None = None) -> list[GroupPlan]:
@@ -382,8 +453,17 @@ class FusedOptimizer(Optimizer):
                     f"({_dispatch.available_backends(device)} available); pass fused=None to accept the reference "
                     "backend"
                 )
-            plans.append(GroupPlan(group, params, grads, name, update, dtypes))
+            slots = self._state_slots(group)
+            if group["bf16_update"] == "kahan" and torch.bfloat16 in dtypes:
+                slots = (*slots, _state.COMPENSATION)
+            state = _state.gather(self.state, params, slots)
+            _state.check_columns(index, group, params, state, slots)
+            plans.append(GroupPlan(group, params, grads, name, update, dtypes, state))
         return plans
+
+    def _state_slots(self, group: Mapping[str, Any]) -> tuple[Slot, ...]:
+        """The per-parameter state a step of ``group`` reads (see fused_ft.optim._state)."""
+        return ()
 
     def _before_updates(self, plans: list[GroupPlan]) -> None:
         """Hook for work that spans groups (LAMB's global gradient clipping)."""
@@ -394,7 +474,7 @@ class FusedOptimizer(Optimizer):
     def _rounding(self, plan: GroupPlan) -> Rounding | None:
         """How this update stores the plan's bf16 parameters (None: to nearest). Called by each
         ``_update_group`` after it created its own state: it advances the group's random stream
-        (``bf16_step``, one per update call) or creates kahan's compensation buffers."""
+        (``bf16_step``, one per update call) or creates the kahan compensations the plan lacks."""
         group = plan.group
         mode = group["bf16_update"]
         if mode == "nearest" or torch.bfloat16 not in plan.dtypes:
@@ -405,14 +485,25 @@ class FusedOptimizer(Optimizer):
             shard = _dtensor.shard_index(plan.params) if _dtensor.any_dtensor(plan.params) else 0
             return Rounding(mode, key=stream_key(group["bf16_seed"], counter, shard))
         compensations = []
-        for p, g in zip(plan.params, plan.grads):
+        for p, g, comp in zip(plan.params, plan.grads, plan.state[COMPENSATION_KEY]):
             if p.dtype != torch.bfloat16:
                 compensations.append(_dtensor.local(g))  # a stand-in of the right size, never touched
                 continue
-            state = self.state[p]
-            comp = state.get(COMPENSATION_KEY)
             if comp is None:
-                comp = state[COMPENSATION_KEY] = torch.zeros_like(p, dtype=torch.int16,
-                                                                  memory_format=torch.preserve_format)
+                comp = self.state[p][COMPENSATION_KEY] = torch.zeros_like(p, dtype=torch.int16,
+                                                                          memory_format=torch.preserve_format)
             compensations.append(_dtensor.local(comp))
         return Rounding(mode, compensations=compensations)
+
+
+def _make_hook(owner: weakref.ref) -> Callable[[torch.Tensor], None]:
+    """The post-accumulate-grad hook of one optimizer's parameters. It holds a weak reference: a hook
+    must not keep its optimizer alive, nor update parameters for an optimizer that is gone (a model
+    often outlives its optimizer: LP-FT, a second profile)."""
+
+    def hook(p: torch.Tensor) -> None:
+        optimizer = owner()
+        if optimizer is not None:
+            optimizer._update_in_backward(p)
+
+    return hook

@@ -6,20 +6,28 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from fused_ft.optim._state import Slot
+
+
+# torch.optim.SGD's state: one buffer, started at a parameter's first gradient (also when momentum is
+# turned on mid-run), so it is created on its own
+MOMENTUM_SLOTS = (Slot("momentum_buffer", together=False),)
+
+
+def momentum_state(group: Mapping[str, Any]) -> tuple[Slot, ...]:
+    return MOMENTUM_SLOTS if group["momentum"] != 0 else ()
+
 
 def with_momentum_buffers(
-    state: dict, params: list[torch.Tensor], momentum: float, update: Callable[[list], None]
+    state: dict, params: list[torch.Tensor], columns: Mapping[str, list], update: Callable[[list], None]
 ) -> None:
-    """Run ``update(buffers)`` with each parameter's ``momentum_buffer`` (None where it has none yet;
-    an empty list without momentum), then store the buffers the update created.
+    """Run ``update(buffers)`` with each parameter's ``momentum_buffer`` as the plan gathered them (None
+    where it has none yet; an empty list without momentum), then store the buffers the update created.
 
     Only new buffers are written back: a ViT-L/14 list has 297 parameters, and a second state
     lookup for each was a tenth of the step's host work.
     """
-    if momentum == 0:
-        update([])
-        return
-    buffers = [state[p].get("momentum_buffer") for p in params]
+    buffers = columns.get("momentum_buffer", [])
     new = [i for i, b in enumerate(buffers) if b is None]
     update(buffers)
     for i in new:

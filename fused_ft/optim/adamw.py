@@ -16,8 +16,14 @@ from fused_ft import _precision
 from fused_ft._precision import new_state
 from fused_ft.kernels import reference
 from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
+from fused_ft.optim._state import Slot
 
 __all__ = ["AdamW", "adamw"]
+
+
+# a parameter's step and moments are created together; amsgrad's maximum alone, when amsgrad is turned on
+_MOMENTS = (Slot("step", kind="step"), Slot("exp_avg"), Slot("exp_avg_sq"))
+_WITH_MAX = (*_MOMENTS, Slot("max_exp_avg_sq", together=False))
 
 
 class AdamW(FusedOptimizer):
@@ -55,6 +61,7 @@ class AdamW(FusedOptimizer):
     """
 
     _NAME = "adamw"
+    _ELEMENT_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _RULES = {"lr": LR, "betas": BETAS, "eps": NONNEG, "weight_decay": NONNEG, "amsgrad": BOOL, "maximize": BOOL}
 
     def __init__(
@@ -86,23 +93,23 @@ class AdamW(FusedOptimizer):
         super().__init__(params, defaults, backend=backend, step_in_backward=step_in_backward,
                          bf16_update=bf16_update, bf16_seed=bf16_seed)
 
+    def _state_slots(self, group) -> tuple[Slot, ...]:
+        return _WITH_MAX if group["amsgrad"] else _MOMENTS
+
     def _update_group(self, plan: GroupPlan) -> None:
         group = plan.group
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
-        for p in plan.params:
-            state = self.state[p]
-            if not state:
-                # step lives on the CPU as in torch.optim (no device sync to read it)
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = new_state(p)
-                state["exp_avg_sq"] = new_state(p)
-                if group["amsgrad"]:
-                    state["max_exp_avg_sq"] = new_state(p)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            if group["amsgrad"]:
-                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            steps.append(state["step"])
+        columns = plan.state
+        steps, exp_avgs, exp_avg_sqs = columns["step"], columns["exp_avg"], columns["exp_avg_sq"]
+        max_exp_avg_sqs = columns.get("max_exp_avg_sq", [])
+        for j in [j for j, m in enumerate(exp_avgs) if m is None]:  # new parameters (the plan checked the three)
+            p, state = plan.params[j], self.state[plan.params[j]]
+            # step lives on the CPU as in torch.optim (no device sync to read it)
+            state["step"] = steps[j] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = exp_avgs[j] = new_state(p)
+            state["exp_avg_sq"] = exp_avg_sqs[j] = new_state(p)
+        # amsgrad turned on mid-run (or a new parameter): the running maximum starts at the next v
+        for j in [j for j, m in enumerate(max_exp_avg_sqs) if m is None]:
+            self.state[plan.params[j]]["max_exp_avg_sq"] = max_exp_avg_sqs[j] = new_state(plan.params[j])
         beta1, beta2 = group["betas"]
         adamw(
             plan.params, plan.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, update=plan.update,

@@ -17,6 +17,7 @@ from fused_ft import _dtensor
 from fused_ft._precision import new_state
 from fused_ft.kernels import reference
 from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
+from fused_ft.optim._state import Slot
 
 __all__ = ["LAMB", "lamb"]
 
@@ -32,6 +33,9 @@ def _check_corrected_decay(group) -> None:
         raise ValueError(
             f"Invalid corrected_weight_decay=True with lr={group['lr']} (needs the peak lr > 0, used as max lr)"
         )
+
+
+_MOMENTS = (Slot("exp_avg"), Slot("exp_avg_sq"))  # created together: a parameter has both or neither
 
 
 class LAMB(FusedOptimizer):
@@ -77,6 +81,7 @@ class LAMB(FusedOptimizer):
 
     _NAME = "lamb"
     _WHOLE_TENSOR_NORMS = True
+    _ELEMENT_STATE = ("exp_avg", "exp_avg_sq")
     _RULES = {
         "lr": LR, "bias_correction": BOOL, "betas": BETAS, "eps": NONNEG, "weight_decay": NONNEG,
         "grad_averaging": BOOL, "max_grad_norm": Rule(kind="optional_number", low=0.0), "trust_clip": BOOL,
@@ -126,6 +131,9 @@ class LAMB(FusedOptimizer):
                 "clipping needs every gradient before the first update); pass max_grad_norm=None"
             )
 
+    def _state_slots(self, group) -> tuple[Slot, ...]:
+        return _MOMENTS
+
     def _before_updates(self, plans: list[GroupPlan]) -> None:
         # timm reads max_grad_norm from the defaults and clips over all groups together; each backend
         # computes the clip in its own form (the reference: a divisor tensor; triton: partial sums on the device)
@@ -138,10 +146,10 @@ class LAMB(FusedOptimizer):
         for plan in plans:
             plan.clip = clips[plan.backend]
         # every non-frozen group ticks once per step, with or without gradients, as in timm; in
-        # step-in-backward mode once per backward pass, at its first updated parameter
+        # step-in-backward mode at its first updated parameter, or in step() if none was
         for plan in {id(plan.group): plan for plan in plans}.values():
             group = plan.group
-            if self.step_in_backward and not self._starts_round(group, plan.params):
+            if not self._first_tick(group):
                 continue
             if "step" not in group:
                 group["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -151,14 +159,11 @@ class LAMB(FusedOptimizer):
         group = plan.group
         if not plan.params:
             return
-        exp_avgs, exp_avg_sqs = [], []
-        for p in plan.params:
-            state = self.state[p]
-            if not state:
-                state["exp_avg"] = new_state(p)
-                state["exp_avg_sq"] = new_state(p)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+        exp_avgs, exp_avg_sqs = plan.state["exp_avg"], plan.state["exp_avg_sq"]
+        for j in [j for j, m in enumerate(exp_avgs) if m is None]:  # new parameters (the plan checked the pair)
+            state = self.state[plan.params[j]]
+            state["exp_avg"] = exp_avgs[j] = new_state(plan.params[j])
+            state["exp_avg_sq"] = exp_avg_sqs[j] = new_state(plan.params[j])
         beta1, beta2 = group["betas"]
         step = group["step"].item()
         bias_correction1, bias_correction2 = (

@@ -14,7 +14,7 @@ from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG
 from fused_ft import _precision
 from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
 from fused_ft.kernels import reference
-from fused_ft.optim._momentum import check_nesterov, with_momentum_buffers
+from fused_ft.optim._momentum import check_nesterov, momentum_state, with_momentum_buffers
 
 __all__ = ["LARS", "lars"]
 
@@ -62,6 +62,10 @@ class LARS(FusedOptimizer):
         "trust_coeff": NONNEG, "eps": NONNEG, "trust_clip": BOOL, "always_adapt": BOOL,
     }
     _CROSS_CHECKS = (check_nesterov,)
+    _ELEMENT_STATE = ("momentum_buffer",)
+
+    def _state_slots(self, group):
+        return momentum_state(group)
 
     def __init__(
         self,
@@ -93,7 +97,7 @@ class LARS(FusedOptimizer):
         group = plan.group
         hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coeff",
                                        "eps", "trust_clip", "always_adapt")}
-        with_momentum_buffers(self.state, plan.params, group["momentum"],
+        with_momentum_buffers(self.state, plan.params, plan.state,
                               lambda buffers: lars(plan.params, plan.grads, buffers, update=plan.update,
                                                    rounding=self._rounding(plan), **hyper))
 
