@@ -353,12 +353,12 @@ class FusedOptimizer(Optimizer):
         restoring = "_hooks" not in self.__dict__  # a new object, not a load into this one
         self.backend = state.pop("backend", getattr(self, "backend", "auto"))
         self.step_in_backward = state.pop("step_in_backward", getattr(self, "step_in_backward", False))
-        group_keys = list(state.get("defaults", getattr(self, "defaults", {})))  # before torch adds its own
         super().__setstate__(state)
+        _checkpoint.drop_torch_default(self)
         if restoring:
             self._init_runtime()
         self._checked_groups = {}  # new groups: check them at the next step
-        _checkpoint.upgrade(self, group_keys)
+        _checkpoint.upgrade(self)
         if self.step_in_backward:
             self._ensure_hooks()
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 import functools
 import inspect
 from itertools import chain
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from fused_ft._precision import COMPENSATION_KEY, LOW_PRECISION
 
-__all__ = ["check_loadable", "set_aside_exact_state", "put_back_exact_state", "upgrade"]
+__all__ = ["check_loadable", "set_aside_exact_state", "put_back_exact_state", "drop_torch_default", "upgrade"]
 
 _PHRASE_GROUPS = "loaded state dict has a different number of parameter groups"  # torch's words, kept in ours
 _PHRASE_SIZES = "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
@@ -127,18 +127,24 @@ def _signature_defaults(cls: type) -> dict[str, Any]:
 _OWN_KEYS = frozenset({"frozen", "bf16_update", "bf16_seed"})
 
 
-def upgrade(optimizer, group_keys: Iterable[str]) -> None:
-    """After ``__setstate__`` (a load or an unpickling): step counts as tensors, and every key in
-    ``group_keys`` (the optimizer's defaults before torch's ``__setstate__`` added ``differentiable``,
-    which torch and timm do not put in the groups of classes without it) present in every group.
-    Missing keys take the class's signature default, as torch.optim's and timm's ``__setstate__`` do,
-    or this optimizer's default where the signature has none (fused_ft's own keys, ``max_lr_snapshot``)."""
+def drop_torch_default(optimizer) -> None:
+    """Undo what torch's ``Optimizer.__setstate__`` adds to the defaults of a class that has no
+    ``differentiable`` argument (LARS, LAMB): groups added after a load or a copy would carry the key
+    and the state dict would differ from the original's (timm's LARS and LAMB have this quirk)."""
+    if "differentiable" not in _signature_defaults(type(optimizer)):
+        optimizer.defaults.pop("differentiable", None)
+
+
+def upgrade(optimizer) -> None:
+    """After ``__setstate__`` (a load or an unpickling): step counts as tensors, and every key of the
+    optimizer's defaults present in every group. Missing keys take the class's signature default, as
+    torch.optim's and timm's ``__setstate__`` do, or this optimizer's default where the signature has
+    none or the key is fused_ft's own (``frozen``, ``bf16_*``, ``max_lr_snapshot``)."""
     signature = _signature_defaults(type(optimizer))
     for group in optimizer.param_groups:
-        for key in group_keys:
+        for key, value in optimizer.defaults.items():
             if key not in group:
-                own = key in _OWN_KEYS or key not in signature
-                group[key] = optimizer.defaults[key] if own else signature[key]
+                group[key] = value if key in _OWN_KEYS or key not in signature else signature[key]
         if "step" in group:
             group["step"] = _as_step_tensor(group["step"])
         for p in group["params"]:
