@@ -334,21 +334,27 @@ def test_a_torch_checkpoint_of_bf16_parameters_widens_exactly_and_continues(name
 
 @pytest.mark.parametrize("change", ["load_state_dict", "add_param_group", "replaced param_groups", "deepcopy"])
 def test_step_in_backward_survives_what_replaces_groups(change):
-    """Was: StopIteration from the hook after load_state_dict, and p not updated (the hooks held old groups)."""
+    """Was: StopIteration from the hook after load_state_dict, and p not updated (the hooks held old groups).
+    Each change also sets a new lr, which the next backward must use."""
     p, extra = _param(1.0, 2.0), _param(3.0)
     opt = fused_ft.SGD([p], lr=0.1, step_in_backward=True)
+    (p * p / 2).sum().backward()  # gradient p: p = 0.9 p
+    opt.step()
     if change == "load_state_dict":
-        opt.load_state_dict(opt.state_dict())
+        saved = opt.state_dict()
+        saved["param_groups"][0]["lr"] = 0.5
+        opt.load_state_dict(saved)
     elif change == "add_param_group":
         opt.add_param_group({"params": [extra], "lr": 0.5})
+        opt.param_groups[0]["lr"] = 0.5
     elif change == "replaced param_groups":
-        opt.param_groups = [dict(opt.param_groups[0], lr=0.2)]
+        opt.param_groups = [dict(opt.param_groups[0], lr=0.5)]
     else:
         opt = copy.deepcopy(opt)
+        opt.param_groups[0]["lr"] = 0.5
         p = opt.param_groups[0]["params"][0]
-    (p * p / 2).sum().backward()  # gradient p
-    lr = opt.param_groups[0]["lr"]
-    assert torch.allclose(p, torch.tensor([1.0, 2.0]) * (1 - lr)) and p.grad is None
+    (p * p / 2).sum().backward()
+    assert torch.allclose(p, torch.tensor([1.0, 2.0]) * 0.9 * 0.5) and p.grad is None
     if change == "add_param_group":
         opt.step()
         (extra * extra / 2).sum().backward()
