@@ -34,7 +34,7 @@ def test_readme_python_snippets_run_and_print_what_the_readme_shows(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout.splitlines()
-    expected = ["0 1", "LaunchConfig(block=1024, num_warps=4) {'adamw_kernel': 1}",
+    expected = ["1.899999976158142", "0 1", "LaunchConfig(block=1024, num_warps=4) {'adamw_kernel': 1}",
                 "['patch_embed.proj.weight', 'patch_embed.proj.bias']"]
     for line in expected:
         assert line in readme and line in out, (line, out)
