@@ -347,8 +347,8 @@ class FusedOptimizer(Optimizer):
         return {**super().__getstate__(), "backend": self.backend, "step_in_backward": self.step_in_backward}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # called by unpickling and deepcopy (with "backend", and "step_in_backward" since fused_ft 0.1.1)
-        # and by load_state_dict (without: keep ours)
+        # called by unpickling and deepcopy (with "backend" and "step_in_backward"; a pickle from before
+        # step_in_backward travelled lacks it: False) and by load_state_dict (without either: keep ours)
         state = dict(state)
         restoring = "_hooks" not in self.__dict__  # a new object, not a load into this one
         self.backend = state.pop("backend", getattr(self, "backend", "auto"))
