@@ -1,7 +1,7 @@
 // Python bindings of fused_ft's CPU kernels (module fused_ft._C). Each update function updates one
 // param group's tensors in place; fused_ft/kernels/cpu.py adapts them to the backend signature.
-// flat_addresses, params_with_grads, increment_steps and state_mismatch are host-side helpers of a step
-// (csrc/tensor_tables.cpp).
+// flat_addresses, params_with_grads, increment_steps (csrc/tensor_tables.cpp) and gather_state
+// (csrc/state_tables.cpp) are host-side helpers of a step.
 #include <torch/extension.h>
 
 #include "multi_tensor.h"
@@ -21,9 +21,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>, bool> flat_addresses(
     const std::vector<std::vector<at::Tensor>>&, int64_t);
 std::tuple<Tensors, Tensors, int64_t, bool, std::vector<at::ScalarType>> params_with_grads(const Tensors&);
 std::vector<double> increment_steps(const Tensors&);
-std::tuple<int64_t, int64_t, int64_t> state_mismatch(const Tensors&,
-                                                     const std::vector<std::vector<std::optional<at::Tensor>>>&,
-                                                     const std::vector<int64_t>&, const std::vector<bool>&);
+std::tuple<std::vector<py::list>, std::tuple<int64_t, int64_t, int64_t>> gather_state(
+    const py::dict&, const py::list&, const std::vector<std::string>&, const std::vector<int64_t>&,
+    const std::vector<bool>&);
 }  // namespace fused_ft
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -55,7 +55,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "params that have grads, their grads, first sparse grad's index or -1, one device?, dtypes (step planning)");
   m.def("increment_steps", &fused_ft::increment_steps, py::arg("steps"),
         "add 1 to one-element CPU step counts and return them; [] (nothing changed) if any is not one");
-  m.def("state_mismatch", &fused_ft::state_mismatch, py::arg("params"), py::arg("columns"), py::arg("kinds"),
-        py::arg("together"), "first (slot, index, problem) where state does not fit its parameter, or (-1, -1, 0)");
+  m.def("gather_state", &fused_ft::gather_state, py::arg("state"), py::arg("params"), py::arg("keys"),
+        py::arg("kinds"), py::arg("together"),
+        "each parameter's state tensors by slot (None where absent), and the first (slot, index, problem)");
   m.def("vector_width", []() { return static_cast<int>(fused_ft::Vec::size()); }, "floats per SIMD vector");
 }

@@ -1,4 +1,4 @@
-// Host-side helpers of a step: the planning pass over a group's parameters and its state check, and the Triton launchers'
+// Host-side helpers of a step: the planning pass over a group's parameters, and the Triton launchers'
 // (fused_ft/kernels/triton_launch.py) address table and the columns that cannot be walked as flat
 // memory, each in one C++ pass. The same checks in
 // Python cost three calls per tensor (data_ptr, is_contiguous, numel: ~0.45 us each tensor), which
@@ -6,7 +6,6 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
-#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -112,52 +111,6 @@ std::vector<double> increment_steps(const std::vector<at::Tensor>& steps) {
     s.unsafeGetTensorImpl()->bump_version();  // an in-place change, as add_ would record it
   }
   return values;
-}
-
-}  // namespace fused_ft
-
-namespace fused_ft {
-
-// The plan phase's state check (fused_ft/optim/_state.py, check_columns), in one C++ pass: in Python
-// the shape, device and dtype reads cost ~0.6 us a tensor, half again a ViT-B/16 SGD step's host work.
-// columns[s][j]: state tensor s of parameter j, or None where it has none yet. kinds[s]: 0 a moment
-// (the parameter's shape, on its device, fp32 for bf16/fp16 parameters and the parameter's dtype
-// otherwise), 1 a kahan compensation (shape and device of the parameter, int16), 2 a step count (one
-// floating element). together[s]: slots created together, so a parameter holds all of them or none.
-// Returns (slot, index, problem), problem 0 none, 1 shape, 2 device, 3 dtype, 4 missing (slot s is
-// None at j while another `together` slot is not).
-std::tuple<int64_t, int64_t, int64_t> state_mismatch(
-    const std::vector<at::Tensor>& params, const std::vector<std::vector<std::optional<at::Tensor>>>& columns,
-    const std::vector<int64_t>& kinds, const std::vector<bool>& together) {
-  const int64_t n_slots = static_cast<int64_t>(columns.size());
-  for (int64_t j = 0; j < static_cast<int64_t>(params.size()); ++j) {
-    const at::Tensor& p = params[j];
-    int64_t present = -1, absent = -1;
-    for (int64_t s = 0; s < n_slots; ++s) {
-      const auto& entry = columns[s][j];
-      if (!entry.has_value() || !entry->defined()) {
-        if (together[s] && absent < 0) absent = s;
-        continue;
-      }
-      if (together[s] && present < 0) present = s;
-      const at::Tensor& t = *entry;
-      if (kinds[s] == 2) {
-        if (t.numel() != 1) return {s, j, 1};
-        if (!t.is_floating_point()) return {s, j, 3};
-        continue;
-      }
-      if (t.sizes() != p.sizes()) return {s, j, 1};
-      if (t.device() != p.device()) return {s, j, 2};
-      at::ScalarType expected = at::kShort;
-      if (kinds[s] == 0) {
-        const auto dtype = p.scalar_type();
-        expected = (dtype == at::kBFloat16 || dtype == at::kHalf) ? at::kFloat : dtype;
-      }
-      if (t.scalar_type() != expected) return {s, j, 3};
-    }
-    if (present >= 0 && absent >= 0) return {absent, j, 4};
-  }
-  return {-1, -1, 0};
 }
 
 }  // namespace fused_ft

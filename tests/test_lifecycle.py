@@ -453,8 +453,14 @@ def test_amsgrad_turned_on_mid_run_starts_its_running_maximum_at_the_next_step()
     (lambda s: s.update(exp_avg=s["exp_avg"].double()), r"state\['exp_avg'\] with dtype torch.float64, expected "
                                                          r"torch.float32.*load_state_dict\(optimizer.state_dict\(\)\)"),
     (lambda s: s.update(step=3), r"state\['step'\] = 3 \(must be a one-element floating tensor"),
+    (lambda s: s.update(exp_avg=[0.0, 0.0]), r"state\['exp_avg'\] = \[0.0, 0.0\] \(must be a tensor shaped like"),
 ])
-def test_state_problems_are_refused_before_any_update_naming_where_and_the_fix(damage, message):
+@pytest.mark.parametrize("path", ["C++", "Python"])
+def test_state_problems_are_refused_before_any_update_naming_where_and_the_fix(damage, message, path, monkeypatch):
+    from fused_ft.optim import _state
+
+    if path == "Python":  # the fallback where the extension is not built
+        monkeypatch.setattr(_state, "_C", None)
     opt, a, b = _two_adamw_groups()
     damage(opt.state[b])
     before = copy.deepcopy((a.detach().clone(), opt.state[a]))

@@ -456,8 +456,7 @@ class FusedOptimizer(Optimizer):
             slots = self._state_slots(group)
             if group["bf16_update"] == "kahan" and torch.bfloat16 in dtypes:
                 slots = (*slots, _state.COMPENSATION)
-            state = _state.gather(self.state, params, slots)
-            _state.check_columns(index, group, params, state, slots)
+            state = _state.gather(self.state, index, group, params, slots)
             plans.append(GroupPlan(group, params, grads, name, update, dtypes, state))
         return plans
 

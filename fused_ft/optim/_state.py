@@ -4,7 +4,8 @@ plan phase, so that a step that raises has changed nothing.
 Each optimizer names its state as ``Slot``s for a group's options (AdamW with amsgrad reads three
 moments and a step count). The plan phase gathers one column per slot (``None`` where a parameter has
 no such tensor yet) and checks every present tensor against its parameter: shape, device, dtype, and
-that slots created together are all there. The update phase then creates what is missing:
+that slots created together are all there (one C++ pass, ``csrc/state_tables.cpp``, where built).
+The update phase then creates what is missing:
 
 - a parameter without any state starts afresh, as torch.optim starts a new parameter;
 - a slot created on its own (``together=False``) is created when missing although its neighbours
@@ -24,9 +25,9 @@ import torch
 from fused_ft._native import _C
 from fused_ft._precision import COMPENSATION_KEY, LOW_PRECISION
 
-__all__ = ["Slot", "COMPENSATION", "gather", "check_columns"]
+__all__ = ["Slot", "COMPENSATION", "gather"]
 
-_PROBLEMS = {1: "shape", 2: "device", 3: "dtype", 4: "missing"}
+_PROBLEMS = {1: "shape", 2: "device", 3: "dtype"}
 _KINDS = {"moment": 0, "compensation": 1, "step": 2}
 
 
@@ -45,22 +46,27 @@ class Slot:
 COMPENSATION = Slot(COMPENSATION_KEY, kind="compensation", together=False)  # kahan's, for bf16 parameters
 
 
-def gather(state: dict, params: Sequence[torch.Tensor], slots: Sequence[Slot]) -> dict[str, list]:
-    """One list per slot key: each parameter's tensor, or None where it has none (nothing is created)."""
-    columns: dict[str, list] = {s.key: [] for s in slots}
+def gather(state: dict, group_index: int, group: dict, params: Sequence[torch.Tensor],
+           slots: Sequence[Slot]) -> dict[str, list]:
+    """One list per slot key: each parameter's tensor, or None where it has none (nothing is created),
+    after checking every present tensor against its parameter: a ``ValueError`` naming the group, the
+    parameter's index in it, its shape, the key and the fix, with nothing changed."""
     if not slots:
-        return columns
-    lists = [columns[s.key] for s in slots]
-    keys = [s.key for s in slots]
-    for p in params:
-        p_state = state.get(p)
-        if p_state is None:
-            for column in lists:
-                column.append(None)
-        else:
-            for key, column in zip(keys, lists):
-                column.append(p_state.get(key))
-    return columns
+        return {}
+    if _C is not None and isinstance(params, list):
+        lists, problem = _C.gather_state(state, params, [s.key for s in slots], [_KINDS[s.kind] for s in slots],
+                                         [s.together for s in slots])
+    else:
+        lists = [[] for _ in slots]
+        for p in params:
+            p_state = state.get(p)
+            for s, column in zip(slots, lists):
+                value = None if p_state is None else p_state.get(s.key)
+                column.append(value)
+        problem = _first_mismatch(params, lists, slots)
+    if problem[2]:
+        _refuse(group_index, group, params, lists, slots, *problem)
+    return {s.key: column for s, column in zip(slots, lists)}
 
 
 def _expected_dtype(slot: Slot, p: torch.Tensor) -> torch.dtype | None:
@@ -72,7 +78,7 @@ def _expected_dtype(slot: Slot, p: torch.Tensor) -> torch.dtype | None:
 
 
 def _first_mismatch(params, columns, slots) -> tuple[int, int, int]:
-    """Python twin of csrc/tensor_tables.cpp state_mismatch (used where the extension is not built)."""
+    """Python twin of csrc/state_tables.cpp's checks (used where the extension is not built)."""
     for j, p in enumerate(params):
         present = absent = -1
         for s, slot in enumerate(slots):
@@ -83,8 +89,10 @@ def _first_mismatch(params, columns, slots) -> tuple[int, int, int]:
                 continue
             if slot.together and present < 0:
                 present = s
+            if not isinstance(t, torch.Tensor):
+                return s, j, 5
             if slot.kind == "step":
-                if not isinstance(t, torch.Tensor) or t.numel() != 1:
+                if t.numel() != 1:
                     return s, j, 1
                 if not t.is_floating_point():
                     return s, j, 3
@@ -100,41 +108,28 @@ def _first_mismatch(params, columns, slots) -> tuple[int, int, int]:
     return -1, -1, 0
 
 
-def check_columns(
-    group_index: int, group: dict, params: Sequence[torch.Tensor], columns: dict[str, list], slots: Sequence[Slot]
-) -> None:
-    """Refuse state that a step could not use, naming the group, the parameter's index in it, its shape,
-    the key and the fix (``ValueError``). Changes nothing."""
-    if not slots or not params:
-        return
-    lists = [columns[s.key] for s in slots]
-    # a step count that is a plain number (an old format) is upgraded on load; set by hand, it is refused here
-    steps_ok = all(all(t is None or isinstance(t, torch.Tensor) for t in columns[s.key])
-                   for s in slots if s.kind == "step")
-    if _C is not None and steps_ok:
-        s, j, problem = _C.state_mismatch(list(params), lists, [_KINDS[x.kind] for x in slots],
-                                          [x.together for x in slots])
-    else:
-        s, j, problem = _first_mismatch(params, lists, slots)
-    if problem == 0:
-        return
+def _refuse(group_index: int, group: dict, params, lists, slots, s: int, j: int, problem: int) -> None:
     slot, p, t = slots[s], params[j], lists[s][j]
     index = next(i for i, q in enumerate(group["params"]) if q is p)
     where = f"group {group_index} param {index} (shape {tuple(p.shape)}, {p.dtype}, {p.device})"
     fix = (f"load a state dict saved from these parameters, or `del optimizer.state[param]` "
            f"(optimizer.param_groups[{group_index}]['params'][{index}]) to start its state afresh")
     if problem == 4:
-        present = [x.key for x in slots if x.together and lists[slots.index(x)][j] is not None]
+        present = [x.key for x, column in zip(slots, lists) if x.together and column[j] is not None]
         raise ValueError(f"Invalid state: {where} has {', '.join(map(repr, present))} but no {slot.key!r}; {fix}")
-    if slot.kind == "step":
-        what = f"{t!r}" if not isinstance(t, torch.Tensor) else f"a tensor of {t.numel()} elements, {t.dtype}"
+    if slot.kind == "step" and (problem == 5 or problem in (1, 3)):
+        what = f"{t!r}" if problem == 5 else f"a tensor of {t.numel()} elements, {t.dtype}"
         raise ValueError(f"Invalid state: {where} has state[{slot.key!r}] = {what} (must be a one-element "
                          f"floating tensor, e.g. torch.tensor(3.0)); {fix}")
-    found = {"shape": tuple(t.shape), "device": t.device, "dtype": t.dtype}[_PROBLEMS[problem]]
-    expected = {"shape": tuple(p.shape), "device": p.device, "dtype": _expected_dtype(slot, p)}[_PROBLEMS[problem]]
+    if problem == 5:
+        raise ValueError(f"Invalid state: {where} has state[{slot.key!r}] = {t!r} (must be a tensor shaped like "
+                         f"its parameter); {fix}")
+    what = _PROBLEMS[problem]
+    found = {"shape": tuple(t.shape), "device": t.device, "dtype": t.dtype}[what]
+    expected = {"shape": tuple(p.shape), "device": p.device, "dtype": _expected_dtype(slot, p)}[what]
     hint = ""
     if problem in (2, 3):
         hint = ("; after moving or casting the model, optimizer.load_state_dict(optimizer.state_dict()) "
                 "moves the state too")
-    raise ValueError(f"Invalid state: {where} has state[{slot.key!r}] with {_PROBLEMS[problem]} {found}, "
-                     f"expected {expected}; {fix}{hint}")
+    raise ValueError(f"Invalid state: {where} has state[{slot.key!r}] with {what} {found}, expected {expected}; "
+                     f"{fix}{hint}")
