@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Context", "world_size", "setup", "wrap", "full_state", "load_full_state"]
+__all__ = ["Context", "world_size", "setup", "wrap", "full_state", "load_full_state", "DistributedDrift",
+           "trainable_signature", "follow_trainable_set", "check_ranks_agree"]
 
 
 @dataclass
@@ -79,6 +80,54 @@ def wrap(model: nn.Module, ctx: Context) -> nn.Module:
         return fully_shard(model)
     device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def trainable_signature(model: nn.Module) -> tuple[bool, ...]:
+    """Which parameters take gradients now (``requires_grad``), in the module's order."""
+    return tuple(p.requires_grad for p in unwrap(model).parameters())
+
+
+def follow_trainable_set(model: nn.Module, ctx: Context, signature: tuple[bool, ...]) -> tuple[nn.Module, tuple]:
+    """``model`` wrapped for the parameters that train now: under DDP a new wrapper when the trainable set
+    changed since ``signature`` (gradual unfreezing, a user unfreezing layers), else ``model`` itself.
+
+    DDP registers gradient averaging only for the parameters that require a gradient when it is
+    built; one unfrozen later trains on its own rank's batch alone, and the ranks drift apart with no
+    error. Two ways out were measured (``python -m benchmarks.ddp_unfreeze``, benchmarks/RESULTS.md):
+    registering every parameter up front needs ``find_unused_parameters=True`` (an autograd graph
+    walk on every step, and all-reducing the frozen parameters' zero gradients): 21% slower steps on
+    2 gloo ranks; a new wrapper costs about half a step (one broadcast of the module) each time the
+    set changes, a few times per run. So: re-wrap.
+    FSDP2 (``fully_shard``) needs nothing: it reduce-scatters whichever gradients exist at each step.
+    """
+    now = trainable_signature(model)
+    if now == signature or not ctx.distributed or ctx.fsdp:
+        return model, now
+    return wrap(unwrap(model), ctx), now
+
+
+class DistributedDrift(RuntimeError):
+    """The ranks of a data-parallel run hold different parameters: its results would describe no model."""
+
+
+def check_ranks_agree(model: nn.Module, ctx: Context, when: str) -> None:
+    """Compare every parameter across the ranks of a DDP run (two float64 sums each, one all-gather) and
+    raise :class:`DistributedDrift` on every rank, naming the first parameter that differs. FSDP2 holds
+    each element on one rank only, so there is nothing to compare."""
+    if not ctx.distributed or ctx.fsdp:
+        return
+    named = list(unwrap(model).named_parameters())
+    sums = torch.stack([s for _, p in named for s in (p.detach().double().sum(), p.detach().double().square().sum())])
+    gathered = [torch.empty_like(sums) for _ in range(ctx.world)]
+    dist.all_gather(gathered, sums)
+    for rank, other in enumerate(gathered[1:], start=1):
+        differs = (other != gathered[0]).nonzero()
+        if len(differs):
+            name, p = named[int(differs[0]) // 2]
+            raise DistributedDrift(
+                f"ranks 0 and {rank} hold different values of {name} (shape {tuple(p.shape)}) {when}: the "
+                "data-parallel run diverged, so no results are written; please report this with the command line"
+            )
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -26,7 +26,8 @@ from torch.utils.data.distributed import DistributedSampler
 from fused_ft._precision import BF16_UPDATE, param_dtype_of
 from fused_ft._validation import LR, check_output_dir, check_positive_int
 from fused_ft.data import DataBundle, load_data
-from fused_ft.distributed import FSDP_NEEDS_TORCHRUN, Context, full_state, load_full_state, setup, world_size, wrap
+from fused_ft.distributed import (FSDP_NEEDS_TORCHRUN, Context, check_ranks_agree, follow_trainable_set, full_state,
+                                  load_full_state, setup, trainable_signature, unwrap, world_size, wrap)
 from fused_ft.methods import create_optimizer, method as get_method
 from fused_ft.models import check_input_size
 from fused_ft.unfreeze import GradualUnfreeze
@@ -238,6 +239,7 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
                                                 bf16_update=config.bf16_update)
     optimizer = make_optimizer(model)  # freezes first: DDP must only see trainable parameters
     model = wrap(model, ctx)
+    trainable = trainable_signature(model)
     if ctx.fsdp:
         optimizer = make_optimizer(model)  # fully_shard replaced the parameters with DTensors
     progress = config.progress and ctx.main
@@ -278,17 +280,21 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
         losses = []
         epoch_lr = optimizer.param_groups[-1]["lr"]  # the LR the epoch starts with (gradual unfreezing: all of it)
         for batch in tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False):
+            model, trainable = follow_trainable_set(model, ctx, trainable)  # gradual unfreezing changes it
             x, y = batch[0].to(device, dtype), batch[1].to(device)
             with _autocast(device):
                 loss = nn.functional.cross_entropy(model(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if not losses and epoch == state["epoch"]:
+                warn_missing_gradients(model, optimizer)
             optimizer.step()
             if not gradual:
                 scheduler.step()
             losses.append(loss.item())
         if gradual:
             scheduler.step()
+        check_ranks_agree(model, ctx, f"after epoch {epoch + 1}")  # before anything is written from rank 0
         val = evaluate(model, data.id_val, config.batch_size, device, config.num_workers, ctx)
         model_sd, optim_sd = full_state(model, optimizer, ctx)
         if val > state["best_val"]:
@@ -324,6 +330,24 @@ def finetune(config: FinetuneConfig, data: DataBundle | None = None) -> dict[str
         (out / "results.json").write_text(json.dumps({**results, "settings": _settings(config)}, indent=2))
     ctx.barrier()
     return results
+
+
+def warn_missing_gradients(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Warn (once per run: called after the first backward) when parameters that should train got no
+    gradient: they would silently keep their pretrained values."""
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    should = [p for g in optimizer.param_groups if not g.get("frozen") for p in g["params"] if p.requires_grad]
+    missing = [p for p in should if p.grad is None]
+    if missing:
+        import warnings
+
+        warnings.warn(
+            f"{len(missing)} of {len(should)} parameters that should train got no gradient in the first step "
+            f"(first: {names.get(id(missing[0]), '?')}); they will not change. Likely cause: reentrant gradient "
+            "checkpointing under a frozen stem (its blocks see inputs without requires_grad: use "
+            "use_reentrant=False), or layers the forward pass does not use",
+            UserWarning, stacklevel=2,
+        )
 
 
 def _append(path: Path, record: dict) -> None:

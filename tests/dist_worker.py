@@ -171,3 +171,56 @@ def checkpoint_load(rank: int, world: int, port: int, name: str, directory: str,
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     train(model, optimizer, 5, rank, world, start=5)
     _save_params(model, rank, out)
+
+
+def _init_as_torchrun(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives each process: fused_ft.finetune joins the group from it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def harness(rank: int, world: int, port: int, runs: dict, data: str, out: str) -> None:
+    """fused_ft.finetune runs under torch.distributed; each rank saves every run's parameters as it holds
+    them at the last epoch's end (DDP: its own replica; FSDP2: gathered), read where the harness checks
+    the ranks, before that check can refuse the run."""
+    from fused_ft import finetune as F
+    from fused_ft.distributed import unwrap
+
+    _init_as_torchrun(rank, world, port)
+    finals, current = {}, [None]
+    check = F.check_ranks_agree
+
+    def recording(model, ctx, when):
+        finals[current[0]] = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                              for n, p in unwrap(model).named_parameters()}
+        check(model, ctx, when)
+
+    F.check_ranks_agree = recording
+    for name, settings in runs.items():
+        current[0] = name
+        F.finetune(F.FinetuneConfig(model="vit_tiny_patch16_224", data=data, lr=0.01, epochs=3, batch_size=8,
+                                    image_size=32, out=f"{out}/{name}", progress=False, **settings))
+    torch.save(finals, f"{out}/rank{rank}.pt")
+    _leave()
+
+
+def drift(rank: int, world: int, port: int, out: str) -> None:
+    """check_ranks_agree on replicas that differ in one parameter on rank 1: what each rank raises."""
+    from fused_ft.distributed import Context, DistributedDrift, check_ranks_agree
+
+    _init(rank, world, port)
+    model = Net()
+    if rank == 1:
+        with torch.no_grad():
+            model.body[2].bias[3] += 1e-6
+    try:
+        check_ranks_agree(model, Context(rank, world), "after epoch 2")
+        message = None
+    except DistributedDrift as exc:
+        message = str(exc)
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    if rank == 0:
+        torch.save(messages, out)
+    _leave()

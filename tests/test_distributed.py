@@ -86,3 +86,44 @@ def test_finetune_under_torchrun(image_folder, tmp_path, fsdp):
     data = load_data(f"imagefolder:{image_folder}", image_size=32)
     assert result["id_test"] == evaluate(model, data.id_test, 8, torch.device("cpu"))
     assert result["ood_test_b"] == evaluate(model, data.ood_tests["ood_test_b"], 8, torch.device("cpu"))
+
+
+# Runs whose trainable set changes (gradual unfreezing) or is set by a stage (LP-FT's second), under DDP and
+# FSDP2: the ranks must end equal, and the layers unfrozen mid-run must have trained.
+HARNESS_RUNS = {
+    "gradual-ddp": dict(method="gradual-unfreeze"),
+    "gradual-fsdp": dict(method="gradual-unfreeze", fsdp=True),
+    "lpft-ddp": dict(method="sgd-freeze-embed", after_linear_probe=True),
+}
+
+
+def test_harness_ranks_stay_equal_when_the_trainable_set_changes(image_folder, tmp_path):
+    """Was: gradual-unfreeze under DDP ended with 30 parameter tensors different on rank 0 and rank 1
+    (DDP averages only what required a gradient when it was built) and nothing in the output showed it."""
+    from fused_ft.models import create_model
+
+    mp.spawn(W.harness, args=(2, _port(), HARNESS_RUNS, f"imagefolder:{image_folder}", str(tmp_path)), nprocs=2,
+             join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name in HARNESS_RUNS:
+        for key, value in ranks[0][name].items():
+            assert torch.equal(value, ranks[1][name][key]), f"{name}: {key} differs between the ranks"
+    torch.manual_seed(0)  # finetune's seed rule: the model is built right after seeding with config.seed
+    initial = dict(create_model("vit_tiny_patch16_224", 2, image_size=32).named_parameters())
+    gradual_ddp, gradual_fsdp = ranks[0]["gradual-ddp"], ranks[0]["gradual-fsdp"]
+    # cls_token: frozen until the last epoch, blocks.5: until the second. (Randomly initialised at 32 px, the
+    # lower layers get gradients of ~1e-13, so they move by that much: exactly unequal, but far below any tolerance.)
+    for key in ("cls_token", "blocks.5.attn.qkv.weight"):
+        assert not torch.equal(gradual_ddp[key], initial[key]), f"{key} never trained under DDP"
+        assert not torch.equal(gradual_fsdp[key], initial[key]), f"{key} never trained under FSDP2"
+    for key, value in gradual_ddp.items():  # the same data order and averaged gradients: the same run
+        torch.testing.assert_close(gradual_fsdp[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert torch.equal(ranks[0]["lpft-ddp"]["patch_embed.proj.weight"], initial["patch_embed.proj.weight"])
+
+
+def test_ranks_that_disagree_are_refused_on_every_rank_naming_the_parameter(tmp_path):
+    out = tmp_path / "messages.pt"
+    mp.spawn(W.drift, args=(2, _port(), str(out)), nprocs=2, join=True)
+    messages = torch.load(out)
+    assert messages[0] == messages[1]
+    assert messages[0].startswith("ranks 0 and 1 hold different values of body.2.bias (shape (30,)) after epoch 2")

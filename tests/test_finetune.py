@@ -206,3 +206,37 @@ def test_the_sweep_finding_says_what_the_intervals_and_grids_show():
     assert "the best lr of adamw sits at its grid's edge" in tied
     clear = sweep.finding([row("sgd", 30.0, 1.0), row("adamw", 25.0, 1.0)])
     assert "clear of every other method's 90% interval" in clear and "lies inside its grid" in clear
+
+
+def test_parameters_that_should_train_but_got_no_gradient_are_named_once():
+    """Reentrant gradient checkpointing under a frozen stem: the checkpointed blocks see inputs without
+    requires_grad, so their weights get no gradient and would keep their pretrained values silently."""
+    import warnings
+
+    import fused_ft
+    from fused_ft.finetune import warn_missing_gradients
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.block, self.head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.block, self.stem(x), use_reentrant=True))
+
+    net = Net()
+    net.stem.requires_grad_(False)
+    optimizer = fused_ft.SGD([{"params": [*net.block.parameters(), *net.head.parameters()]},
+                              {"params": list(net.stem.parameters()), "frozen": True}], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own note about inputs without requires_grad
+        net(torch.randn(3, 4)).sum().backward()
+    with pytest.warns(UserWarning, match=r"2 of 4 parameters that should train got no gradient in the first step "
+                                         r"\(first: block.weight\).*reentrant gradient checkpointing"):
+        warn_missing_gradients(net, optimizer)
+    net.zero_grad()
+    net.head(net.block(net.stem(torch.randn(3, 4)))).sum().backward()  # without checkpointing: all train
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_missing_gradients(net, optimizer)
