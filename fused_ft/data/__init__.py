@@ -64,7 +64,19 @@ def load_data(spec: str, image_size: int = 224) -> DataBundle:
     if kind not in loaders:
         kinds = ", ".join(list(loaders)[1:])
         raise DataError(f"Invalid data: {spec!r} (kinds: shift-lab, imagefolder:DIR, {kinds}:DIR)")
-    return loaders[kind](kind, Path(rest), image_size)
+    bundle = loaders[kind](kind, Path(rest), image_size)
+    _check_not_empty(bundle)
+    return bundle
+
+
+def _check_not_empty(bundle: DataBundle) -> None:
+    """A split with no images would fail later, inside the LR schedule or the data loader: refuse it now,
+    naming the split and what defined it (``info["sources"]``: split -> file or folder)."""
+    splits = {"train": bundle.train, "id_val": bundle.id_val, "id_test": bundle.id_test, **bundle.ood_tests}
+    for name, split in splits.items():
+        if len(split) == 0:
+            source = bundle.info.get("sources", {}).get(name, bundle.name)
+            raise DataError(f"Invalid data {bundle.name}: the {name} split has no images (defined by {source})")
 
 
 def _shift_lab(variant: str) -> DataBundle:
@@ -99,7 +111,9 @@ def _imagefolder(kind: str, root: Path, image_size: int) -> DataBundle:
             raise DataError(f"Invalid data {kind}:{root}: {s} has classes {ds.classes}, train has {train.classes}; "
                             f"expected {IMAGEFOLDER_LAYOUT}")
     return DataBundle(f"{kind}:{root}", len(train.classes), train, splits["id_val"], splits["id_test"],
-                      {s: splits[s] for s in oods}, image_size, {"classes": train.classes})
+                      {s: splits[s] for s in oods}, image_size,
+                      {"classes": train.classes,
+                       "sources": {s: root / s for s in ["train", "id_val", "id_test", *oods]}})
 
 
 def _check_images(kind: str, root: Path, paths: list[Path]) -> None:
@@ -138,28 +152,33 @@ WATERBIRDS_LAYOUT = ("DIR/metadata.csv with columns img_filename,y,split,place (
 
 
 def _waterbirds(kind: str, root: Path, image_size: int) -> DataBundle:
-    import csv
-
+    from fused_ft.data import tables
     from fused_ft.data.transforms import paper_transforms
 
     meta = root / "metadata.csv"
     if not meta.is_file():
         raise DataError(f"Invalid data waterbirds:{root}: no metadata.csv; expected {WATERBIRDS_LAYOUT}")
-    with meta.open() as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"img_filename", "y", "split", "place"} <= set(rows[0]):
-        raise DataError(f"Invalid data waterbirds:{root}: metadata.csv lacks columns; expected {WATERBIRDS_LAYOUT}")
+    rows = []  # (image, y, split, place)
+    for line, r in tables.read_csv(meta, ("img_filename", "y", "split", "place"), WATERBIRDS_LAYOUT):
+        values = {c: tables.integer(r[c], meta, line, c, WATERBIRDS_LAYOUT) for c in ("y", "split", "place")}
+        for column, allowed in (("y", (0, 1)), ("place", (0, 1)), ("split", (0, 1, 2))):
+            if values[column] not in allowed:
+                raise DataError(f"Invalid data file {meta}: line {line}, column {column}: {r[column]!r} is not one "
+                                f"of {', '.join(map(str, allowed))}; expected {WATERBIRDS_LAYOUT}")
+        rows.append((root / r["img_filename"], values["y"], values["split"], values["place"]))
     train_tf, test_tf = paper_transforms("waterbirds", image_size)
 
-    def items(split: str, group=None):
-        return [(root / r["img_filename"], int(r["y"])) for r in rows
-                if r["split"] == split and (group is None or group(r))]
+    def items(split: int, group=None):
+        return [(path, y) for path, y, s, place in rows if s == split and (group is None or group(y, place))]
 
-    majority = lambda r: r["y"] == r["place"]  # noqa: E731 - landbirds on land, waterbirds on water
+    majority = lambda y, place: y == place  # noqa: E731 - landbirds on land, waterbirds on water
+    sources = {name: f"{meta} (split {split}{detail})" for name, split, detail in
+               (("train", 0, ""), ("id_val", 1, ""), ("id_test", 2, ", y == place"), ("ood_test", 2, ", y != place"))}
     return DataBundle(
-        f"waterbirds:{root}", 2, _ListDataset(items("0"), train_tf), _ListDataset(items("1"), test_tf),
-        _ListDataset(items("2", majority), test_tf),
-        {"ood_test": _ListDataset(items("2", lambda r: not majority(r)), test_tf)}, image_size)
+        f"waterbirds:{root}", 2, _ListDataset(items(0), train_tf), _ListDataset(items(1), test_tf),
+        _ListDataset(items(2, majority), test_tf),
+        {"ood_test": _ListDataset(items(2, lambda y, place: not majority(y, place)), test_tf)}, image_size,
+        {"sources": sources})
 
 
 DOMAINNET_LAYOUT = "DIR/{sketch,real}_{train,test}.txt with lines '<relative path> <label>' (Tan et al. 2020)"
@@ -168,17 +187,18 @@ DOMAINNET_LAYOUT = "DIR/{sketch,real}_{train,test}.txt with lines '<relative pat
 def _domainnet(kind: str, root: Path, image_size: int) -> DataBundle:
     from fused_ft.data.transforms import paper_transforms
 
+    from fused_ft.data import tables
+
     def read(name: str) -> list[tuple[Path, int]]:
         path = root / f"{name}.txt"
         if not path.is_file():
             raise DataError(f"Invalid data domainnet:{root}: no {path.name}; expected {DOMAINNET_LAYOUT}")
         out = []
-        for line in path.read_text().splitlines():
-            parts = line.split()
-            if len(parts) != 2 or not parts[1].isdigit():
-                raise DataError(f"Invalid data domainnet:{root}: bad line {line!r} in {path.name}; "
+        for line, relative, label in tables.read_list(path, DOMAINNET_LAYOUT):
+            if label < 0:
+                raise DataError(f"Invalid data file {path}: line {line}, column label: {label} is negative; "
                                 f"expected {DOMAINNET_LAYOUT}")
-            out.append((root / parts[0], int(parts[1])))
+            out.append((root / relative, label))
         return out
 
     train_tf, test_tf = paper_transforms("domainnet", image_size)
@@ -190,9 +210,11 @@ def _domainnet(kind: str, root: Path, image_size: int) -> DataBundle:
     val_items = [train[i] for i in order[:cut]]
     train_items = [train[i] for i in order[cut:]]
     labels = {label for _, label in train}
-    return DataBundle(f"domainnet:{root}", max(labels) + 1, _ListDataset(train_items, train_tf),
+    sources = {"train": root / "sketch_train.txt", "id_val": f"{root / 'sketch_train.txt'} (a fixed 10%)",
+               "id_test": root / "sketch_test.txt", "ood_test": root / "real_test.txt"}
+    return DataBundle(f"domainnet:{root}", max(labels, default=-1) + 1, _ListDataset(train_items, train_tf),
                       _ListDataset(val_items, test_tf), _ListDataset(read("sketch_test"), test_tf),
-                      {"ood_test": _ListDataset(read("real_test"), test_tf)}, image_size)
+                      {"ood_test": _ListDataset(read("real_test"), test_tf)}, image_size, {"sources": sources})
 
 
 def _wilds(kind: str, root: Path, image_size: int) -> DataBundle:
