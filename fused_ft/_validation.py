@@ -11,6 +11,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["Rule", "check_group", "check_params", "check_positive_int", "check_positive_number", "check_output_dir",
@@ -50,7 +51,7 @@ def check_output_dir(name: str, path: Any) -> None:
 
 def _is_bool(value: Any) -> bool:
     """Python's and numpy's booleans (numbers.Integral counts Python's bool, not numpy's)."""
-    return isinstance(value, bool) or type(value).__name__ == "bool_"
+    return isinstance(value, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,11 @@ class Rule:
                 raise ValueError(f"Invalid {name}: {value} (must be >= {self.low:g})")
             return
         if self.kind == "bool":
-            if not isinstance(value, bool):
+            if not _is_bool(value):
                 raise TypeError(f"Invalid {name}: {value!r} (must be a bool)")
             return
         if self.kind == "optional_bool":
-            if value is not None and not isinstance(value, bool):
+            if value is not None and not _is_bool(value):
                 raise TypeError(f"Invalid {name}: {value!r} (must be None or a bool)")
             return
         if self.kind == "optional_number" and value is None:

@@ -508,8 +508,10 @@ def test_numpy_scalars_are_accepted_for_every_hyperparameter_as_torch_accepts_th
     """Was: Invalid lr: np.float32(0.1) (must be a number)."""
     spec = OPTIMIZERS[name]
     kwargs = dict(KWARGS[name])
-    numpy_kwargs = {k: (np.float32(v) if isinstance(v, float) else np.int64(v) if type(v) is int else v)
-                    for k, v in kwargs.items()}
+    numpy_kwargs = {k: (np.float32(v) if isinstance(v, float) else np.int64(v) if type(v) is int
+                        else np.bool_(v) if isinstance(v, bool) else v) for k, v in kwargs.items()}
+    numpy_kwargs["maximize" if name in ("sgd", "adamw") else "always_adapt"] = np.bool_(False)
+    kwargs["maximize" if name in ("sgd", "adamw") else "always_adapt"] = False
     if "betas" in spec.defaults:
         numpy_kwargs["betas"] = (np.float64(0.9), np.float32(0.99))
         kwargs["betas"] = (0.9, float(np.float32(0.99)))
@@ -554,6 +556,21 @@ def test_load_state_dict_hooks_see_the_given_dict_and_the_final_state():
     assert seen["post"] == {"step": torch.float32, "exp_avg": torch.float32, "exp_avg_sq": torch.float32,
                             "kahan_comp": torch.int16}
     assert not fresh.state[p]["exp_avg"].any()
+
+
+def test_state_dict_hooks_see_fp32_state_and_their_changes_are_returned():
+    p = _param(1.0, 2.0, dtype=torch.bfloat16)
+    opt = _stepped(fused_ft.SGD([p], lr=0.1, momentum=0.9), [p])
+    seen = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("pre"))
+
+    def post(o, state_dict):
+        seen.append(state_dict["state"][0]["momentum_buffer"].dtype)
+        state_dict["note"] = "kept"
+        return state_dict
+
+    opt.register_state_dict_post_hook(post)
+    assert opt.state_dict()["note"] == "kept" and seen == ["pre", torch.float32]
 
 
 def test_step_hooks_run_around_step_and_copies_start_without_them_as_in_torch():
