@@ -199,7 +199,7 @@ def harness(rank: int, world: int, port: int, runs: dict, data: str, out: str) -
     F.check_ranks_agree = recording
     for name, settings in runs.items():
         current[0] = name
-        F.finetune(F.FinetuneConfig(model="vit_tiny_patch16_224", data=data, lr=0.01, epochs=3, batch_size=8,
+        F.finetune(F.FinetuneConfig(model="vit_tiny_patch16_224", data=data, lr=0.01, epochs=2, batch_size=8,
                                     image_size=32, out=f"{out}/{name}", progress=False, **settings))
     torch.save(finals, f"{out}/rank{rank}.pt")
     _leave()

@@ -112,7 +112,7 @@ def test_harness_ranks_stay_equal_when_the_trainable_set_changes(image_folder, t
     torch.manual_seed(0)  # finetune's seed rule: the model is built right after seeding with config.seed
     initial = dict(create_model("vit_tiny_patch16_224", 2, image_size=32).named_parameters())
     gradual_ddp, gradual_fsdp = ranks[0]["gradual-ddp"], ranks[0]["gradual-fsdp"]
-    # cls_token: frozen until the last epoch, blocks.5: until the second. (Randomly initialised at 32 px, the
+    # cls_token and blocks.5: frozen in the first of the two epochs. (Randomly initialised at 32 px, the
     # lower layers get gradients of ~1e-13, so they move by that much: exactly unequal, but far below any tolerance.)
     for key in ("cls_token", "blocks.5.attn.qkv.weight"):
         assert not torch.equal(gradual_ddp[key], initial[key]), f"{key} never trained under DDP"
