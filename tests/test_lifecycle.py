@@ -371,10 +371,25 @@ def test_step_in_backward_refuses_a_second_gradient_before_step():
                                            r"param 0 \(shape \(\)\).*call optimizer.step\(\) after every backward"):
         (p * p / 2).backward()
     assert p.item() == 0.5
-    p.grad = None
-    opt.step()  # the next iteration may start
+    opt.step()  # the refused gradient is dropped, never applied; the next iteration may start
+    assert p.item() == 0.5 and p.grad is None
     (p * p / 2).backward()
     assert p.item() == 0.25
+
+
+def test_step_in_backward_frees_the_gradients_that_step_applies():
+    """A parameter unfrozen after the optimizer was built has no hook until the next step(), which applies
+    its gradient: it must free it, as a hook does. Was: the gradient stayed, the next backward added to it,
+    and it was applied twice (p = 0.4 instead of 0.6; found by a reviewer)."""
+    p = torch.nn.Parameter(torch.tensor(1.0), requires_grad=False)
+    opt = fused_ft.SGD([p], lr=0.2, step_in_backward=True)
+    p.requires_grad_(True)  # gradual unfreezing through the API
+    p.backward()  # gradient 1, no hook yet
+    opt.step()
+    assert p.item() == pytest.approx(0.8) and p.grad is None
+    p.backward()  # hooked now: updated in backward
+    opt.step()
+    assert p.item() == pytest.approx(0.6) and p.grad is None
 
 
 def _old(state_dict, drop_group_keys=()):

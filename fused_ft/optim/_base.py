@@ -11,11 +11,12 @@ unfreezing) creates their state lazily on the next step, as for a new parameter.
 With ``step_in_backward=True`` each parameter is updated by a post-accumulate-grad hook as soon as
 its gradient is complete, and the gradient is freed right away: only a few gradients are alive at
 once (the idea of torch's "optimizer step in backward" recipe). ``step()`` then only updates
-parameters that took gradients before they had a hook (unfrozen since the last step) and hooks them;
-call it after every backward pass, schedulers count it. Closures, GradScaler and gradient
-accumulation across backward passes cannot work: a second gradient for a parameter before
-``step()`` raises in backward, before it is applied. The hooks find each parameter's group when they
-run, so they follow ``load_state_dict``, ``add_param_group`` and a replaced ``param_groups`` list.
+parameters that took gradients before they had a hook (unfrozen since the last step), frees those
+gradients and hooks the parameters; call it after every backward pass, schedulers count it. Closures,
+GradScaler and gradient accumulation across backward passes cannot work: a second gradient for a
+parameter before ``step()`` raises in backward, before it is applied, and ``step()`` drops it. The
+hooks find each parameter's group when they run, so they follow ``load_state_dict``,
+``add_param_group`` and a replaced ``param_groups`` list.
 
 Parameters in bf16/fp16 keep their optimizer state in fp32 and every backend does its math in
 fp32, storing the parameter once (the "fp32 math, one final store" rule of optimi/apex). How that
@@ -410,7 +411,15 @@ class FusedOptimizer(Optimizer):
                     "step_in_backward=False"
                 )
             # the hooks consumed (and freed) every gradient they saw; what is left came to parameters
-            # that took gradients before they were hooked (unfrozen since the last step): update those here
+            # that took gradients before they were hooked (unfrozen since the last step): update those
+            # here, and free them as the hooks do (left in place, the next backward would add to them).
+            # A gradient left on a parameter a hook already updated is a second one, refused in
+            # backward: it is dropped, never applied.
+            if self._updated_in_backward:
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None and id(p) in self._updated_in_backward:
+                            p.grad = None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -420,6 +429,10 @@ class FusedOptimizer(Optimizer):
         self._before_updates(plans)
         for plan in plans:
             self._update_group(plan)
+        if self.step_in_backward:
+            for plan in plans:
+                for p in plan.params:
+                    p.grad = None
         self._updated_in_backward.clear()
         self._ticked.clear()
         return loss
