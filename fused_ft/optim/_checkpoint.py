@@ -88,9 +88,9 @@ def set_aside_exact_state(optimizer, state_dict: dict) -> tuple[dict, list]:
     state = dict(state_dict["state"])
     for k, p in _id_map(optimizer, state_dict).items():
         entry = state.get(k)
-        if not isinstance(entry, dict) or not any(_kept_exact(p, key, v) for key, v in entry.items()):
+        exact = {key: v for key, v in entry.items() if _kept_exact(p, key, v)} if isinstance(entry, dict) else {}
+        if not exact:
             continue
-        exact = {key: v for key, v in entry.items() if _kept_exact(p, key, v)}
         state[k] = {key: v for key, v in entry.items() if key not in exact}
         kept.append((p, list(entry), exact))
     return {**state_dict, "state": state}, kept
