@@ -9,7 +9,8 @@ from tests.helpers import README, readme_block
 
 
 MODULES = ["fused_ft.embedding", "fused_ft.methods", "fused_ft.unfreeze", "fused_ft.models", "fused_ft.diagnostics",
-           "fused_ft.optim.sgd", "fused_ft.optim.adamw", "fused_ft.optim.lars", "fused_ft.optim.lamb"]
+           "fused_ft.optim.sgd", "fused_ft.optim.adamw", "fused_ft.optim.lars", "fused_ft.optim.lamb",
+           "fused_ft.integrations.timm"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -31,10 +32,12 @@ def test_readme_python_snippets_run_and_print_what_the_readme_shows(tmp_path):
     script = tmp_path / "readme_snippets.py"
     script.write_text("\n".join(blocks))
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}  # block 3 sets it
+    env.update(TMPDIR=str(tmp_path), HF_HUB_OFFLINE="1")  # the trainer recipes write checkpoints to a temp folder
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout.splitlines()
-    expected = ["1.899999976158142", "0 1", "LaunchConfig(block=1024, num_warps=4) {'adamw_kernel': 1}",
+    expected = ["fused_ft.optim.sgd True", "1.899999976158142", "0 1",
+                "LaunchConfig(block=1024, num_warps=4) {'adamw_kernel': 1}",
                 "['patch_embed.proj.weight', 'patch_embed.proj.bias']"]
     for line in expected:
         assert line in readme and line in out, (line, out)
