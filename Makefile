@@ -5,12 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_WORKERS ?= 2
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean dist-check
 
 $(STAMP): pyproject.toml setup.py requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[all,test]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -18,6 +18,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) tests
+
+# The sdist and wheel, installed with default pip settings into a fresh venv that has torch; smoke test
+# with a just-in-time build of the C++ extension (minutes: the compile). tests/test_install.py is the
+# suite's cheaper version.
+dist-check: $(STAMP)
+	PY=$(PY) PYTHON=$(PYTHON) tests/dist_check.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

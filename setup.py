@@ -1,42 +1,58 @@
 """Build script: metadata lives in pyproject.toml (PEP 621); this file builds the C++ extension.
 
-``fused_ft._C`` (csrc/) is built when torch is importable at build time and a C++ compiler works
-(``pip install --no-build-isolation -e .``, as ``make`` does). Otherwise fused_ft installs without
-it and the ``cpu`` backend reports why it is unavailable; ``auto`` then uses the reference backend.
+``fused_ft._C`` (csrc/) is built ahead of time when torch is importable at build time and a C++ compiler
+works (``pip install --no-build-isolation -e .``, as ``make`` does). Otherwise (pip's default build
+isolation has no torch) the package ships the C++ sources, and ``fused_ft._native`` builds them just in
+time on first import, against the torch that runs, with the same flags (``fused_ft/_build.py``).
 """
-import glob
+import importlib.util
 import os
-import platform
 import shutil
 import sys
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _load_build_module():
+    """fused_ft/_build.py by path: importing the package would import torch, which may be absent here."""
+    spec = importlib.util.spec_from_file_location("fused_ft_build", ROOT / "fused_ft" / "_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_build = _load_build_module()
 
 
 def _warn(message: str) -> None:
     print(f"WARNING: fused_ft: {message}", file=sys.stderr)
 
 
-def _simd_flags() -> list:
-    """AVX2+FMA+F16C for at::vec where the building CPU has them (the extension is built where it runs)."""
-    if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("FUSED_FT_PORTABLE") == "1":
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return []
-    if all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c")):  # c10::Half converts with F16C under AVX2
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    return []
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package (fused_ft/csrc), for the just-in-time build of an installed wheel;
+    csrc/ at the top stays the one copy in the repository. An editable install reads csrc/ in place."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = Path(self.build_lib) / "fused_ft" / "csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for path in sorted((ROOT / "csrc").iterdir()):
+            if path.suffix in (".cpp", ".h"):
+                shutil.copy2(path, target / path.name)
 
 
 def _extension_kwargs() -> dict:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        _warn("torch is not importable at build time, so the C++ kernels are not built; "
-              "install torch first and run: pip install --no-build-isolation -e .")
+        _warn("torch is not importable at build time, so the C++ kernels are built just in time on first "
+              "import instead (once, cached; see the README's Install section)")
         return {}
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
@@ -65,12 +81,14 @@ def _extension_kwargs() -> dict:
 
     extension = CppExtension(
         "fused_ft._C",
-        sources=sorted(glob.glob("csrc/*.cpp")),
-        include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args=["-O3", "-fopenmp", *_simd_flags()],
-        extra_link_args=["-fopenmp"],
+        sources=[os.path.relpath(p, ROOT) for p in _build.sources(ROOT / "csrc")],
+        include_dirs=[str(ROOT / "csrc")],
+        extra_compile_args=[*_build.EXTRA_CFLAGS, *_build.simd_flags()],
+        extra_link_args=list(_build.EXTRA_LDFLAGS),
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": OptionalBuildExtension}}
 
 
-setup(**_extension_kwargs())
+_kwargs = _extension_kwargs()
+_kwargs["cmdclass"] = {**_kwargs.get("cmdclass", {}), "build_py": BuildPyWithSources}
+setup(**_kwargs)

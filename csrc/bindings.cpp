@@ -28,6 +28,10 @@ std::tuple<std::vector<py::list>, std::tuple<int64_t, int64_t, int64_t>> gather_
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_ft fused CPU optimizer kernels (OpenMP + at::vec)";
+#ifdef TORCH_VERSION_MAJOR  // torch/version.h, through torch/extension.h: the torch these headers belong to
+  m.attr("torch_version") = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                            std::to_string(TORCH_VERSION_PATCH);
+#endif
   // the rounding of bf16 parameters (multi_tensor.h's Rounding): mode 0 nearest, 1 stochastic, 2 kahan
   m.def("sgd_", &fused_ft::sgd_, py::arg("params"), py::arg("grads"), py::arg("momentum_buffers"),
         py::arg("new_buffer"), py::arg("lr"), py::arg("momentum"), py::arg("dampening"), py::arg("weight_decay"),

@@ -27,7 +27,8 @@ class BackendUnavailableError(RuntimeError):
 
 # Backend name -> its module. Every backend module has the same interface: ``unavailable_reason(device)``,
 # ``unsupported_reason(optimizer, options, dtypes)`` and ``UPDATES``, a table from update name ("sgd",
-# "adamw", "lars", "lamb", and LAMB's global clip "lamb_clip") to the function that runs it.
+# "adamw", "lars", "lamb", and LAMB's global clip "lamb_clip") to the function that runs it. One that
+# warned on import why it cannot run sets ``UNAVAILABLE_WARNED``, and auto's fallback stays silent.
 _MODULES = {
     "reference": "fused_ft.kernels.reference",
     "triton": "fused_ft.kernels.triton_launch",
@@ -63,6 +64,8 @@ def _warn_once(name: str, device: torch.device, reason: str) -> None:
     """auto's preferred kernels are missing on this machine: say so once, not every step."""
     if (name, device.type) not in _WARNED:
         _WARNED.add((name, device.type))
+        if getattr(_module(name), "UNAVAILABLE_WARNED", False):  # its import said it already
+            return
         warnings.warn(f"{reason}; falling back to backend='reference'", UserWarning, stacklevel=4)
 
 

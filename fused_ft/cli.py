@@ -14,6 +14,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from fused_ft._extras import missing_extra
 from fused_ft._validation import check_output_dir
 from fused_ft.embedding import EmbeddingNotFound
 from fused_ft.models import PretrainedWeightsError
@@ -327,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="fused-ft", description="fused_ft: fine-tune vision models with SGD", **_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("demo", help="the main job on a built-in default (what `make demo` runs)")
+    commands.add_parser("doctor", help="what fused_ft can use here: C++ extension, Triton, CUDA, backends, extras")
 
     grad = commands.add_parser("grad-norms", **_HELP, help="layer gradient norms at the current weights (paper Fig. 2)")
     add_model_arguments(grad)
@@ -389,8 +391,18 @@ def main(argv: list[str] | None = None) -> int:
             _finetune(args)
         elif args.command == "sweep":
             _sweep(args)
+        elif args.command == "doctor":
+            from fused_ft import doctor
+
+            return doctor.main()
     except USER_ERRORS as exc:
         print(f"fused-ft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional dependency: name the extra that installs it
+        error = missing_extra(exc, f"fused-ft {args.command}")
+        if error is None:
+            raise
+        print(f"fused-ft {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

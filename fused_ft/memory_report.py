@@ -10,6 +10,7 @@ from typing import Iterable
 import torch
 
 from fused_ft import _tables
+from fused_ft._extras import require
 from fused_ft._precision import param_dtype_of
 from fused_ft.memory import CATEGORIES, MemoryProfile, profile_memory
 
@@ -109,8 +110,7 @@ def _paper_cell(row: dict) -> str:
 
 def plot_memory_table(rows: list[dict], path) -> None:
     """Stacked bars (parameters, gradients, optimizer state, activations) per model and method."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plotting the memory table")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

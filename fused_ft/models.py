@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fused_ft._extras import require
+
 __all__ = ["ALIASES", "ModelAlias", "ClipClassifier", "PretrainedWeightsError", "create_model", "check_input_size",
            "input_size",
            "resolve_model_name"]
@@ -94,12 +96,10 @@ def resolve_model_name(name: str) -> tuple[str, str, str | None]:
     library, sep, rest = name.partition(":")
     if sep and library in ("timm", "open_clip", "openclip"):
         return library.replace("openclip", "open_clip"), rest, None
-    import timm
-
+    timm = require("timm", f"model {name!r}")
     if timm.is_model(name.split(".")[0]):
         return "timm", name, None
-    import open_clip
-
+    open_clip = require("open_clip", f"model {name!r}")
     if name in open_clip.list_models():
         return "open_clip", name, None
     raise ValueError(
@@ -226,7 +226,7 @@ def _weights_may_be_cached(library: str, model_name: str, tag: str | None) -> bo
 
 
 def _create_open_clip(model_name, num_classes, tag, checkpoint, image_size, device) -> nn.Module:
-    import open_clip
+    open_clip = require("open_clip", f"the open_clip model {model_name!r}")
 
     kwargs = {"force_image_size": image_size} if image_size else {}
     weights = str(checkpoint) if checkpoint is not None else tag
@@ -243,7 +243,7 @@ def _create_open_clip(model_name, num_classes, tag, checkpoint, image_size, devi
 
 
 def _create_timm(model_name, num_classes, tag, checkpoint, image_size, device, wants_weights) -> nn.Module:
-    import timm
+    timm = require("timm", f"the timm model {model_name!r}")
 
     kwargs = {"pretrained_cfg_overlay": {"file": str(checkpoint)}} if checkpoint is not None else {}
     full_name = f"{model_name}.{tag}" if tag and "." not in model_name else model_name

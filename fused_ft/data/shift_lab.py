@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fused_ft._extras import require
+
 __all__ = ["SHIFT_LAB_MODELS", "ShiftLabConfig", "make_splits", "render_images", "create_pretrained",
            "check_pretrain_optimizer", "cache_dir"]
 
@@ -166,7 +168,7 @@ def cache_dir() -> Path:
 
 
 def build(name: str, num_classes: int) -> nn.Module:
-    import timm
+    timm = require("timm", f"the shift-lab model {name!r}")
 
     if name not in SHIFT_LAB_MODELS:
         raise ValueError(f"Invalid shift-lab model: {name!r} (choose from {', '.join(SHIFT_LAB_MODELS)})")
