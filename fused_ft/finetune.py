@@ -60,15 +60,23 @@ class FinetuneConfig:
 
 
 def build_model(config: FinetuneConfig, num_classes: int) -> nn.Module:
+    return build_classifier(config.model, num_classes, config.pretrained, config.checkpoint, config.image_size,
+                            config.progress)
+
+
+def build_classifier(name: str, num_classes: int, pretrained: Any = False, checkpoint: str | None = None,
+                     image_size: int | None = None, progress: bool = True) -> nn.Module:
+    """The model a run fine-tunes, with a new ``num_classes`` head drawn from torch's global RNG (the
+    run seeds it first): shift-lab models pretrained in-process (``pretrained`` "adamw", the default,
+    or "sgd"), every other name through :func:`fused_ft.models.create_model`."""
     from fused_ft.data import shift_lab
     from fused_ft.models import create_model
 
-    if config.model in shift_lab.SHIFT_LAB_MODELS:
-        _check_weights(config)
-        pretrain = config.pretrained if isinstance(config.pretrained, str) else "adamw"
-        return shift_lab.create_pretrained(config.model, num_classes, pretrain, progress=config.progress)
-    return create_model(config.model, num_classes, pretrained=config.pretrained, checkpoint=config.checkpoint,
-                        image_size=config.image_size)
+    check_weights(name, pretrained, checkpoint)
+    if name in shift_lab.SHIFT_LAB_MODELS:
+        pretrain = pretrained if isinstance(pretrained, str) else "adamw"
+        return shift_lab.create_pretrained(name, num_classes, pretrain, progress=progress)
+    return create_model(name, num_classes, pretrained=pretrained, checkpoint=checkpoint, image_size=image_size)
 
 
 @torch.no_grad()
@@ -108,8 +116,8 @@ def check_config(config: FinetuneConfig, ranks: int = 1) -> None:
     check_positive_int("batch_size", config.batch_size)
     LR.check("lr", config.lr)
     check_output_dir("out", config.out)
-    _check_weights(config)
-    _check_device(config.device)
+    check_weights(config.model, config.pretrained, config.checkpoint)
+    check_device(config.device)
     if config.fsdp and ranks <= 1:
         raise ValueError(FSDP_NEEDS_TORCHRUN)
     if config.batch_size % ranks:
@@ -117,7 +125,7 @@ def check_config(config: FinetuneConfig, ranks: int = 1) -> None:
                          f"{ranks} ranks)")
 
 
-def _check_device(device: str | None) -> None:
+def check_device(device: str | None) -> None:
     if device is None:
         return
     try:
@@ -130,18 +138,19 @@ def _check_device(device: str | None) -> None:
         raise ValueError(f"Invalid device: {device!r} (this machine has {torch.cuda.device_count()} CUDA devices)")
 
 
-def _check_weights(config: FinetuneConfig) -> None:
+def check_weights(name: str, pretrained: Any, checkpoint: str | None) -> None:
+    """What the weights' arguments may name for model ``name`` (raises ValueError)."""
     from fused_ft.data import shift_lab
 
-    if config.model in shift_lab.SHIFT_LAB_MODELS and isinstance(config.pretrained, str):
-        shift_lab.check_pretrain_optimizer(config.pretrained)
-    if config.checkpoint is None:
+    if name in shift_lab.SHIFT_LAB_MODELS and isinstance(pretrained, str):
+        shift_lab.check_pretrain_optimizer(pretrained)
+    if checkpoint is None:
         return
-    if config.model in shift_lab.SHIFT_LAB_MODELS:  # it was ignored, and recorded as if used
-        raise ValueError(f"Invalid checkpoint for {config.model}: shift-lab models are pretrained in-process "
+    if name in shift_lab.SHIFT_LAB_MODELS:  # it was ignored, and recorded as if used
+        raise ValueError(f"Invalid checkpoint for {name}: shift-lab models are pretrained in-process "
                          "(pretrained='adamw' or 'sgd'); drop the checkpoint")
-    if not Path(config.checkpoint).is_file():
-        raise ValueError(f"Invalid checkpoint: {config.checkpoint!r} is not a file")
+    if not Path(checkpoint).is_file():
+        raise ValueError(f"Invalid checkpoint: {str(checkpoint)!r} is not a file")
 
 
 def _save_atomic(obj: Any, path: Path) -> None:

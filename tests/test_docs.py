@@ -8,9 +8,9 @@ from fused_ft import demo, memory_report
 from tests.helpers import README, readme_block
 
 
-MODULES = ["fused_ft.embedding", "fused_ft.methods", "fused_ft.unfreeze", "fused_ft.models", "fused_ft.diagnostics",
-           "fused_ft.optim.sgd", "fused_ft.optim.adamw", "fused_ft.optim.lars", "fused_ft.optim.lamb",
-           "fused_ft.integrations.timm"]
+MODULES = ["fused_ft.embedding", "fused_ft.methods", "fused_ft.unfreeze", "fused_ft.models",
+           "fused_ft.diagnostics._measure", "fused_ft.diagnostics._verdict", "fused_ft.optim.sgd",
+           "fused_ft.optim.adamw", "fused_ft.optim.lars", "fused_ft.optim.lamb", "fused_ft.integrations.timm"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -144,6 +144,10 @@ def test_sweep_cli_end_to_end(image_folder, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "layer-gradient verdict at initialisation" in out and "| sgd |" in out and "| adamw |" in out
+    # the verdict of the runs' own heads (seeds 0 and 1) on the training images (24: 3 minibatches of 8)
+    verdict = json.loads((tmp_path / "summary.json").read_text())["verdict"]
+    assert (verdict["head_seeds"], verdict["batches"]) == (2, 3) and verdict["text"] in out
+    assert verdict["low"] <= verdict["embedding_ratio"] <= verdict["high"] and verdict["level"] == 0.95
     runs = list(tmp_path.glob("*/lr*/seed*/results.json"))
     assert len(runs) == 8
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["DataBundle", "DataError", "load_data"]
+__all__ = ["DataBundle", "DataError", "load_data", "DATA_KINDS"]
 
 
 class DataError(ValueError):
@@ -44,6 +44,12 @@ class DataBundle:
     ood_tests: dict[str, Dataset]
     image_size: int
     info: dict[str, Any] = field(default_factory=dict)
+    train_eval: Dataset | None = None  # the training images with the test-time transform, where they differ
+
+    def train_without_augmentation(self) -> Dataset:
+        """The training split with the test-time transform: what a measurement at the initialisation
+        (the layer-gradient diagnostic) reads, so that two measurements see the same pixels."""
+        return self.train if self.train_eval is None else self.train_eval
 
 
 IMAGEFOLDER_LAYOUT = (
@@ -59,12 +65,9 @@ def load_data(spec: str, image_size: int = 224) -> DataBundle:
         return _shift_lab(rest or "style")
     if not sep:  # a bare directory is an ImageFolder layout
         kind, rest = "imagefolder", spec
-    loaders = {"imagefolder": _imagefolder, "living17": _imagefolder, "waterbirds": _waterbirds,
-               "domainnet": _domainnet, "fmow": _wilds, "camelyon": _wilds}
-    if kind not in loaders:
-        kinds = ", ".join(list(loaders)[1:])
-        raise DataError(f"Invalid data: {spec!r} (kinds: shift-lab, imagefolder:DIR, {kinds}:DIR)")
-    bundle = loaders[kind](kind, Path(rest), image_size)
+    if kind not in _LOADERS:
+        raise DataError(f"Invalid data: {spec!r} (kinds: {DATA_KINDS})")
+    bundle = _LOADERS[kind](kind, Path(rest), image_size)
     _check_not_empty(bundle)
     return bundle
 
@@ -101,6 +104,7 @@ def _imagefolder(kind: str, root: Path, image_size: int) -> DataBundle:
     train_tf, test_tf = paper_transforms(kind, image_size)
     try:
         train = ImageFolder(str(root / "train"), transform=train_tf)
+        train_eval = ImageFolder(str(root / "train"), transform=test_tf)
         splits = {s: ImageFolder(str(root / s), transform=test_tf) for s in ["id_val", "id_test", *oods]}
     except (FileNotFoundError, RuntimeError) as exc:
         raise DataError(f"Invalid data {kind}:{root}: {exc}; expected {IMAGEFOLDER_LAYOUT}") from None
@@ -113,7 +117,7 @@ def _imagefolder(kind: str, root: Path, image_size: int) -> DataBundle:
     return DataBundle(f"{kind}:{root}", len(train.classes), train, splits["id_val"], splits["id_test"],
                       {s: splits[s] for s in oods}, image_size,
                       {"classes": train.classes,
-                       "sources": {s: root / s for s in ["train", "id_val", "id_test", *oods]}})
+                       "sources": {s: root / s for s in ["train", "id_val", "id_test", *oods]}}, train_eval)
 
 
 def _check_images(kind: str, root: Path, paths: list[Path]) -> None:
@@ -214,7 +218,8 @@ def _domainnet(kind: str, root: Path, image_size: int) -> DataBundle:
                "id_test": root / "sketch_test.txt", "ood_test": root / "real_test.txt"}
     return DataBundle(f"domainnet:{root}", max(labels, default=-1) + 1, _ListDataset(train_items, train_tf),
                       _ListDataset(val_items, test_tf), _ListDataset(read("sketch_test"), test_tf),
-                      {"ood_test": _ListDataset(read("real_test"), test_tf)}, image_size, {"sources": sources})
+                      {"ood_test": _ListDataset(read("real_test"), test_tf)}, image_size, {"sources": sources},
+                      _ListDataset(train_items, test_tf))
 
 
 def _wilds(kind: str, root: Path, image_size: int) -> DataBundle:
@@ -238,4 +243,10 @@ def _wilds(kind: str, root: Path, image_size: int) -> DataBundle:
     splits = {"train": "train", "id_val": "id_val", "id_test": id_test, "ood_test": "test"}
     subsets = {k: dataset.get_subset(v, transform=train_tf if k == "train" else test_tf) for k, v in splits.items()}
     return DataBundle(f"{kind}:{root}", dataset.n_classes, subsets["train"], subsets["id_val"], subsets["id_test"],
-                      {"ood_test": subsets["ood_test"]}, image_size)
+                      {"ood_test": subsets["ood_test"]}, image_size,
+                      train_eval=dataset.get_subset("train", transform=test_tf))
+
+
+_LOADERS = {"imagefolder": _imagefolder, "living17": _imagefolder, "waterbirds": _waterbirds, "domainnet": _domainnet,
+            "fmow": _wilds, "camelyon": _wilds}
+DATA_KINDS = "shift-lab[:spurious], " + ", ".join(f"{kind}:DIR" for kind in _LOADERS)  # what a SPEC may name

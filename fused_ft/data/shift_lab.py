@@ -187,7 +187,10 @@ def create_pretrained(name: str, num_classes: int, optimizer: str = "adamw", rec
     if path.exists():
         backbone.load_state_dict(torch.load(path, weights_only=True))
     else:
-        _pretrain(backbone, recipe, progress)
+        # the pretraining seeds and draws torch's RNG: fork it, so that the new head below comes from the
+        # caller's seed whether or not the cache existed (it did not: a run's first head differed from its rerun's)
+        with torch.random.fork_rng(devices=[]):
+            _pretrain(backbone, recipe, progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(backbone.state_dict(), tmp)
