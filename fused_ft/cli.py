@@ -48,46 +48,31 @@ def embedding_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def model_from_args(args: argparse.Namespace):
-    """The model the arguments name; shift-lab models come pretrained (with AdamW, or --pretrained sgd)."""
-    from fused_ft.data import shift_lab
-    from fused_ft.models import create_model
-
-    if args.model in shift_lab.SHIFT_LAB_MODELS:
-        if args.checkpoint is not None:
-            raise ValueError(f"Invalid --checkpoint for {args.model}: shift-lab models are pretrained in-process "
-                             "(--pretrained adamw or sgd); drop --checkpoint")
-        pretrain = args.pretrained if isinstance(args.pretrained, str) else "adamw"
-        return shift_lab.create_pretrained(args.model, args.num_classes, pretrain)
-    return create_model(args.model, args.num_classes, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                        image_size=args.image_size)
-
-
 def _grad_norms(args: argparse.Namespace) -> None:
-    import torch
-
     from fused_ft import diagnostics
-    from fused_ft.models import check_input_size, input_size
+    from fused_ft.data import shift_lab
 
     check_output_dir("--out", args.out)
-    torch.manual_seed(args.seed)
-    model = model_from_args(args)
-    size = args.image_size or input_size(model)
-    if args.image_size:
-        check_input_size(model, size, args.model)
-    gen = torch.Generator().manual_seed(args.seed)
-    batches = [(torch.randn(args.batch_size, 3, size, size, generator=gen),
-                torch.randint(0, args.num_classes, (args.batch_size,), generator=gen)) for _ in range(args.batches)]
-    rows = diagnostics.layer_grad_norms(model, batches, **embedding_options(args))
+    data = args.data
+    if data is None:
+        if args.pretrained or args.checkpoint is not None or args.model in shift_lab.SHIFT_LAB_MODELS:
+            raise ValueError(diagnostics.no_data_error(args.model))
+        data = diagnostics.NOISE  # a randomly initialised model: advice would mean nothing anyway
+    seeds = list(range(args.seed, args.seed + args.head_seeds))
+    result = diagnostics.diagnose(
+        args.model, data, pretrained=args.pretrained, checkpoint=str(args.checkpoint) if args.checkpoint else None,
+        image_size=args.image_size, num_classes=args.num_classes, head_seeds=seeds, batches=args.batches,
+        batch_size=args.batch_size, seed=args.seed, device=args.device, progress=sys.stderr.isatty(),
+        **embedding_options(args))
     out = Path(args.out)
-    csv_path = diagnostics.write_csv(rows, out / "grad_norms.csv")
-    png_path = diagnostics.plot_grad_norms(rows, out / "grad_norms.png", title=f"{args.model}: layer gradient norms")
-    print(f"{'#':>3} {'layer':<34} {'role':<9} {'params':>10} {'grad norm':>11} {'/param norm':>12} {'/sqrt(n)':>10}")
-    for r in rows:
-        print(f"{r.index:>3} {r.layer[:34]:<34} {r.role:<9} {r.num_params:>10} {r.grad_norm:>11.4g} "
-              f"{r.grad_over_param_norm:>12.4g} {r.grad_over_sqrt_params:>10.4g}")
-    print(f"wrote {csv_path} and {png_path}")
-    print(f"verdict: {diagnostics.verdict(rows)}")
+    csv_path = diagnostics.write_csv(result.runs, out / "grad_norms.csv")
+    json_path = out / "verdict.json"
+    json_path.write_text(json.dumps({"model": args.model, "data": data, **result.verdict.to_dict()}, indent=2) + "\n")
+    png_path = diagnostics.plot_grad_norms(result.runs, out / "grad_norms.png", verdict=result.verdict,
+                                           title=f"{args.model} on {data}: layer gradient norms")
+    print(diagnostics.render_table(diagnostics.summarize(result.runs)))
+    print(f"wrote {csv_path}, {json_path} and {png_path}")
+    print(f"verdict: {result.verdict}")
 
 
 def _csv_list(text: str) -> list[str]:
@@ -259,11 +244,7 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    import torch
-
     from fused_ft import diagnostics, sweep
-    from fused_ft.data import load_data
-    from fused_ft.finetune import build_model
 
     _check_output_file("--plot", args.plot)
     check_output_dir("--out", args.out)
@@ -276,11 +257,12 @@ def _sweep(args: argparse.Namespace) -> None:
         args.jobs = 1  # under torchrun every rank runs each fine-tuning together, one after another
     if not rank0:
         base = replace(base, progress=False)
-    data = load_data(args.data, image_size=args.image_size or 224)
-    torch.manual_seed(args.seeds[0])  # the head's initialisation moved the verdict from 0.98x to 1.72x
-    model = build_model(base, data.num_classes)
-    batches = diagnostics.sample_batches(data.train, args.batch_size)
-    verdict = diagnostics.verdict(diagnostics.layer_grad_norms(model, batches, **embedding_options(args)))
+    verdict = None
+    if rank0:  # the runs' own heads (one per seed) on their own training images, before any training
+        verdict = diagnostics.diagnose(
+            base.model, args.data, pretrained=base.pretrained, checkpoint=base.checkpoint, image_size=args.image_size,
+            head_seeds=args.seeds, batch_size=args.batch_size, seed=args.seeds[0], device=args.device,
+            progress=base.progress and sys.stderr.isatty(), **embedding_options(args)).verdict
     results = sweep.run_sweep(base, args.methods, args.lr_sweep, args.seeds, jobs=args.jobs,
                               lr_multiplier=args.lr_multiplier)
     if not rank0:
@@ -289,7 +271,7 @@ def _sweep(args: argparse.Namespace) -> None:
     rows = sweep.summarize(results)
     print(sweep.render_sweep_table(rows, args.format))
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "summary.json").write_text(json.dumps({"verdict": str(verdict), "rows": rows}, indent=2))
+    (Path(args.out) / "summary.json").write_text(json.dumps({"verdict": verdict.to_dict(), "rows": rows}, indent=2))
     if args.plot:
         sweep.plot_sweep(rows, args.plot, title=f"{args.model} on {args.data}")
         print(f"wrote {args.plot}")
@@ -332,11 +314,18 @@ def main(argv: list[str] | None = None) -> int:
 
     grad = commands.add_parser("grad-norms", **_HELP, help="layer gradient norms at the current weights (paper Fig. 2)")
     add_model_arguments(grad)
-    grad.add_argument("--data", default="synthetic", choices=["synthetic"], help="minibatches to measure on")
-    grad.add_argument("--batches", type=_positive_int, default=4, help="minibatches averaged over")
+    grad.set_defaults(num_classes=None)  # the data's; --data noise: 10
+    grad.add_argument("--data", default=None, metavar="SPEC",
+                      help="the fine-tuning data, as finetune reads it (shift-lab, imagefolder:DIR, waterbirds:DIR, "
+                           "...), or noise (a smoke test of the model, no advice); required for pretrained models")
+    grad.add_argument("--head-seeds", type=_positive_int, default=3,
+                      help="heads drawn (seeds --seed, --seed+1, ...), as finetune --seed draws them")
+    grad.add_argument("--batches", type=_positive_int, default=4, help="minibatches averaged over, per head seed")
     grad.add_argument("--batch-size", type=_positive_int, default=8, help="images per minibatch")
-    grad.add_argument("--seed", type=int, default=0, help="seed of the head and the minibatches")
-    grad.add_argument("--out", default="grad-norms", help="directory for grad_norms.csv and grad_norms.png")
+    grad.add_argument("--seed", type=int, default=0, help="seed of the first head and of the minibatches' order")
+    grad.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    grad.add_argument("--out", default="grad-norms",
+                      help="directory for grad_norms.csv, verdict.json and grad_norms.png")
 
     from fused_ft.memory_report import DEFAULT_METHODS, DEFAULT_MODELS
     from fused_ft.methods import METHODS
