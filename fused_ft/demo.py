@@ -57,22 +57,16 @@ def shift_lab_experiment(out: str = "runs/demo-shift-lab") -> None:
     """The accuracy experiment in small: 4 methods x 3 LRs around their optima x 2 seeds, 2 epochs each."""
     import os
 
-    import torch
-
     from fused_ft import diagnostics, sweep
-    from fused_ft.data import load_data
-    from fused_ft.finetune import FinetuneConfig, build_model
+    from fused_ft.finetune import FinetuneConfig
 
     print("fused_ft demo 3/3: shift-lab (style shift), tiny ViT pretrained with AdamW (cached after the first run); "
           f"runs are written to {out if os.path.isabs(out) else './' + out}\n")
     base = FinetuneConfig(model="shift-lab-vit", data="shift-lab", method="sgd", lr=1e-3, epochs=2, batch_size=64,
                           out=out, pretrained="adamw")
-    data = load_data("shift-lab")
-    torch.manual_seed(DEMO_SEEDS[0])
-    model = build_model(base, data.num_classes)
-    batches = diagnostics.sample_batches(data.train, base.batch_size)
-    verdict = diagnostics.verdict(diagnostics.layer_grad_norms(model, batches))
-    print("layer-gradient verdict at initialisation:", verdict)
+    diagnosis = diagnostics.diagnose(base.model, base.data, pretrained=base.pretrained, head_seeds=DEMO_SEEDS,
+                                     batch_size=base.batch_size, seed=DEMO_SEEDS[0])
+    print("layer-gradient verdict at initialisation (the runs' own heads):", diagnosis.verdict)
     results = sweep.run_sweep(base, list(SHORT_METHODS), DEMO_LRS, list(DEMO_SEEDS), jobs=min(2, os.cpu_count() or 1))
     rows = sweep.summarize(results)
     print(sweep.render_sweep_table(rows, "table"))
