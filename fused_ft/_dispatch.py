@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from fused_ft import _native
+
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "check_backend_name", "lamb_clip",
            "resolve", "unavailable_reason"]
 
@@ -27,8 +29,7 @@ class BackendUnavailableError(RuntimeError):
 
 # Backend name -> its module. Every backend module has the same interface: ``unavailable_reason(device)``,
 # ``unsupported_reason(optimizer, options, dtypes)`` and ``UPDATES``, a table from update name ("sgd",
-# "adamw", "lars", "lamb", and LAMB's global clip "lamb_clip") to the function that runs it. One that
-# warned on import why it cannot run sets ``UNAVAILABLE_WARNED``, and auto's fallback stays silent.
+# "adamw", "lars", "lamb", and LAMB's global clip "lamb_clip") to the function that runs it.
 _MODULES = {
     "reference": "fused_ft.kernels.reference",
     "triton": "fused_ft.kernels.triton_launch",
@@ -64,7 +65,7 @@ def _warn_once(name: str, device: torch.device, reason: str) -> None:
     """auto's preferred kernels are missing on this machine: say so once, not every step."""
     if (name, device.type) not in _WARNED:
         _WARNED.add((name, device.type))
-        if getattr(_module(name), "UNAVAILABLE_WARNED", False):  # its import said it already
+        if name == "cpu" and _native.INFO.warned:  # the import said why, what it costs and the fix
             return
         warnings.warn(f"{reason}; falling back to backend='reference'", UserWarning, stacklevel=4)
 

@@ -12,7 +12,6 @@ from typing import Any, Mapping
 import torch
 
 from fused_ft._native import IMPORT_ERROR as _IMPORT_ERROR
-from fused_ft._native import INFO as _INFO
 from fused_ft._native import _C, fix
 from fused_ft._precision import Rounding
 from fused_ft.kernels._layout import compensation_slot, flat_slots, momentum_slots
@@ -28,11 +27,6 @@ def unavailable_reason(device: torch.device) -> str | None:
         return (f"backend='cpu' needs the C++ extension fused_ft._C, which is not loaded ({_IMPORT_ERROR}); "
                 f"{fix(_IMPORT_ERROR)}")
     return None
-
-
-# The import already warned that the extension is missing, what that costs and how to fix it: auto's
-# fallback to the reference backend adds no second warning.
-UNAVAILABLE_WARNED = _INFO.warned
 
 
 def unsupported_reason(optimizer: str, options: Mapping[str, Any], dtypes: frozenset) -> str | None:
