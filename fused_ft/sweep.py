@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from fused_ft._validation import check_positive_number
 from fused_ft import _tables
+from fused_ft._extras import require
 from fused_ft.finetune import FinetuneConfig, finetune
 from fused_ft.methods import method as get_method
 
@@ -145,8 +146,7 @@ def render_sweep_table(rows: list[dict[str, Any]], fmt: str = "table") -> str:
 
 def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> None:
     """ID and OOD test accuracy per method with 90% intervals over seeds."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plotting a sweep")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

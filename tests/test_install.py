@@ -228,7 +228,7 @@ def test_the_wheel_installs_into_a_venv_with_torch_and_steps_on_the_cpu_backend(
 
 def test_a_missing_extra_is_named_in_one_line(monkeypatch, capsys, tmp_path):
     import fused_ft
-    from fused_ft import cli, memory_report
+    from fused_ft import cli, diagnostics, memory_report, sweep
     from fused_ft._extras import MissingExtraError
 
     monkeypatch.chdir(tmp_path)
@@ -241,6 +241,9 @@ def test_a_missing_extra_is_named_in_one_line(monkeypatch, capsys, tmp_path):
     assert re.fullmatch(r"fused-ft grad-norms: error: .*needs timm, which is not installed: "
                         r"pip install 'fused_ft\[vision\]'\n", err), err
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(MissingExtraError, match=r"^plotting the memory table needs matplotlib, which is not "
-                                                r"installed: pip install 'fused_ft\[plots\]'$"):
-        memory_report.plot_memory_table([], tmp_path / "memory.png")
+    plots = [(memory_report.plot_memory_table, "plotting the memory table"),
+             (sweep.plot_sweep, "plotting a sweep"), (diagnostics.plot_grad_norms, "plotting gradient norms")]
+    for plot, what in plots:
+        with pytest.raises(MissingExtraError, match=rf"^{what} needs matplotlib, which is not installed: "
+                                                    r"pip install 'fused_ft\[plots\]'$"):
+            plot([], tmp_path / "plot.png")

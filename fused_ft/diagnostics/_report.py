@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fused_ft._extras import require
 from fused_ft.diagnostics._measure import LayerGradNorm
 from fused_ft.diagnostics._verdict import LEVEL, RESAMPLES, Runs, Verdict, bootstrap_grad_norms, grad_norm_table
 
@@ -86,8 +87,7 @@ def plot_grad_norms(runs: Runs, path: str | Path, title: str = "", verdict: Verd
     and minibatches and its bar the bootstrap interval. The two normalised panels leave out the
     head, as the paper's Appendix F does (its random initialisation dwarfs the rest). A fourth panel
     shows the embedding/median-middle ratio with its interval against the outlier threshold."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plotting gradient norms")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
