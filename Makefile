@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TEST_WORKERS ?= 2
 
-.PHONY: demo test lint bench clean dist-check
+.PHONY: demo test lint bench clean dist-check compat
 
 $(STAMP): pyproject.toml setup.py requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: $(STAMP)
 # suite's cheaper version.
 dist-check: $(STAMP)
 	PY=$(PY) PYTHON=$(PYTHON) tests/dist_check.sh
+
+# The core suite under the oldest torch that pyproject.toml declares and the newest on PyPI: one venv each
+# under .compat/<version>/, installed from PyPI past this machine's pip caps (several GB each, about an hour
+# on 2 cores). Too slow for CI: run by hand, recorded in COMPAT.md. Versions: make compat COMPAT_TORCH="2.5.0 2.15.0"
+compat:
+	$(PYTHON) tests/compat.py $(COMPAT_TORCH)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
