@@ -301,7 +301,8 @@ def test_pretrained_offline_fails_in_one_line(model, tmp_path):
     env["FUSED_FT_HUB_HOST"] = "hub.invalid"
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "fused_ft.cli", "grad-norms", "--model", model, "--pretrained",
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+                           "--data", "noise", "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                          timeout=300)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
