@@ -80,9 +80,25 @@ def test_verdict_threshold():
     assert verdict([_row("embedding", 6.0)] + middle).recommend_freeze_embed  # 6 / median 2 = 3x
     v = verdict([_row("embedding", 5.9)] + middle)
     assert not v.recommend_freeze_embed and v.embedding_ratio == pytest.approx(2.95)
-    assert "not needed" in str(v) and "2.95x" in str(v) and "no interval: 1 head seed x 1 minibatches" in str(v)
+    assert "not needed" in str(v) and "2.95x" in str(v) and "no interval: 1 head seed x 1 minibatch;" in str(v)
     with pytest.raises(ValueError, match="Invalid rows"):
         verdict(middle)
+
+
+def test_minibatches_are_full_a_short_dataset_is_said_and_a_mistyped_spec_names_the_kinds():
+    from torch.utils.data import TensorDataset
+
+    from fused_ft.data import DataError, load_data
+    from fused_ft.diagnostics import sample_batches
+
+    data = TensorDataset(torch.randn(10, 4), torch.zeros(10, dtype=torch.long))
+    with pytest.warns(UserWarning, match="4 minibatches of 4 were asked for, the data holds 10 images: measuring 2"):
+        batches = sample_batches(data, 4, 4)
+    assert [len(x) for x, _ in batches] == [4, 4]  # no short third minibatch of 2
+    with pytest.raises(ValueError, match=r"Invalid batch_size: 11 \(the data holds 10 images, not one full"):
+        sample_batches(data, 11, 1)
+    with pytest.raises(DataError, match=r"Invalid data: 'shiftlab' is neither a SPEC nor a folder \(kinds: shift-lab"):
+        load_data("shiftlab")
 
 
 def _runs(embedding, middle):

@@ -64,6 +64,8 @@ def load_data(spec: str, image_size: int = 224) -> DataBundle:
     if kind == "shift-lab":
         return _shift_lab(rest or "style")
     if not sep:  # a bare directory is an ImageFolder layout
+        if not Path(spec).is_dir():  # a mistyped SPEC, most likely: name them
+            raise DataError(f"Invalid data: {spec!r} is neither a SPEC nor a folder (kinds: {DATA_KINDS})")
         kind, rest = "imagefolder", spec
     if kind not in _LOADERS:
         raise DataError(f"Invalid data: {spec!r} (kinds: {DATA_KINDS})")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence, Union
 
@@ -43,12 +44,23 @@ class LayerGradNorm:
 
 def sample_batches(dataset: Dataset, batch_size: int = DEFAULT_BATCH_SIZE, count: int = DEFAULT_BATCHES,
                    seed: int = 0) -> list[Batch]:
-    """``count`` minibatches of an (image, label) dataset, drawn without replacement in the order of
-    ``torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))``; fewer when the
-    dataset holds fewer than ``count * batch_size`` items."""
-    if len(dataset) == 0:
-        raise ValueError("Invalid data: the dataset is empty")
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: count * batch_size].tolist()
+    """``count`` minibatches of ``batch_size`` items of an (image, label) dataset, drawn without
+    replacement in the order of ``torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))``.
+
+    Every minibatch is full (a short one would weigh its larger gradient noise into Eq. 3.1's mean):
+    a dataset with fewer than ``count * batch_size`` items gives fewer minibatches, with a warning.
+
+    Raises:
+        ValueError: the dataset holds fewer than ``batch_size`` items.
+    """
+    full = min(count, len(dataset) // batch_size)
+    if full == 0:
+        raise ValueError(f"Invalid batch_size: {batch_size} (the data holds {len(dataset)} images, not one full "
+                         "minibatch)")
+    if full < count:
+        warnings.warn(f"{count} minibatches of {batch_size} were asked for, the data holds {len(dataset)} images: "
+                      f"measuring {full}", stacklevel=2)
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: full * batch_size].tolist()
     return [tuple(torch.stack([torch.as_tensor(dataset[i][k]) for i in idx[j:j + batch_size]]) for k in (0, 1))
             for j in range(0, len(idx), batch_size)]
 

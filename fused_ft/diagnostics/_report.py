@@ -112,7 +112,7 @@ def plot_grad_norms(runs: Runs, path: str | Path, title: str = "", verdict: Verd
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(loc="best", fontsize=8)
         if not with_head:
-            ax.set_title("head left out: its random init dwarfs the rest", fontsize=8)
+            ax.set_title("head left out: the new random head's gradient dwarfs the rest", fontsize=8)
     ratio_ax = axes[3]
     if verdict is not None:
         ratio_ax.errorbar([0], [verdict.embedding_ratio], yerr=[[verdict.embedding_ratio - verdict.low],

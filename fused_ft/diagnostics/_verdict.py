@@ -52,7 +52,8 @@ class Verdict:
         return {**asdict(self), "recommend_freeze_embed": self.recommend_freeze_embed, "text": str(self)}
 
     def __str__(self) -> str:
-        measured = f"{self.head_seeds} head seed{'s' * (self.head_seeds != 1)} x {self.batches} minibatches"
+        measured = (f"{self.head_seeds} head seed{'s' * (self.head_seeds != 1)} x {self.batches} "
+                    f"minibatch{'es' * (self.batches != 1)}")
         if self.head_seeds * self.batches > 1:
             interval = f"{self.level:.0%} interval {self.low:.2f}-{self.high:.2f}x over {measured}"
         else:
