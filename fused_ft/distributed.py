@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["Context", "world_size", "setup", "wrap", "full_state", "load_full_state", "DistributedDrift",
-           "trainable_signature", "follow_trainable_set", "check_ranks_agree"]
+           "trainable_signature", "follow_trainable_set", "check_ranks_agree", "fully_shard", "fsdp_runs_here"]
 
 
 @dataclass
@@ -44,6 +44,26 @@ class Context:
             dist.barrier()
 
 
+def fully_shard(module: nn.Module, **kwargs) -> nn.Module:
+    """FSDP2's ``fully_shard``: public as ``torch.distributed.fsdp.fully_shard`` since torch 2.6, and
+    ``torch.distributed._composable.fsdp.fully_shard`` in torch 2.5, the oldest release fused_ft supports."""
+    try:
+        from torch.distributed.fsdp import fully_shard as shard
+    except ImportError:  # torch 2.5
+        from torch.distributed._composable.fsdp import fully_shard as shard
+    return shard(module, **kwargs)
+
+
+def fsdp_runs_here() -> bool:
+    """Whether FSDP2 can train on this machine: with CUDA under every supported torch, on CPU (gloo) from torch
+    2.6 on. torch 2.5's FSDP2 fails the first forward on CPU with 'FSDP requires CUDA for streams'."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return torch.cuda.is_available() or (major, minor) >= (2, 6)
+
+
+FSDP_NEEDS_CUDA = ("Invalid --fsdp on CPU with torch {}: FSDP2 runs on CPU from torch 2.6 on (torch 2.5's needs "
+                   "CUDA); upgrade torch, or drop --fsdp for DDP")
+
 FSDP_NEEDS_TORCHRUN = ("Invalid --fsdp without torchrun: FSDP shards over several processes "
                        "(torchrun --nproc-per-node N fused-ft finetune ... --fsdp)")
 
@@ -60,6 +80,8 @@ def setup(fsdp: bool = False) -> Context:
         if fsdp:
             raise ValueError(FSDP_NEEDS_TORCHRUN)
         return Context()
+    if fsdp and not fsdp_runs_here():
+        raise ValueError(FSDP_NEEDS_CUDA.format(torch.__version__))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
@@ -72,8 +94,6 @@ def wrap(model: nn.Module, ctx: Context) -> nn.Module:
     if not ctx.distributed:
         return model
     if ctx.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
         for child in model.children():
             if any(True for _ in child.parameters()):
                 fully_shard(child)

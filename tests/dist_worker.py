@@ -68,7 +68,7 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def shard(model: nn.Module) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
+    from fused_ft.distributed import fully_shard  # torch 2.5 has it in torch.distributed._composable.fsdp
 
     for layer in (model.embed, model.body[0], model.body[2], model.head):
         fully_shard(layer)
