@@ -27,12 +27,12 @@ def _cache_interpreter_lang_patching() -> None:
         return  # another Triton: leave it alone
     builtins: dict[int, list] = {}
 
-    def patch_builtin(pkg, builder, scope):
+    def patch_builtin(pkg, builder, *scope):  # Triton 3.1 (torch 2.5's) passes no scope, later ones one
         members = builtins.get(id(pkg))
         if members is None:  # first call: top level, nothing patched yet
             members = builtins[id(pkg)] = [(n, m) for n, m in inspect.getmembers(pkg) if tl.core.is_builtin(m)]
         for name, member in members:
-            interpreter._patch_attr(pkg, name, member, builder, scope)
+            interpreter._patch_attr(pkg, name, member, builder, *scope)
 
     interpreter._patch_builtin = patch_builtin
 
