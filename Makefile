@@ -26,7 +26,7 @@ dist-check: $(STAMP)
 	PY=$(PY) PYTHON=$(PYTHON) tests/dist_check.sh
 
 # The core suite under the oldest torch that pyproject.toml declares and the newest on PyPI: one venv each
-# under .compat/<version>/, installed from PyPI past this machine's pip caps (several GB each, about an hour
+# under .compat/<version>/, installed from PyPI past this machine's pip caps (several GB each, hours
 # on 2 cores). Too slow for CI: run by hand, recorded in COMPAT.md. Versions: make compat COMPAT_TORCH="2.5.0 2.15.0"
 compat:
 	$(PYTHON) tests/compat.py $(COMPAT_TORCH)
