@@ -1,7 +1,11 @@
 """Trajectory parity with the independent implementations (torch.optim for SGD/AdamW, timm for LARS/LAMB).
 
-Each side trains its own copy of a real timm model (random weights) for 100 steps on the same
+Each side trains its own copy of a real timm model (random weights) for 30 steps on the same
 batches, with two param groups that differ in hyperparameters; parameters and state must match.
+30 steps, not more: the reference backend does what torch and timm do, so a wrong formula shows at
+the step where it first acts (bias corrections, momentum's first step, trust ratios from step 1), and
+every case then runs a few dozen steps with it; the long kernel trajectories are test_kernels' and
+test_bf16_update's. 100 steps made this file a third of the suite's time on 2 cores.
 """
 import pytest
 import torch
@@ -10,14 +14,17 @@ from fused_ft.testing.specs import OPTIMIZERS
 from tests.helpers import (MODELS, assert_params_close, assert_state_close, batches, make_model, train_step, twin,
                            two_groups)
 
-STEPS = 100
-# every variant on the ViT; the first two of each optimizer on the ResNet (the suite runs on 2 cores)
+STEPS = 30
+# every variant on the ViT; on the ResNet the first two of LARS and LAMB, whose trust ratios are norms over
+# whole tensors (4-d convolution weights, batch-norm vectors); SGD's and AdamW's updates are elementwise,
+# blind to a tensor's shape, so a second model adds time, not cases (the suite runs on 2 cores)
+SHAPE_AWARE = ("lars", "lamb")
 CASES = [
     pytest.param(spec.name, variant, model, id=f"{spec.name}-{variant}-{model}")
     for spec in OPTIMIZERS.values()
     for i, variant in enumerate(spec.variants)
     for model in MODELS
-    if model.startswith("vit") or i < 2
+    if model.startswith("vit") or (i < 2 and spec.name in SHAPE_AWARE)
 ]
 
 

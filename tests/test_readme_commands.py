@@ -71,7 +71,7 @@ def _run(argv: list[str], tmp_path, monkeypatch, capsys, image_folder) -> tuple[
 def _make(argv, tmp_path, monkeypatch, capsys, image_folder):
     # what the target runs, not a second venv and test suite inside this one (CI runs `make test`)
     recipe = subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    expected = {"demo": "/bin/fused-ft demo", "test": "-m pytest -n 2 tests"}[argv[1]]
+    expected = {"demo": "/bin/fused-ft demo", "test": "-m pytest -n 2 --dist worksteal"}[argv[1]]
     assert expected in recipe, recipe
 
 
