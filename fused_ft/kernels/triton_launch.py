@@ -21,11 +21,13 @@ GPU would compile can be captured and compiled on a machine without one.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+import triton
 import triton.language as tl
 
 from fused_ft._precision import Rounding, tensor_key
@@ -79,8 +81,25 @@ def compiled_variants() -> int:
     return len(_VARIANTS)
 
 
+# The oldest Triton these kernels are checked on (COMPAT.md, make compat). Triton 3.1, torch 2.5's, is
+# refused: its interpreter cannot run them (program-id loops, promoted integer types) and no GPU has run
+# them compiled with it, so under torch 2.5 auto takes the reference backend on CUDA, saying so once.
+MIN_TRITON = (3, 2)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
 def unavailable_reason(device: torch.device) -> str | None:
-    """Kernels run on CUDA tensors, or on CPU ones in Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    """Kernels run on CUDA tensors, or on CPU ones in Triton's interpreter (``TRITON_INTERPRET=1``),
+    with Triton >= ``MIN_TRITON``."""
+    if _release(triton.__version__) < MIN_TRITON:
+        floor = ".".join(map(str, MIN_TRITON))
+        return (f"backend='triton' needs Triton >= {floor} (torch >= 2.6); this environment has Triton "
+                f"{triton.__version__} (torch {torch.__version__}), which fused_ft's kernels are not checked "
+                "on; upgrade torch, or use backend='reference'")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type == "cuda" and not interpret and not torch.cuda.is_available():
         return "backend='triton' needs a CUDA device, and torch sees none (torch.cuda.is_available() is False)"
