@@ -39,9 +39,9 @@ def _triton_line() -> str:
     version = _version("triton")
     if version is None:
         return "not installed (backend='triton' unavailable; on Linux it comes with torch)"
-    from fused_ft.kernels.triton_launch import MIN_TRITON, _release
+    from fused_ft.kernels.triton_launch import MIN_TRITON, release
 
-    if _release(version) < MIN_TRITON:
+    if release(version) < MIN_TRITON:
         floor = ".".join(map(str, MIN_TRITON))
         return f"{version} (below {floor}, the oldest fused_ft's kernels are checked on: backend='triton' refused)"
     interpret = " (TRITON_INTERPRET=1: kernels run in the CPU interpreter)" if os.environ.get(

@@ -47,10 +47,10 @@ def pytest_collection_modifyitems(config, items):
     try:
         import triton
 
-        from fused_ft.kernels.triton_launch import MIN_TRITON, _release
+        from fused_ft.kernels.triton_launch import MIN_TRITON, release
     except ImportError:
         return
-    if _release(triton.__version__) >= MIN_TRITON:
+    if release(triton.__version__) >= MIN_TRITON:
         return
     floor = ".".join(map(str, MIN_TRITON))
     skip = pytest.mark.skip(reason=f"Triton {triton.__version__} < {floor}: fused_ft refuses backend='triton' there")

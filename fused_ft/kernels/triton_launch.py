@@ -36,7 +36,7 @@ from fused_ft.kernels._layout import compensation_slot, flat_addresses, flat_slo
 from fused_ft.kernels.capabilities import kernel_unsupported_reason
 
 __all__ = ["UPDATES", "sgd", "adamw", "lars", "lamb", "lamb_clip", "launches", "compiled_variants",
-           "unavailable_reason", "unsupported_reason",
+           "unavailable_reason", "unsupported_reason", "MIN_TRITON", "release",
            "launch_config"]
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
@@ -87,7 +87,8 @@ def compiled_variants() -> int:
 MIN_TRITON = (3, 2)
 
 
-def _release(version: str) -> tuple[int, ...]:
+def release(version: str) -> tuple[int, int]:
+    """(major, minor) of a Triton version string ("3.2.0+git1a2b" -> (3, 2)); (0, 0) if it has none."""
     match = re.match(r"(\d+)\.(\d+)", version)
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
@@ -95,7 +96,7 @@ def _release(version: str) -> tuple[int, ...]:
 def unavailable_reason(device: torch.device) -> str | None:
     """Kernels run on CUDA tensors, or on CPU ones in Triton's interpreter (``TRITON_INTERPRET=1``),
     with Triton >= ``MIN_TRITON``."""
-    if _release(triton.__version__) < MIN_TRITON:
+    if release(triton.__version__) < MIN_TRITON:
         floor = ".".join(map(str, MIN_TRITON))
         return (f"backend='triton' needs Triton >= {floor} (torch >= 2.6); this environment has Triton "
                 f"{triton.__version__} (torch {torch.__version__}), which fused_ft's kernels are not checked "
