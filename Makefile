@@ -30,9 +30,11 @@ dist-check: $(STAMP)
 
 # The core suite under the oldest torch that pyproject.toml declares and the newest on PyPI: one venv each
 # under .compat/<version>/, installed from PyPI past this machine's pip caps (several GB each, hours
-# on 2 cores). Too slow for CI: run by hand, recorded in COMPAT.md. Versions: make compat COMPAT_TORCH="2.5.0 2.15.0"
+# on 2 cores), then the Triton-interpreter tests under torch 2.6 (the triton backend's floor, Triton 3.2).
+# Too slow for CI: run by hand, recorded in COMPAT.md. Versions: make compat COMPAT_TORCH="2.5.0 2.15.0"
 compat:
-	$(PYTHON) tests/compat.py $(COMPAT_TORCH)
+	$(PYTHON) tests/compat.py $(COMPAT_TORCH); status=$$?; $(PYTHON) tests/compat.py --triton-floor && exit $$status
+	$(PYTHON) tests/compat.py --table
 
 # lint needs only ruff (the pinned one): not torch, the extras and a C++ build of the extension, which
 # made `make lint` in a fresh clone take as long as the whole install (and a time limit killed it)

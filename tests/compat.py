@@ -13,6 +13,9 @@ may cap torch) nor a dependency of the extras can move torch. In each venv:
 3. the core suite (CORE below), from ``run/`` (the tests without the package, so the installed one is
    imported), with a JUnit report for the counts.
 
+``--triton-floor``: the Triton-interpreter tests alone under the torch whose Triton is the triton backend's
+floor (``triton_floor`` below), the check behind ``MIN_TRITON``.
+
 Too slow for CI (two CUDA builds of torch, several GB each, two compiles, two suites): run it by hand and
 record the table in COMPAT.md. ``python3 tests/compat.py --help`` for the options.
 """
@@ -35,6 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CORE = ["test_parity.py", "test_properties.py", "test_interop.py", "test_interop_default_backend.py",
         "test_lifecycle.py", "test_kernels.py", "test_frozen.py", "test_step_in_backward.py",
         "test_bf16_update.py", "test_validation.py", "test_distributed.py"]
+# the files with Triton-interpreter tests (-k triton selects them: named so, or marked triton)
+TRITON_TESTS = ["test_kernels.py", "test_bf16_update.py", "test_step_in_backward.py", "test_lifecycle.py"]
+# fused_ft.kernels.triton_launch.MIN_TRITON = (3, 2) is the Triton of this torch
+TRITON_FLOOR_TORCH = "2.6.0"
 
 JIT_CHECK = r"""
 import json, sys, time, warnings
@@ -213,16 +220,23 @@ def one_version(version: str, base: Path, python: str, workers: int, reinstall: 
     result["jit_detail"] = jit
 
     # the core suite, against the installed package
+    pytest_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FUSED_FT_CACHE")}
+    pytest_env["FUSED_FT_CACHE"] = str(venv / "cache")
+    result.update(run_suite(py, venv, tests, CORE, workers, log, pytest_env))
+    result["status"] = "ok" if result["pytest_rc"] == 0 and result["aot"] and result["jit"] else "FAILED"
+    return result
+
+
+def run_suite(py: Path, venv: Path, cwd: Path, files: list[str], workers: int, log: Path, env: dict,
+              select: list[str] = ()) -> dict:
+    """pytest on ``files`` (those that exist under ``cwd/tests``): counts from its JUnit report."""
     report = venv / "junit.xml"
     report.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    pytest_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FUSED_FT_CACHE")}
-    pytest_env["FUSED_FT_CACHE"] = str(venv / "cache")
     step = run([py, "-m", "pytest", "-q", "-n", str(workers), "-p", "no:cacheprovider", f"--junitxml={report}",
-                *[f"tests/{name}" for name in CORE if (tests / "tests" / name).exists()]],
-               log, cwd=tests, env=pytest_env)
-    result["suite_s"] = round(time.perf_counter() - t0)
-    result["pytest_rc"] = step.returncode
+                *select, *[f"tests/{name}" for name in files if (cwd / "tests" / name).exists()]],
+               log, cwd=cwd, env=env)
+    result = dict(suite_s=round(time.perf_counter() - t0), pytest_rc=step.returncode)
     if report.exists():
         suite = ET.parse(report).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -232,7 +246,42 @@ def one_version(version: str, base: Path, python: str, workers: int, reinstall: 
         result["not_passed"] = sorted(
             f"{case.get('classname')}::{case.get('name')} [{child.tag}] {(child.get('message') or '')[:200]}"
             for case in suite.iter("testcase") for child in case if child.tag in ("failure", "error", "skipped"))
-    result["status"] = "ok" if step.returncode == 0 and result["aot"] and result["jit"] else "FAILED"
+    return result
+
+
+def triton_floor(version: str, base: Path, python: str, workers: int) -> dict:
+    """The Triton-interpreter tests alone under ``version``, the torch whose Triton is fused_ft's MIN_TRITON:
+    the check behind that floor. No C++ extension (FUSED_FT_BUILD=0: the triton tests do not need it) and
+    numpy<2.4, whose refusal of int() on 1-element arrays breaks older Triton interpreters
+    (triton-lang/triton#9171; the interpreter only, not compiled kernels). See COMPAT.md."""
+    venv = base / version
+    log = venv / "compat.log"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    log.write_text("")
+    print(f"== torch {version}, Triton-interpreter tests only: {venv} (log: {log})", flush=True)
+    vision, paired = torchvision_for(version, str(py))
+    constraints = venv / "constraints.txt"
+    constraints.write_text(f"torch=={version}\nnumpy<2.4\n" + (f"torchvision=={vision}\n" if paired else ""))
+    result: dict = dict(torch=version, scope="triton interpreter tests", torchvision=vision or "none")
+    t0 = time.perf_counter()
+    step = run([py, "-m", "pip", "install", "-q", f"torch=={version}", *([f"torchvision=={vision}"] if paired else []),
+                "numpy", "tqdm", "ninja", "timm", "pillow", "hypothesis", "pytest", "pytest-xdist"], log,
+               env=pip_env(constraints))
+    result["install_torch_s"] = round(time.perf_counter() - t0)
+    if step.returncode != 0:
+        return dict(result, status=f"install failed (see {log})")
+    src = venv / "src"
+    copy_tree(src, with_package=True)
+    probe = ("import json, sys, torch, triton, numpy; print(json.dumps(dict(python=sys.version.split()[0], "
+             "triton=triton.__version__, numpy=numpy.__version__)))")
+    info = json.loads(subprocess.run([py, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    result.update(info)
+    env = {k: v for k, v in os.environ.items() if k != "FUSED_FT_CACHE"}
+    env.update(PYTHONPATH=str(src), FUSED_FT_BUILD="0")
+    result.update(run_suite(py, venv, src, TRITON_TESTS, workers, log, env, select=["-k", "triton", "-W", "ignore"]))
+    result["status"] = "ok" if result["pytest_rc"] == 0 and not result.get("skipped") else "FAILED"
     return result
 
 
@@ -243,8 +292,9 @@ def table(results: list[dict]) -> str:
     yes = {True: "ok", False: "FAILED", None: "-"}
     for r in results:
         rows.append("| " + " | ".join(str(x) for x in (
-            r["torch"], r.get("python", "-"), r.get("triton", "-"), r.get("torchvision", "-"), yes[r.get("aot")],
-            yes[r.get("jit")], r.get("passed", "-"), r.get("failed", "-"), r.get("skipped", "-"),
+            r["torch"] + (f" ({r['scope']}, numpy {r.get('numpy')})" if "scope" in r else ""), r.get("python", "-"),
+            r.get("triton", "-"), r.get("torchvision", "-"), yes[r.get("aot")], yes[r.get("jit")], r.get("passed", "-"),
+            r.get("failed", "-"), r.get("skipped", "-"),
             r.get("errors", "-"), f"{r['suite_s'] // 60} min {r['suite_s'] % 60} s" if "suite_s" in r else "-",
             r["status"])) + " |")
     return "\n".join(rows)
@@ -258,6 +308,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="pytest-xdist workers (default: 2)")
     parser.add_argument("--reinstall", action="store_true", help="remove each venv first")
     parser.add_argument("--table", action="store_true", help="only print the table of the venvs' last results")
+    parser.add_argument("--triton-floor", action="store_true",
+                        help=f"only the Triton-interpreter tests under torch {TRITON_FLOOR_TORCH} (Triton 3.2, the "
+                             "triton backend's floor), numpy<2.4, no C++ extension")
     args = parser.parse_args()
     base = Path(args.dir).resolve()
     base.mkdir(parents=True, exist_ok=True)
@@ -266,11 +319,17 @@ def main() -> int:
         found.sort(key=lambda r: [int(x) for x in r["torch"].split("+")[0].split(".")])
         print(table(found))
         return 0
-    versions = args.versions or [oldest_torch(), newest_torch(args.python)]
+    if args.triton_floor:
+        versions = [TRITON_FLOOR_TORCH]
+    else:
+        versions = args.versions or [oldest_torch(), newest_torch(args.python)]
     results = []
     for version in versions:
         t0 = time.perf_counter()
-        result = one_version(version, base, args.python, args.workers, args.reinstall)
+        if args.triton_floor:
+            result = triton_floor(version, base, args.python, args.workers)
+        else:
+            result = one_version(version, base, args.python, args.workers, args.reinstall)
         result["total_s"] = round(time.perf_counter() - t0)
         results.append(result)
         (base / version / "result.json").write_text(json.dumps(result, indent=1) + "\n")
