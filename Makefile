@@ -33,8 +33,8 @@ dist-check: $(STAMP)
 # on 2 cores), then the Triton-interpreter tests under torch 2.6 (the triton backend's floor, Triton 3.2).
 # Too slow for CI: run by hand, recorded in COMPAT.md. Versions: make compat COMPAT_TORCH="2.5.0 2.15.0"
 compat:
-	$(PYTHON) tests/compat.py $(COMPAT_TORCH); status=$$?; $(PYTHON) tests/compat.py --triton-floor && exit $$status
-	$(PYTHON) tests/compat.py --table
+	$(PYTHON) tests/compat.py $(COMPAT_TORCH); suite=$$?; $(PYTHON) tests/compat.py --triton-floor; floor=$$?; \
+	$(PYTHON) tests/compat.py --table; test $$suite -eq 0 && test $$floor -eq 0
 
 # lint needs only ruff (the pinned one): not torch, the extras and a C++ build of the extension, which
 # made `make lint` in a fresh clone take as long as the whole install (and a time limit killed it)

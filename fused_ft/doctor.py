@@ -39,11 +39,13 @@ def _triton_line() -> str:
     version = _version("triton")
     if version is None:
         return "not installed (backend='triton' unavailable; on Linux it comes with torch)"
-    from fused_ft.kernels.triton_launch import MIN_TRITON, release
+    import triton
 
-    if release(version) < MIN_TRITON:
-        floor = ".".join(map(str, MIN_TRITON))
-        return f"{version} (below {floor}, the oldest fused_ft's kernels are checked on: backend='triton' refused)"
+    from fused_ft.kernels.triton_launch import below_floor_reason
+
+    reason = below_floor_reason(triton.__version__)  # the module's version: the one the backend checks
+    if reason is not None:
+        return f"{triton.__version__}: {reason}"
     interpret = " (TRITON_INTERPRET=1: kernels run in the CPU interpreter)" if os.environ.get(
         "TRITON_INTERPRET") == "1" else ""
     return f"{version}{interpret}"

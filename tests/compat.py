@@ -1,4 +1,5 @@
-"""``make compat``: the core suite under the oldest torch pyproject.toml declares and the newest on PyPI.
+"""``make compat``: the core suite under the oldest torch pyproject.toml declares and the newest on PyPI;
+with ``--triton-floor``, the Triton-interpreter tests at the triton backend's floor.
 
 One venv per torch version under ``.compat/<version>/`` (git-ignored), each installed from PyPI with its own
 constraints file (torch and torchvision pinned), so that neither this machine's pip configuration (which
@@ -285,6 +286,12 @@ def triton_floor(version: str, base: Path, python: str, workers: int) -> dict:
     return result
 
 
+def every_result(base: Path) -> list[dict]:
+    """The last result of every venv under ``base``, oldest torch first."""
+    found = [json.loads(p.read_text()) for p in base.glob("*/result.json")]
+    return sorted(found, key=lambda r: [int(x) for x in r["torch"].split("+")[0].split(".")])
+
+
 def table(results: list[dict]) -> str:
     head = ["torch", "python", "triton", "torchvision", "extension AOT", "extension JIT", "passed", "failed",
             "skipped", "errors", "suite wall", "status"]
@@ -312,12 +319,12 @@ def main() -> int:
                         help=f"only the Triton-interpreter tests under torch {TRITON_FLOOR_TORCH} (Triton 3.2, the "
                              "triton backend's floor), numpy<2.4, no C++ extension")
     args = parser.parse_args()
+    if args.triton_floor and args.versions:
+        parser.error(f"--triton-floor takes no versions (it runs torch {TRITON_FLOOR_TORCH}): got {args.versions}")
     base = Path(args.dir).resolve()
     base.mkdir(parents=True, exist_ok=True)
     if args.table:
-        found = [json.loads(p.read_text()) for p in base.glob("*/result.json")]
-        found.sort(key=lambda r: [int(x) for x in r["torch"].split("+")[0].split(".")])
-        print(table(found))
+        print(table(every_result(base)))
         return 0
     if args.triton_floor:
         versions = [TRITON_FLOOR_TORCH]
@@ -327,6 +334,8 @@ def main() -> int:
     for version in versions:
         t0 = time.perf_counter()
         if args.triton_floor:
+            if args.reinstall:
+                shutil.rmtree(base / version, ignore_errors=True)
             result = triton_floor(version, base, args.python, args.workers)
         else:
             result = one_version(version, base, args.python, args.workers, args.reinstall)
@@ -334,7 +343,7 @@ def main() -> int:
         results.append(result)
         (base / version / "result.json").write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps({k: v for k, v in result.items() if not k.endswith("_detail")}, indent=1), flush=True)
-    text = table(results)
+    text = table(every_result(base))  # this run's rows beside the other venvs' last ones
     (base / "table.md").write_text(text + "\n")
     print("\n" + text + f"\n\n(written to {base / 'table.md'}; each venv's result.json and compat.log say more)")
     return 0 if all(r["status"] == "ok" for r in results) else 1

@@ -42,20 +42,18 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 def pytest_collection_modifyitems(config, items):
     """Below fused_ft's Triton floor (torch 2.5's Triton 3.1, in make compat) backend='triton' is refused,
-    which test_kernels checks with a patched version: the tests that run the triton backend (named so, or
-    marked ``triton``) are skipped there, saying why, rather than failing on the refusal."""
+    which test_kernels checks with a patched version: the tests that run the triton backend (named so, in a
+    file named so, or marked ``triton``) are skipped there, saying why, rather than failing on the refusal."""
     try:
-        import triton
-
-        from fused_ft.kernels.triton_launch import MIN_TRITON, release
+        from fused_ft.kernels.triton_launch import below_floor_reason
     except ImportError:
         return
-    if release(triton.__version__) >= MIN_TRITON:
+    reason = below_floor_reason()
+    if reason is None:
         return
-    floor = ".".join(map(str, MIN_TRITON))
-    skip = pytest.mark.skip(reason=f"Triton {triton.__version__} < {floor}: fused_ft refuses backend='triton' there")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
-        if "triton" in item.nodeid.split("::", 1)[-1].lower() or item.get_closest_marker("triton"):
+        if "triton" in item.nodeid.lower() or item.get_closest_marker("triton"):
             item.add_marker(skip)
 
 

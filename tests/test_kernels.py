@@ -264,18 +264,30 @@ def test_triton_outside_the_interpreter_needs_cuda(monkeypatch):
 
 
 def test_a_release_below_the_kernels_floor_is_refused_naming_the_fix_and_auto_falls_back(monkeypatch):
-    """torch 2.5 ships Triton 3.1, whose interpreter cannot run the kernels (COMPAT.md): refused by name,
+    """torch 2.5 ships Triton 3.1, whose interpreter gets the kernels wrong (COMPAT.md): refused by name,
     and auto on CUDA takes the reference backend with one warning instead of running unchecked kernels."""
+    from fused_ft import doctor
+
     monkeypatch.setattr(TL.triton, "__version__", "3.1.0")
     monkeypatch.setattr(fused_ft._dispatch, "_WARNED", set())
     q = torch.randn(4, requires_grad=True)
     q.grad = torch.randn(4)
     assert "triton" not in fused_ft.available_backends("cpu")  # TRITON_INTERPRET=1 would allow it otherwise
-    with pytest.raises(fused_ft.BackendUnavailableError, match=r"needs Triton >= 3\.2 .*has Triton 3\.1\.0"):
+    refusal = r"needs Triton >= 3\.2, which comes with torch >= 2\.6; this environment has Triton 3\.1\.0"
+    with pytest.raises(fused_ft.BackendUnavailableError, match=refusal):
         fused_ft.SGD([q], lr=0.1, backend="triton").step()
-    with pytest.warns(UserWarning, match=r"needs Triton >= 3\.2.*falling back to backend='reference'"):
+    with pytest.warns(UserWarning, match=refusal + r".*; falling back to backend='reference'"):
         name, _ = fused_ft._dispatch.resolve("auto", "adamw", torch.device("cuda"), {})
     assert name == "reference"
+    assert doctor._triton_line().startswith("3.1.0: backend='triton' needs Triton >= 3.2")
+    # where the tensors cannot go is said first: a newer torch would not fix that
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(fused_ft.BackendUnavailableError, match=r"needs CUDA tensors, but the parameters are on cpu"):
+        fused_ft.SGD([q], lr=0.1, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FUSED_FT_TRITON_FLOOR", "3.1")  # to check an older Triton on a GPU before claiming it
+    assert "triton" in fused_ft.available_backends("cpu")
+    monkeypatch.delenv("FUSED_FT_TRITON_FLOOR")
     monkeypatch.setattr(TL.triton, "__version__", "3.2.0")
     assert "triton" in fused_ft.available_backends("cpu")
 

@@ -36,7 +36,7 @@ from fused_ft.kernels._layout import compensation_slot, flat_addresses, flat_slo
 from fused_ft.kernels.capabilities import kernel_unsupported_reason
 
 __all__ = ["UPDATES", "sgd", "adamw", "lars", "lamb", "lamb_clip", "launches", "compiled_variants",
-           "unavailable_reason", "unsupported_reason", "MIN_TRITON", "release",
+           "unavailable_reason", "unsupported_reason", "MIN_TRITON", "release", "below_floor_reason",
            "launch_config"]
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
@@ -81,9 +81,11 @@ def compiled_variants() -> int:
     return len(_VARIANTS)
 
 
-# The oldest Triton these kernels are checked on (COMPAT.md, make compat). Triton 3.1, torch 2.5's, is
-# refused: its interpreter cannot run them (program-id loops, promoted integer types) and no GPU has run
-# them compiled with it, so under torch 2.5 auto takes the reference backend on CUDA, saying so once.
+# The oldest Triton these kernels are checked on, in Triton's CPU interpreter (COMPAT.md, make compat;
+# no GPU has run them compiled on 3.2 or 3.1 yet). Triton 3.1, torch 2.5's, is refused: its interpreter
+# gets the kernels' bf16 stores and stochastic rounding wrong, so under torch 2.5 auto takes the reference
+# backend on CUDA, saying so once. FUSED_FT_TRITON_FLOOR=3.1 lowers the floor, to check an older Triton
+# on a GPU (python -m benchmarks.gpu_check) before claiming it.
 MIN_TRITON = (3, 2)
 
 
@@ -93,21 +95,28 @@ def release(version: str) -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
+def below_floor_reason(version: str | None = None) -> str | None:
+    """Why Triton ``version`` (default: the one imported) is below the kernels' floor, or None when it is not."""
+    version = triton.__version__ if version is None else version
+    override = os.environ.get("FUSED_FT_TRITON_FLOOR")
+    floor = release(override) if override else MIN_TRITON
+    if release(version) >= floor:
+        return None
+    return (f"backend='triton' needs Triton >= {floor[0]}.{floor[1]}, which comes with torch >= 2.6; this "
+            f"environment has Triton {version} (torch {torch.__version__}), on which fused_ft's kernels are "
+            "not checked (COMPAT.md): upgrade torch for the triton backend")
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     """Kernels run on CUDA tensors, or on CPU ones in Triton's interpreter (``TRITON_INTERPRET=1``),
-    with Triton >= ``MIN_TRITON``."""
-    if release(triton.__version__) < MIN_TRITON:
-        floor = ".".join(map(str, MIN_TRITON))
-        return (f"backend='triton' needs Triton >= {floor} (torch >= 2.6); this environment has Triton "
-                f"{triton.__version__} (torch {torch.__version__}), which fused_ft's kernels are not checked "
-                "on; upgrade torch, or use backend='reference'")
+    with Triton >= ``MIN_TRITON``. Where the tensors cannot go comes first: it is the user's to fix."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type == "cuda" and not interpret and not torch.cuda.is_available():
         return "backend='triton' needs a CUDA device, and torch sees none (torch.cuda.is_available() is False)"
     if device.type != "cuda" and not interpret:
         return (f"backend='triton' needs CUDA tensors, but the parameters are on {device}; use backend='auto' "
                 "or 'cpu', or set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) CPU interpreter")
-    return None
+    return below_floor_reason()
 
 
 def unsupported_reason(optimizer: str, options: Mapping[str, Any], dtypes: frozenset) -> str | None:
