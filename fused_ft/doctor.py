@@ -36,16 +36,16 @@ def _extension_lines() -> tuple[list[tuple[str, str]], bool]:
 
 
 def _triton_line() -> str:
-    version = _version("triton")
-    if version is None:
+    try:  # the module, not a distribution's metadata: the version the backend checks, whatever the wheel's name
+        import triton
+    except ImportError:
         return "not installed (backend='triton' unavailable; on Linux it comes with torch)"
-    import triton
-
     from fused_ft.kernels.triton_launch import below_floor_reason
 
-    reason = below_floor_reason(triton.__version__)  # the module's version: the one the backend checks
+    version = triton.__version__
+    reason = below_floor_reason(version)
     if reason is not None:
-        return f"{triton.__version__}: {reason}"
+        return f"{version}: {reason}"
     interpret = " (TRITON_INTERPRET=1: kernels run in the CPU interpreter)" if os.environ.get(
         "TRITON_INTERPRET") == "1" else ""
     return f"{version}{interpret}"

@@ -136,23 +136,31 @@ def copy_tree(target: Path, with_package: bool) -> None:
             shutil.copy2(source, target / name)
 
 
-def one_version(version: str, base: Path, python: str, workers: int, reinstall: bool) -> dict:
+def prepare_venv(version: str, base: Path, python: str, reinstall: bool, constraint: str,
+                 what: str = "") -> tuple[Path, Path, Path, str | None, bool, dict]:
+    """``base/version``, created (afresh with ``reinstall``), with an empty ``compat.log`` and a constraints
+    file pinning torch, its torchvision where PyPI has one, and ``constraint``: (venv, log, python,
+    torchvision, whether it is the one built for this torch, pip's environment)."""
     venv = base / version
     log = venv / "compat.log"
     py = venv / "bin" / "python"
-    stamp = venv / ".torch-installed"
-    result: dict = dict(torch=version)
     if reinstall and venv.exists():
         shutil.rmtree(venv)
     if not py.exists():
         subprocess.run([python, "-m", "venv", str(venv)], check=True)
     log.write_text("")
-    print(f"== torch {version}: {venv} (log: {log})", flush=True)
-
+    print(f"== torch {version}{what}: {venv} (log: {log})", flush=True)
     vision, paired = torchvision_for(version, str(py))
     constraints = venv / "constraints.txt"
-    constraints.write_text(f"torch=={version}\n" + (f"torchvision=={vision}\n" if paired else ""))
-    env = pip_env(constraints)
+    constraints.write_text(f"torch=={version}\n" + (f"{constraint}\n" if constraint else "")
+                           + (f"torchvision=={vision}\n" if paired else ""))
+    return venv, log, py, vision, paired, pip_env(constraints)
+
+
+def one_version(version: str, base: Path, python: str, workers: int, reinstall: bool) -> dict:
+    venv, log, py, vision, paired, env = prepare_venv(version, base, python, reinstall, "")
+    stamp = venv / ".torch-installed"
+    result: dict = dict(torch=version)
     t0 = time.perf_counter()
     if not stamp.exists():
         step = run([py, "-m", "pip", "install", "-q", "--upgrade", "pip", "setuptools>=77", "wheel", "ninja",
@@ -250,26 +258,17 @@ def run_suite(py: Path, venv: Path, cwd: Path, files: list[str], workers: int, l
     return result
 
 
-def triton_floor(version: str, base: Path, python: str, workers: int) -> dict:
+def triton_floor(version: str, base: Path, python: str, workers: int, reinstall: bool) -> dict:
     """The Triton-interpreter tests alone under ``version``, the torch whose Triton is fused_ft's MIN_TRITON:
     the check behind that floor. No C++ extension (FUSED_FT_BUILD=0: the triton tests do not need it) and
     numpy<2.4, whose refusal of int() on 1-element arrays breaks older Triton interpreters
     (triton-lang/triton#9171; the interpreter only, not compiled kernels). See COMPAT.md."""
-    venv = base / version
-    log = venv / "compat.log"
-    py = venv / "bin" / "python"
-    if not py.exists():
-        subprocess.run([python, "-m", "venv", str(venv)], check=True)
-    log.write_text("")
-    print(f"== torch {version}, Triton-interpreter tests only: {venv} (log: {log})", flush=True)
-    vision, paired = torchvision_for(version, str(py))
-    constraints = venv / "constraints.txt"
-    constraints.write_text(f"torch=={version}\nnumpy<2.4\n" + (f"torchvision=={vision}\n" if paired else ""))
+    venv, log, py, vision, paired, pip = prepare_venv(version, base, python, reinstall, "numpy<2.4",
+                                                      ", Triton-interpreter tests only")
     result: dict = dict(torch=version, scope="triton interpreter tests", torchvision=vision or "none")
     t0 = time.perf_counter()
     step = run([py, "-m", "pip", "install", "-q", f"torch=={version}", *([f"torchvision=={vision}"] if paired else []),
-                "numpy", "tqdm", "ninja", "timm", "pillow", "hypothesis", "pytest", "pytest-xdist"], log,
-               env=pip_env(constraints))
+                "numpy", "tqdm", "ninja", "timm", "pillow", "hypothesis", "pytest", "pytest-xdist"], log, env=pip)
     result["install_torch_s"] = round(time.perf_counter() - t0)
     if step.returncode != 0:
         return dict(result, status=f"install failed (see {log})")
@@ -334,9 +333,7 @@ def main() -> int:
     for version in versions:
         t0 = time.perf_counter()
         if args.triton_floor:
-            if args.reinstall:
-                shutil.rmtree(base / version, ignore_errors=True)
-            result = triton_floor(version, base, args.python, args.workers)
+            result = triton_floor(version, base, args.python, args.workers, args.reinstall)
         else:
             result = one_version(version, base, args.python, args.workers, args.reinstall)
         result["total_s"] = round(time.perf_counter() - t0)

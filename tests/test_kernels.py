@@ -285,9 +285,11 @@ def test_a_release_below_the_kernels_floor_is_refused_naming_the_fix_and_auto_fa
     with pytest.raises(fused_ft.BackendUnavailableError, match=r"needs CUDA tensors, but the parameters are on cpu"):
         fused_ft.SGD([q], lr=0.1, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("FUSED_FT_TRITON_FLOOR", "3.1")  # to check an older Triton on a GPU before claiming it
+    # FUSED_FT_TRITON_FLOOR=3.1 (read at import): to check an older Triton on a GPU before claiming it
+    assert TL.floor_from({}) == TL.MIN_TRITON == TL.FLOOR
+    monkeypatch.setattr(TL, "FLOOR", TL.floor_from({"FUSED_FT_TRITON_FLOOR": "3.1"}))
     assert "triton" in fused_ft.available_backends("cpu")
-    monkeypatch.delenv("FUSED_FT_TRITON_FLOOR")
+    monkeypatch.setattr(TL, "FLOOR", TL.MIN_TRITON)
     monkeypatch.setattr(TL.triton, "__version__", "3.2.0")
     assert "triton" in fused_ft.available_backends("cpu")
 

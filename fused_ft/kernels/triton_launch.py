@@ -20,6 +20,7 @@ GPU would compile can be captured and compiled on a machine without one.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections import Counter, OrderedDict
@@ -36,7 +37,8 @@ from fused_ft.kernels._layout import compensation_slot, flat_addresses, flat_slo
 from fused_ft.kernels.capabilities import kernel_unsupported_reason
 
 __all__ = ["UPDATES", "sgd", "adamw", "lars", "lamb", "lamb_clip", "launches", "compiled_variants",
-           "unavailable_reason", "unsupported_reason", "MIN_TRITON", "release", "below_floor_reason",
+           "unavailable_reason", "unsupported_reason", "MIN_TRITON", "FLOOR", "floor_from", "release",
+           "below_floor_reason",
            "launch_config"]
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
@@ -95,14 +97,28 @@ def release(version: str) -> tuple[int, int]:
     return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
+def floor_from(environ: Mapping[str, str]) -> tuple[int, int]:
+    """The floor in force: ``FUSED_FT_TRITON_FLOOR`` ("3.1") where set, else ``MIN_TRITON``."""
+    override = environ.get("FUSED_FT_TRITON_FLOOR")
+    return release(override) if override else MIN_TRITON
+
+
+# read once: the override is set for a whole run (a GPU check of an older Triton), and the backend asks
+# on every step of every CUDA group
+FLOOR = floor_from(os.environ)
+
+
 def below_floor_reason(version: str | None = None) -> str | None:
     """Why Triton ``version`` (default: the one imported) is below the kernels' floor, or None when it is not."""
-    version = triton.__version__ if version is None else version
-    override = os.environ.get("FUSED_FT_TRITON_FLOOR")
-    floor = release(override) if override else MIN_TRITON
+    return _below_floor_reason(triton.__version__ if version is None else version, FLOOR)
+
+
+@functools.lru_cache(maxsize=None)
+def _below_floor_reason(version: str, floor: tuple[int, int]) -> str | None:
     if release(version) >= floor:
         return None
-    return (f"backend='triton' needs Triton >= {floor[0]}.{floor[1]}, which comes with torch >= 2.6; this "
+    torch_floor = ", which comes with torch >= 2.6" if floor == MIN_TRITON else ""  # an override's may not
+    return (f"backend='triton' needs Triton >= {floor[0]}.{floor[1]}{torch_floor}; this "
             f"environment has Triton {version} (torch {torch.__version__}), on which fused_ft's kernels are "
             "not checked (COMPAT.md): upgrade torch for the triton backend")
 
