@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # optimizers, lifecycle, interop/parity, the Triton interpreter and the C++ kernels, distributed
 CORE = ["test_parity.py", "test_properties.py", "test_interop.py", "test_interop_default_backend.py",
         "test_lifecycle.py", "test_kernels.py", "test_frozen.py", "test_step_in_backward.py",
-        "test_bf16_update.py", "test_validation.py", "test_distributed.py"]
+        "test_bf16_update.py", "test_validation.py", "test_distributed.py", "test_launch_path.py"]
 # the files with Triton-interpreter tests (-k triton selects them: named so, or marked triton)
-TRITON_TESTS = ["test_kernels.py", "test_bf16_update.py", "test_step_in_backward.py", "test_lifecycle.py"]
+TRITON_TESTS = ["test_kernels.py", "test_bf16_update.py", "test_step_in_backward.py", "test_lifecycle.py",
+                "test_launch_path.py"]
 # fused_ft.kernels.triton_launch.MIN_TRITON = (3, 2) is the Triton of this torch
 TRITON_FLOOR_TORCH = "2.6.0"
 

@@ -1,9 +1,16 @@
 """Triton kernels for the five updates; launchers live in ``triton_launch``.
 
 Multi-tensor layout: one launch covers every tensor of a dtype combination. Each tensor slot
-(``params``, ``grads``, the state slots) is an int64 table of data addresses, one per tensor; the
-block table maps program ``pid`` to a tensor (``block_tensor``) and its first element there
+(``param_ptrs``, ``grad_ptrs``, the state slots) is an int64 table of data addresses, one per tensor;
+the block table maps program ``pid`` to a tensor (``block_tensor``) and its first element there
 (``block_start``).
+
+Argument names say what they hold (``*_ptrs``: an address table), and none is a name that Triton's
+generated binder uses itself: its locals ``params``, ``specialization`` and ``options`` and its
+globals shadow a kernel argument of the same name, and every launch then fails before it runs
+(``TypeError: failed to specialize argument of type: dict``, seen on an H200 with an argument named
+``params``). ``tests/test_launch_path.py`` checks the names against the binder and drives every launch
+through Triton's launch path.
 
 Full blocks take an unmasked path. A program whose block lies wholly inside its tensor
 (``start + BLOCK <= numel``) loads and stores without a mask; only each tensor's last, partial block
@@ -135,23 +142,24 @@ def _sgd_block(p_ptr, g_ptr, buf_ptr, c_ptr, key, offs, mask, ratio, lr, weight_
 # The rounding key changes every step: specializing on it would compile new variants as it goes.
 @triton.jit(do_not_specialize=["rounding_key"])
 def sgd_kernel(
-    params, grads, momentum_buffers, compensations, numels, block_tensor, block_start, param_sumsq, grad_sumsq,
+    param_ptrs, grad_ptrs, momentum_buffer_ptrs, compensation_ptrs, numels, block_tensor, block_start, param_sumsq,
+    grad_sumsq,
     lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum, trust_coeff, eps, rounding_key,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """SGD, and LARS as SGD with a trust ratio (ADAPT) from per-tensor sums of squares
-    (``param_sumsq``, ``grad_sumsq``: None without ADAPT). ``momentum_buffers`` are fp32 (None
-    without momentum); ``compensations`` int16 (kahan only, see ``_store_param``)."""
+    (``param_sumsq``, ``grad_sumsq``: None without ADAPT). ``momentum_buffer_ptrs`` are fp32 (None
+    without momentum); ``compensation_ptrs`` int16 (kahan only, see ``_store_param``)."""
     t, start, numel, offs = _block_of(tl.program_id(0), block_tensor, block_start, numels, BLOCK)
-    p_ptr = _slot(params, t, P_DTYPE) + offs
-    g_ptr = _slot(grads, t, G_DTYPE) + offs
+    p_ptr = _slot(param_ptrs, t, P_DTYPE) + offs
+    g_ptr = _slot(grad_ptrs, t, G_DTYPE) + offs
     buf_ptr = None
     if HAS_MOMENTUM:
-        buf_ptr = _slot(momentum_buffers, t, tl.float32) + offs
+        buf_ptr = _slot(momentum_buffer_ptrs, t, tl.float32) + offs
     c_ptr = None
     if ROUNDING == 2:
-        c_ptr = _slot(compensations, t, tl.int16) + offs
+        c_ptr = _slot(compensation_ptrs, t, tl.int16) + offs
     key = None
     if ROUNDING == 1:
         key = _tensor_key(rounding_key, t)
@@ -192,26 +200,27 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, key, offs, mask, d
 
 @triton.jit(do_not_specialize=["rounding_key"])
 def adamw_kernel(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, compensations, numels, block_tensor, block_start,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_exp_avg_sq_ptrs, compensation_ptrs, numels, block_tensor,
+    block_start,
     decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, grad_sign, rounding_key,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, ROUNDING: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """AdamW; the state slots are fp32 (``max_exp_avg_sqs`` None without amsgrad).
+    """AdamW; the state slots are fp32 (``max_exp_avg_sq_ptrs`` None without amsgrad).
 
     ``decay`` = 1 - lr*weight_decay, ``step_size`` = lr / (1 - beta1^t).
     """
     t, start, numel, offs = _block_of(tl.program_id(0), block_tensor, block_start, numels, BLOCK)
-    p_ptr = _slot(params, t, P_DTYPE) + offs
-    g_ptr = _slot(grads, t, G_DTYPE) + offs
-    m_ptr = _slot(exp_avgs, t, tl.float32) + offs
-    v_ptr = _slot(exp_avg_sqs, t, tl.float32) + offs
+    p_ptr = _slot(param_ptrs, t, P_DTYPE) + offs
+    g_ptr = _slot(grad_ptrs, t, G_DTYPE) + offs
+    m_ptr = _slot(exp_avg_ptrs, t, tl.float32) + offs
+    v_ptr = _slot(exp_avg_sq_ptrs, t, tl.float32) + offs
     vmax_ptr = None
     if AMSGRAD:
-        vmax_ptr = _slot(max_exp_avg_sqs, t, tl.float32) + offs
+        vmax_ptr = _slot(max_exp_avg_sq_ptrs, t, tl.float32) + offs
     c_ptr = None
     if ROUNDING == 2:
-        c_ptr = _slot(compensations, t, tl.int16) + offs
+        c_ptr = _slot(compensation_ptrs, t, tl.int16) + offs
     key = None
     if ROUNDING == 1:
         key = _tensor_key(rounding_key, t)
@@ -243,23 +252,23 @@ def _sumsq_block(a_ptr, b_ptr, mask, other, TWO: tl.constexpr, a_comp_ptr=None, 
 # model for nothing.
 @triton.jit(do_not_specialize=["num_blocks"])
 def block_sumsq_kernel(
-    a, b, a_compensations, numels, block_tensor, block_start, num_blocks, a_sums, b_sums,
+    a_ptrs, b_ptrs, a_compensation_ptrs, numels, block_tensor, block_start, num_blocks, a_sums, b_sums,
     A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, TWO: tl.constexpr, A_KAHAN: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Sum of squares of every block of slot ``a`` (and ``b`` when TWO), stored per block; with
-    A_KAHAN, ``a`` is bf16 parameters merged with their ``a_compensations``.
+    """Sum of squares of every block of the tensors of address table ``a_ptrs`` (and ``b_ptrs`` when TWO),
+    stored per block; with A_KAHAN, ``a_ptrs`` holds bf16 parameters merged with their ``a_compensation_ptrs``.
 
     Grid-strides over the blocks, so any number of programs gives the same bits.
     """
     for blk in range(tl.program_id(0), num_blocks, tl.num_programs(0)):
         t, start, numel, offs = _block_of(blk, block_tensor, block_start, numels, BLOCK)
-        a_ptr = _slot(a, t, A_DTYPE) + offs
+        a_ptr = _slot(a_ptrs, t, A_DTYPE) + offs
         b_ptr = None
         if TWO:
-            b_ptr = _slot(b, t, B_DTYPE) + offs
+            b_ptr = _slot(b_ptrs, t, B_DTYPE) + offs
         c_ptr = None
         if A_KAHAN:
-            c_ptr = _slot(a_compensations, t, tl.int16) + offs
+            c_ptr = _slot(a_compensation_ptrs, t, tl.int16) + offs
         if start + BLOCK <= numel:
             sum_a, sum_b = _sumsq_block(a_ptr, b_ptr, None, None, TWO, c_ptr, A_KAHAN)
         else:
@@ -285,7 +294,7 @@ def tensor_sums_kernel(
 
 @triton.jit(do_not_specialize=["num_blocks", "num_chunks"])
 def clip_kernel(
-    grads, numels, block_tensor, block_start, num_blocks, chunk_sums, num_chunks, counter, total,
+    grad_ptrs, numels, block_tensor, block_start, num_blocks, chunk_sums, num_chunks, counter, total,
     G_DTYPE: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     RBLOCK: tl.constexpr,
 ):
@@ -299,7 +308,7 @@ def clip_kernel(
         acc = 0.0
         for blk in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, num_blocks)):
             t, start, numel, offs = _block_of(blk, block_tensor, block_start, numels, BLOCK)
-            g_ptr = _slot(grads, t, G_DTYPE) + offs
+            g_ptr = _slot(grad_ptrs, t, G_DTYPE) + offs
             if start + BLOCK <= numel:
                 block_sum, _ = _sumsq_block(g_ptr, None, None, None, False)
             else:
@@ -349,7 +358,8 @@ def _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, mask, other, clip, be
 
 @triton.jit
 def lamb_moments_kernel(
-    params, grads, exp_avgs, exp_avg_sqs, compensations, numels, block_tensor, block_start, clip_sumsq,
+    param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, compensation_ptrs, numels, block_tensor, block_start,
+    clip_sumsq,
     max_grad_norm, param_block_sums, update_block_sums,
     beta1, beta2, beta3, bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_CLIP: tl.constexpr, AVERAGING: tl.constexpr,
@@ -359,13 +369,13 @@ def lamb_moments_kernel(
     per-block sums of squares of the (decayed) weights and of the update."""
     pid = tl.program_id(0)
     t, start, numel, offs = _block_of(pid, block_tensor, block_start, numels, BLOCK)
-    p_ptr = _slot(params, t, P_DTYPE) + offs
-    g_ptr = _slot(grads, t, G_DTYPE) + offs
-    m_ptr = _slot(exp_avgs, t, tl.float32) + offs
-    v_ptr = _slot(exp_avg_sqs, t, tl.float32) + offs
+    p_ptr = _slot(param_ptrs, t, P_DTYPE) + offs
+    g_ptr = _slot(grad_ptrs, t, G_DTYPE) + offs
+    m_ptr = _slot(exp_avg_ptrs, t, tl.float32) + offs
+    v_ptr = _slot(exp_avg_sq_ptrs, t, tl.float32) + offs
     c_ptr = None
     if ROUNDING == 2:  # reads the weight only (the store is in lamb_apply_kernel)
-        c_ptr = _slot(compensations, t, tl.int16) + offs
+        c_ptr = _slot(compensation_ptrs, t, tl.int16) + offs
     clip = 1.0
     if HAS_CLIP:
         clip = tl.maximum(tl.sqrt(tl.load(clip_sumsq)) / max_grad_norm, 1.0)
@@ -394,16 +404,17 @@ def _lamb_apply_block(p_ptr, m_ptr, v_ptr, c_ptr, key, offs, mask, ratio, lr, bi
 
 @triton.jit(do_not_specialize=["rounding_key"])
 def lamb_apply_kernel(
-    params, exp_avgs, exp_avg_sqs, compensations, numels, block_tensor, block_start, param_sumsq, update_sumsq,
+    param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, compensation_ptrs, numels, block_tensor, block_start, param_sumsq,
+    update_sumsq,
     lr, bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay, rounding_key,
     P_DTYPE: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, ROUNDING: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """LAMB phase 2: recompute the update from the stored moments, apply it with the trust ratio."""
     t, start, numel, offs = _block_of(tl.program_id(0), block_tensor, block_start, numels, BLOCK)
-    p_ptr = _slot(params, t, P_DTYPE) + offs
-    m_ptr = _slot(exp_avgs, t, tl.float32) + offs
-    v_ptr = _slot(exp_avg_sqs, t, tl.float32) + offs
+    p_ptr = _slot(param_ptrs, t, P_DTYPE) + offs
+    m_ptr = _slot(exp_avg_ptrs, t, tl.float32) + offs
+    v_ptr = _slot(exp_avg_sq_ptrs, t, tl.float32) + offs
     ratio = 1.0
     if ADAPT:
         w_norm = tl.sqrt(tl.load(param_sumsq + t))
@@ -413,7 +424,7 @@ def lamb_apply_kernel(
             ratio = tl.minimum(ratio, 1.0)
     c_ptr = None
     if ROUNDING == 2:
-        c_ptr = _slot(compensations, t, tl.int16) + offs
+        c_ptr = _slot(compensation_ptrs, t, tl.int16) + offs
     key = None
     if ROUNDING == 1:
         key = _tensor_key(rounding_key, t)

@@ -320,10 +320,10 @@ def _rounding_args(t: _Tables, rounding: Rounding | None) -> dict[str, Any]:
     tensor's key from the launch's key and the tensor's place in the launch, as the reference does from
     its place in the list; a launch split off a mixed list starts from its first tensor's key."""
     if rounding is None or t.dtype["params"] != tl.bfloat16:
-        return dict(ROUNDING=0, rounding_key=0, compensations=None)
+        return dict(ROUNDING=0, rounding_key=0, compensation_ptrs=None)
     key = rounding.key if t.first == 0 else tensor_key(rounding.key, t.first)
     return dict(ROUNDING=rounding.mode_code, rounding_key=key - (1 << 32) if key >= 1 << 31 else key,  # int32 bits
-                compensations=t.slot.get("compensations"))
+                compensation_ptrs=t.slot.get("compensations"))
 
 
 def _momentum_args(momentum: float, dampening: float, is_new: bool | None) -> dict[str, float]:
@@ -338,7 +338,8 @@ def _sgd_launch(t: _Tables, config: LaunchConfig, sums: torch.Tensor | None, rou
     """The SGD kernel for SGD, and for LARS when ``sums`` holds the per-tensor sums of squares."""
     _launch(
         K.sgd_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=momentum != 0),
-        params=t.slot["params"], grads=t.slot["grads"], momentum_buffers=t.slot.get("momentum_buffers"),
+        param_ptrs=t.slot["params"], grad_ptrs=t.slot["grads"],
+        momentum_buffer_ptrs=t.slot.get("momentum_buffers"),
         **t.blocks.geometry(), param_sumsq=None if sums is None else sums[0],
         grad_sumsq=None if sums is None else sums[1], lr=lr, weight_decay=weight_decay, grad_sign=grad_sign,
         **_momentum_args(momentum, dampening, t.extra), trust_coeff=trust_coeff, eps=eps,
@@ -378,8 +379,8 @@ def adamw(
         step_size, bias_correction2_sqrt = t.extra
         _launch(
             K.adamw_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=True),
-            params=t.slot["params"], grads=t.slot["grads"], exp_avgs=t.slot["exp_avgs"],
-            exp_avg_sqs=t.slot["exp_avg_sqs"], max_exp_avg_sqs=t.slot.get("max_exp_avg_sqs"),
+            param_ptrs=t.slot["params"], grad_ptrs=t.slot["grads"], exp_avg_ptrs=t.slot["exp_avgs"],
+            exp_avg_sq_ptrs=t.slot["exp_avg_sqs"], max_exp_avg_sq_ptrs=t.slot.get("max_exp_avg_sqs"),
             **t.blocks.geometry(), decay=1.0 - lr * weight_decay, beta1=beta1, beta2=beta2, eps=eps,
             step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt, grad_sign=-1.0 if maximize else 1.0,
             P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], AMSGRAD=amsgrad, **_rounding_args(t, rounding),
@@ -419,7 +420,8 @@ def lars(
             kahan = _rounding_args(t, rounding)["ROUNDING"] == 2
             _launch(
                 K.block_sumsq_kernel, _reduction_grid(t.blocks.num_blocks), config.num_warps,
-                a=t.slot["params"], b=t.slot["grads"], a_compensations=t.slot["compensations"] if kahan else None,
+                a_ptrs=t.slot["params"], b_ptrs=t.slot["grads"],
+                a_compensation_ptrs=t.slot["compensations"] if kahan else None,
                 **t.blocks.geometry(), num_blocks=t.blocks.num_blocks, a_sums=block_sums[0], b_sums=block_sums[1],
                 A_DTYPE=t.dtype["params"], B_DTYPE=t.dtype["grads"], TWO=True, A_KAHAN=kahan,
             )
@@ -452,7 +454,7 @@ def lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> _Clip |
             return
         _launch(
             K.clip_kernel, _reduction_grid(num_chunks), config.num_warps,
-            grads=t.slot["grads"], **t.blocks.geometry(), num_blocks=t.blocks.num_blocks,
+            grad_ptrs=t.slot["grads"], **t.blocks.geometry(), num_blocks=t.blocks.num_blocks,
             chunk_sums=t.blocks.scratch("clip_chunk_sums", (num_chunks,)), num_chunks=num_chunks,
             # created zero; the last program of each launch sets it back to zero
             counter=t.blocks.scratch("clip_counter", (1,), torch.int32),
@@ -484,8 +486,9 @@ def lamb(
         reads_kahan = rounding_args["ROUNDING"] == 2 and adapt  # moments read the weight only for the ratio
         _launch(
             K.lamb_moments_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=True),
-            params=t.slot["params"], grads=t.slot["grads"], exp_avgs=t.slot["exp_avgs"],
-            exp_avg_sqs=t.slot["exp_avg_sqs"], compensations=rounding_args["compensations"] if reads_kahan else None,
+            param_ptrs=t.slot["params"], grad_ptrs=t.slot["grads"], exp_avg_ptrs=t.slot["exp_avgs"],
+            exp_avg_sq_ptrs=t.slot["exp_avg_sqs"],
+            compensation_ptrs=rounding_args["compensation_ptrs"] if reads_kahan else None,
             **t.blocks.geometry(),
             clip_sumsq=None if clip is None else clip.sumsq, max_grad_norm=1.0 if clip is None else clip.max_grad_norm,
             param_block_sums=None if block_sums is None else block_sums[0],
@@ -497,7 +500,7 @@ def lamb(
         sums = _tensor_sums(t, block_sums, config.num_warps) if adapt else None
         _launch(
             K.lamb_apply_kernel, t.blocks.num_blocks, config.num_warps,
-            params=t.slot["params"], exp_avgs=t.slot["exp_avgs"], exp_avg_sqs=t.slot["exp_avg_sqs"],
+            param_ptrs=t.slot["params"], exp_avg_ptrs=t.slot["exp_avgs"], exp_avg_sq_ptrs=t.slot["exp_avg_sqs"],
             **t.blocks.geometry(), param_sumsq=None if sums is None else sums[0],
             update_sumsq=None if sums is None else sums[1], lr=lr, **update,
             P_DTYPE=t.dtype["params"], ADAPT=adapt, TRUST_CLIP=trust_clip, **rounding_args,
