@@ -130,3 +130,22 @@ def test_memory_cli_in_backward_leaves_lamb_out_with_a_note(capsys):
     captured = capsys.readouterr()
     assert "sgd (in-backward)" in captured.out and "lamb" not in captured.out
     assert "note: lamb: not profiled: Invalid step_in_backward=True with max_grad_norm=1.0" in captured.err
+
+
+def test_a_cuda_capability_adds_two_cublas_workspaces_to_activations_and_peak():
+    """torch's defaults (CublasHandlePool.cpp): 32 MiB a workspace on sm_90, 8 MiB + 128 KiB elsewhere;
+    two of them (the forward's thread and autograd's), as an H200 run allocated."""
+    from fused_ft.memory import cuda_workspace_bytes
+
+    plain = profile_memory("vit_tiny_patch16_224", "sgd-freeze-embed", image_size=64)
+    elsewhere = 8 * 2**20 + 128 * 2**10
+    for capability, one in (((9, 0), 32 * 2**20), ((8, 0), elsewhere), ((8, 9), elsewhere)):
+        gpu = profile_memory("vit_tiny_patch16_224", "sgd-freeze-embed", image_size=64, cuda_capability=capability)
+        assert gpu.extra["workspaces"] == 2 * one == cuda_workspace_bytes(capability)
+        assert gpu.peak - plain.peak == gpu.activations - plain.activations == 2 * one, capability
+        assert gpu.parameters + gpu.gradients_at_peak + gpu.optimizer_state + gpu.activations == gpu.peak
+    assert plain.extra["workspaces"] == 0
+    config = {"CUBLAS_WORKSPACE_CONFIG": ":4096:2:16:8"}  # KiB x count, summed
+    assert cuda_workspace_bytes((9, 0), config) == 2 * (4096 * 1024 * 2 + 16 * 1024 * 8)
+    with pytest.raises(ValueError, match=r"^Invalid cuda_capability: '9\.0' \(a \(major, minor\) pair"):
+        profile_memory("vit_tiny_patch16_224", "adamw", image_size=64, cuda_capability="9.0")
