@@ -318,6 +318,8 @@ class FusedOptimizer(Optimizer):
         index, group = located
         if group["frozen"]:
             return
+        _refuse_graph_capture(self, "step_in_backward update", "use step_in_backward=False, capture the forward and "
+                              "backward only and call step() outside the graph")
         if id(p) in self._updated_in_backward:
             i = next(i for i, q in enumerate(group["params"]) if q is p)
             raise RuntimeError(
@@ -396,7 +398,11 @@ class FusedOptimizer(Optimizer):
 
         Args:
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
+
+        Raises:
+            RuntimeError: inside a CUDA graph capture (see ``_refuse_graph_capture``).
         """
+        _refuse_graph_capture(self, "step()", "capture the forward and backward only and call step() outside the graph")
         if self.step_in_backward:
             self._ensure_hooks()
             if closure is not None:
@@ -506,6 +512,27 @@ class FusedOptimizer(Optimizer):
                                                                           memory_format=torch.preserve_format)
             compensations.append(_dtensor.local(comp))
         return Rounding(mode, compensations=compensations)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_present() -> bool:
+    """torch.cuda.is_available(), asked once: 3.4 us a call, and the hooks of step_in_backward ask per parameter."""
+    return torch.cuda.is_available()
+
+
+def _refuse_graph_capture(optimizer: FusedOptimizer, what: str, advice: str) -> None:
+    """Refuse an update inside a CUDA graph capture, as torch.optim does for capturable=False
+    (``Optimizer._cuda_graph_capture_health_check``): the step count, learning rate and bias corrections
+    are host values, baked into the graph, so each replay would repeat the captured step's values (after
+    5 replays of an AdamW step on an H200, ``state["step"]`` read 2 where torch's read 6, and the weights
+    were 4e-3 away). Under torch.compile the check is left to torch."""
+    if _cuda_present() and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+        name = type(optimizer).__name__
+        raise RuntimeError(
+            f"Invalid CUDA graph capture of {name}'s {what}: fused_ft's step reads its step count, learning rate "
+            "and bias corrections on the host, so a replayed graph would repeat this step's values (capturable=True "
+            f"is not supported yet); {advice}"
+        )
 
 
 def _make_hook(owner: weakref.ref) -> Callable[[torch.Tensor], None]:
