@@ -33,10 +33,13 @@ def vit_b16_shapes() -> list[torch.Size]:
     return vit_shapes("vit_base_patch16_224")
 
 
-def providers_for(update: str) -> list[str]:
-    names = ["fused_ft-cpu", "fused_ft-reference"]
+def providers_for(update: str, device: str = "cpu") -> list[str]:
+    """Who runs ``update`` in the benchmarks on ``device``: fused_ft's backends there, then torch.optim's
+    implementations (SGD, AdamW; on CUDA fused and foreach) or timm (LARS, LAMB)."""
+    cuda = device == "cuda"
+    names = ["fused_ft-triton"] if cuda else ["fused_ft-cpu", "fused_ft-reference"]
     if UPDATES[update].optimizer in ("sgd", "adamw"):
-        return names + list(TORCH_IMPLS)
+        return names + (["torch-fused", "torch-foreach"] if cuda else list(TORCH_IMPLS))
     return names + ["timm"]
 
 
@@ -65,12 +68,13 @@ class Setup:
 
 
 def make_setup(provider: str, update: str, shapes: list[torch.Size], seed: int = 0,
-               dtype: torch.dtype = torch.float32, **options) -> Setup:
-    """Parameters and gradients of ``dtype``, the provider's optimizer (``options``: see build_optimizer)."""
-    g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=g).mul_(0.02).to(dtype).requires_grad_() for s in shapes]
+               dtype: torch.dtype = torch.float32, device: str = "cpu", **options) -> Setup:
+    """Parameters and gradients of ``dtype`` on ``device``, the provider's optimizer (``options``: see
+    build_optimizer). Values are drawn on the device itself (a CPU draw of ViT-L's 304M takes seconds)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    params = [torch.randn(s, generator=g, device=device).mul_(0.02).to(dtype).requires_grad_() for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g).mul_(1e-3).to(dtype)
+        p.grad = torch.randn(p.shape, generator=g, device=device).mul_(1e-3).to(dtype)
     setup = Setup(params, build_optimizer(provider, update, params, **options))
     setup.step()  # allocates state; later steps are the steady state
     return setup
