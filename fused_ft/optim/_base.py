@@ -373,6 +373,7 @@ class FusedOptimizer(Optimizer):
         format those still load. See the class docstring for the whole contract.
         """
         kept: list = []
+        own_flags = _checkpoint.implementation_flags(self)
 
         def set_aside(optimizer, loaded):  # after the user's pre-hooks: they may rewrite the dict
             _checkpoint.check_loadable(self, loaded)
@@ -382,6 +383,7 @@ class FusedOptimizer(Optimizer):
 
         def put_back(optimizer):  # before the user's post-hooks: they see the final state
             _checkpoint.put_back_exact_state(self, kept)
+            _checkpoint.restore_implementation_flags(self, own_flags)
 
         pre = self.register_load_state_dict_pre_hook(set_aside)
         post = self.register_load_state_dict_post_hook(put_back, prepend=True)

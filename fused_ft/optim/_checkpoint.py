@@ -10,6 +10,11 @@ module adds what fused_ft's state needs, so that every optimizer gets it from ``
 - A state dict saved from other parameters (another model, other groups) is refused before anything
   changes, naming the group, the parameter index, both shapes and the fix (torch loads it and fails
   at the next step).
+- Implementation flags (``fused``, ``foreach``, ``capturable``, ``differentiable``) say how the saver
+  ran, not how the loader must run: the loading optimizer keeps its own, so a checkpoint of
+  ``torch.optim.AdamW(fused=True)`` or a CUDA ``capturable=True`` one continues on any backend (torch
+  would load the saver's flags, and fused_ft would then refuse its next step for an argument the user
+  never gave).
 - Older formats load as torch.optim and timm.optim load them: a step count saved as a plain number
   (torch before 1.12, older timm Lamb's group step) becomes a float32 CPU tensor, and group keys that
   the saving version did not have take the class's defaults.
@@ -25,7 +30,10 @@ import torch
 
 from fused_ft._precision import COMPENSATION_KEY, LOW_PRECISION
 
-__all__ = ["check_loadable", "set_aside_exact_state", "put_back_exact_state", "drop_torch_default", "upgrade"]
+__all__ = ["check_loadable", "set_aside_exact_state", "put_back_exact_state", "drop_torch_default", "upgrade",
+           "implementation_flags", "restore_implementation_flags"]
+
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 _PHRASE_GROUPS = "loaded state dict has a different number of parameter groups"  # torch's words, kept in ours
 _PHRASE_SIZES = "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
@@ -107,6 +115,21 @@ def put_back_exact_state(optimizer, kept: list) -> None:
         ordered.update(entry)
         entry.clear()
         entry.update(ordered)
+
+
+def implementation_flags(optimizer) -> list[dict[str, Any]]:
+    """Each group's implementation flags, as the optimizer holds them before a load."""
+    return [{key: group[key] for key in IMPLEMENTATION_FLAGS if key in group} for group in optimizer.param_groups]
+
+
+def restore_implementation_flags(optimizer, flags: list[dict[str, Any]]) -> None:
+    """After a load: each group's own flags again, and none that only the saver's groups had."""
+    for group, own in zip(optimizer.param_groups, flags):
+        for key in IMPLEMENTATION_FLAGS:
+            if key in own:
+                group[key] = own[key]
+            else:
+                group.pop(key, None)
 
 
 def _as_step_tensor(value: Any) -> torch.Tensor:
