@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -186,12 +187,48 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# What finetune saves in checkpoint.pt, and the type of each part: checked before any of it is used.
+CHECKPOINT_LAYOUT = {"model": dict, "optimizer": dict, "scheduler": dict, "torch_rng": torch.Tensor,
+                     "python_rng": tuple, "state": dict, "settings": dict}
+_STATE_LAYOUT = {"epoch": int, "best_val": float, "best_epoch": int, "history": list}
+
+
 def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """The run's checkpoint, read with ``weights_only=True``: tensors and plain values only, so a file
+    planted in the run directory cannot run code when it is read (it holds nothing else: finetune saves
+    state dicts, RNG states and numbers). Anything else is refused in one line before it is used."""
     try:
-        return torch.load(path, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - truncation shows as EOFError, RuntimeError, UnpicklingError...
+        ckpt = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" not in str(exc).lower():
+            raise ValueError(f"{path} is damaged: UnpicklingError: {str(exc).splitlines()[0]}; delete it to start "
+                             "over, or restore it") from None
+        raise ValueError(f"{path} is not a checkpoint fused-ft wrote: it holds objects other than tensors and plain "
+                         "values, which could run code when read, so it was not loaded; delete it to start over, or "
+                         "restore the run's own checkpoint") from None
+    except Exception as exc:  # noqa: BLE001 - truncation shows as EOFError, RuntimeError...
         raise ValueError(f"{path} is damaged: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
                          "delete it to start over, or restore it") from None
+    _check_layout(ckpt, path)
+    return ckpt
+
+
+def _check_layout(ckpt: Any, path: Path) -> None:
+    """Refuse a checkpoint that loads but is not finetune's (or lost a part), naming what is wrong."""
+    def refuse(what: str):
+        raise ValueError(f"{path} is not a fused-ft finetune checkpoint ({what}); delete it to start over, or "
+                         "restore the run's own checkpoint")
+
+    if not isinstance(ckpt, dict):
+        refuse(f"it holds a {type(ckpt).__name__}, not a dict")
+    for layout, where in ((CHECKPOINT_LAYOUT, ckpt), (_STATE_LAYOUT, ckpt.get("state", {}))):
+        for key, kind in layout.items():
+            if key not in where:
+                refuse(f"no {key!r}")
+            if not isinstance(where[key], kind) or (kind is int and isinstance(where[key], bool)):
+                refuse(f"{key!r} is a {type(where[key]).__name__}, not a {kind.__name__}")
+    if not {"state", "param_groups"} <= ckpt["optimizer"].keys():
+        refuse("its 'optimizer' is not an optimizer state dict")
 
 
 def _finished_result(out: Path, config: FinetuneConfig) -> dict[str, Any] | None:

@@ -244,3 +244,41 @@ def test_parameters_that_should_train_but_got_no_gradient_are_named_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_missing_gradients(net, optimizer)
+
+
+class _Planted:
+    """Unpickling this creates a directory: what a planted checkpoint.pt could do with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("content,message", [
+    ("planted", "is not a checkpoint fused-ft wrote: it holds objects other than tensors and plain values"),
+    ("no-state", "is not a fused-ft finetune checkpoint (no 'optimizer')"),
+    ("list", "is not a fused-ft finetune checkpoint (it holds a list, not a dict)"),
+    ("bad-epoch", "is not a fused-ft finetune checkpoint ('epoch' is a str, not a int)"),
+])
+def test_resume_reads_no_code_and_refuses_a_foreign_checkpoint_in_one_line(image_folder, tmp_path, capsys, content,
+                                                                            message):
+    run = tmp_path / "run"
+    run.mkdir()
+    marker = tmp_path / "code-ran"
+    checkpoint = run / "checkpoint.pt"
+    good_state = {"epoch": 1, "best_val": 0.5, "best_epoch": 0, "history": [], "best_model": None}
+    torch.save({"planted": {"model": {}, "state": _Planted(marker)},
+                "no-state": {"model": {}},
+                "list": [1, 2],
+                "bad-epoch": {"model": {}, "optimizer": {"state": {}, "param_groups": []}, "scheduler": {},
+                              "torch_rng": torch.get_rng_state(), "python_rng": (3, (1,), None),
+                              "state": {**good_state, "epoch": "1"}, "settings": {}}}[content], checkpoint)
+    before = checkpoint.read_bytes()
+    for dry in (["--dry-run"], []):
+        assert cli.main(_finetune_args(image_folder, run, extra=["--resume", *dry])) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert not marker.exists()  # nothing in the file ran
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"] and checkpoint.read_bytes() == before
