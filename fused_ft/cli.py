@@ -14,7 +14,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from fused_ft._extras import missing_extra
+from fused_ft._extras import MissingExtraError, missing_extra
 from fused_ft._validation import check_output_dir
 from fused_ft.embedding import EmbeddingNotFound
 from fused_ft.models import PretrainedWeightsError
@@ -68,10 +68,14 @@ def _grad_norms(args: argparse.Namespace) -> None:
     csv_path = diagnostics.write_csv(result.runs, out / "grad_norms.csv")
     json_path = out / "verdict.json"
     json_path.write_text(json.dumps({"model": args.model, "data": data, **result.verdict.to_dict()}, indent=2) + "\n")
-    png_path = diagnostics.plot_grad_norms(result.runs, out / "grad_norms.png", verdict=result.verdict,
-                                           title=f"{args.model} on {data}: layer gradient norms")
+    try:  # the plot is the extra; the measurement, its files and the verdict are the command's work
+        png_path = diagnostics.plot_grad_norms(result.runs, out / "grad_norms.png", verdict=result.verdict,
+                                               title=f"{args.model} on {data}: layer gradient norms")
+    except MissingExtraError as exc:
+        png_path = None
+        print(f"fused-ft grad-norms: skipped grad_norms.png: {exc}", file=sys.stderr)
     print(diagnostics.render_table(diagnostics.summarize(result.runs)))
-    print(f"wrote {csv_path}, {json_path} and {png_path}")
+    print(f"wrote {csv_path}, {json_path}" + (f" and {png_path}" if png_path else ""))
     print(f"verdict: {result.verdict}")
 
 

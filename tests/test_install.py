@@ -247,3 +247,20 @@ def test_a_missing_extra_is_named_in_one_line(monkeypatch, capsys, tmp_path):
         with pytest.raises(MissingExtraError, match=rf"^{what} needs matplotlib, which is not installed: "
                                                     r"pip install 'fused_ft\[plots\]'$"):
             plot([], tmp_path / "plot.png")
+
+
+def test_grad_norms_without_matplotlib_measures_writes_and_says_its_verdict(monkeypatch, capsys, tmp_path):
+    """The plot is grad-norms' by-product: without [plots] the measurement, its CSV and JSON and the verdict
+    still come, and the PNG is skipped in one line naming the extra (it used to fail after the work)."""
+    from fused_ft import cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "norms"
+    assert cli.main(["grad-norms", "--model", "vit_tiny_patch16_224", "--image-size", "32", "--num-classes", "3",
+                     "--data", "noise", "--batches", "2", "--batch-size", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("fused-ft grad-norms: skipped grad_norms.png: plotting gradient norms needs matplotlib, "
+                            "which is not installed: pip install 'fused_ft[plots]'\n")
+    assert sorted(p.name for p in out.iterdir()) == ["grad_norms.csv", "verdict.json"]
+    assert f"wrote {out / 'grad_norms.csv'}, {out / 'verdict.json'}\n" in captured.out
+    assert "\nverdict: " in captured.out
