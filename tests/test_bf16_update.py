@@ -275,3 +275,40 @@ def test_bad_rounding_arguments_are_refused_naming_them(name):
     with pytest.raises(ValueError, match=r"Invalid bf16_update='stochastic' for float16 parameters"):
         opt.step()
     assert torch.equal(half[0], torch.zeros(3, dtype=torch.float16))
+
+
+def _layouts():
+    """bf16 parameters of 1.0 in several memory layouts (each a view of a buffer laid out that way)."""
+    yield "transposed", torch.ones(48, 64, dtype=torch.bfloat16).t()
+    yield "channels_last", torch.ones(2, 6, 5, 7, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    yield "offset view", torch.ones(3001, dtype=torch.bfloat16)[1:]
+    yield "contiguous", torch.ones(30, 70, dtype=torch.bfloat16)
+
+
+def _grad_layouts(p):
+    """-1 gradients (so w - lr * g is exact in fp32) in the parameter's layout, contiguous, and transposed."""
+    yield "like the parameter", -torch.ones_like(p)
+    yield "contiguous", -torch.ones(p.shape, dtype=p.dtype)
+    if p.dim() >= 2:
+        yield "transposed", -torch.ones(tuple(reversed(p.shape)), dtype=p.dtype).permute(*reversed(range(p.dim())))
+
+
+@pytest.mark.parametrize("layout", [name for name, _ in _layouts()])
+def test_stochastic_bits_follow_the_parameters_memory_order_whatever_the_gradients_layout(layout):
+    """The random bits depend on the values, the seed, the step and the parameter's memory order alone: every
+    backend, every gradient layout, the same bits (a transposed parameter with a contiguous gradient went
+    through a contiguous copy in the kernels, which numbered its elements in another order)."""
+    template = dict(_layouts())[layout]
+    results = {}
+    for backend in BACKENDS:
+        for grad_name, grad in _grad_layouts(template):
+            p = torch.empty_like(template) if layout != "offset view" else torch.empty(3001, dtype=torch.bfloat16)[1:]
+            p.fill_(1.0).requires_grad_()
+            assert p.stride() == template.stride()
+            p.grad = grad.clone()  # keeps its layout
+            fused_ft.SGD([p], lr=0.5 * ULP_AT_1, backend=backend, bf16_update="stochastic", bf16_seed=7).step()
+            results[backend, grad_name] = p.detach().as_strided((p.numel(),), (1,)).clone()  # memory order
+    expected = results["reference", "like the parameter"]
+    assert len(set(expected.tolist())) == 2  # both neighbours drawn: the bits matter
+    for key, bits in results.items():
+        assert torch.equal(bits, expected), key

@@ -49,15 +49,20 @@ def flat_ok(column: Sequence[torch.Tensor], align: int = 1) -> bool:
 def flat_slots(
     slots: Sequence[Sequence[torch.Tensor]], written: Sequence[int], align: int = 1
 ) -> Iterator[list[list[torch.Tensor]]]:
-    """``slots`` with each column that is not flat (see ``flat_ok``) replaced by contiguous copies,
-    copied back into the ``written`` slots on exit. Copies are fresh allocations, so they are
-    aligned as the allocator aligns (64 bytes on CPU, 512 on CUDA)."""
+    """``slots`` with each column that is not flat (see ``flat_ok``) replaced by copies laid out as the
+    column's first tensor (the parameter) is, or contiguous where it is not dense (``torch.empty_like``'s
+    rule, which the reference backend's fp32 copies follow too), copied back into the ``written`` slots on
+    exit. The kernels number elements in memory order, and stochastic rounding hashes that number: copies
+    in the parameter's layout keep the bits the parameter's own, whatever the gradient's layout (contiguous
+    copies of a transposed parameter drew other bits than the reference). Copies are fresh allocations,
+    so they are aligned as the allocator aligns (64 bytes on CPU, 512 on CUDA)."""
     out = [list(slot) for slot in slots]
     copied = []
     for j, column in enumerate(zip(*out)):
         if not flat_ok(column, align):
+            like = column[0]
             for s, t in enumerate(column):
-                out[s][j] = t.clone(memory_format=torch.contiguous_format)
+                out[s][j] = torch.empty_like(like, dtype=t.dtype).copy_(t)
             copied.append(j)
     yield out
     for j in copied:
