@@ -407,11 +407,9 @@ class FusedOptimizer(Optimizer):
         _refuse_graph_capture(self, "step()", "capture the forward and backward only and call step() outside the graph")
         if self.step_in_backward:
             self._ensure_hooks()
-            if closure is not None:
-                raise ValueError(
-                    "Invalid closure: step_in_backward=True updates parameters during backward, so step() "
-                    "cannot re-evaluate the model; call loss.backward() yourself and drop the closure"
-                )
+            # a closure runs as torch.optim runs it (below): its backward makes the updates, in the hooks,
+            # with the gradients at these weights, as torch's step after the closure would (Lightning passes
+            # one to every step, in manual optimization too)
             if getattr(self, "grad_scale", None) is not None:
                 raise ValueError(
                     "Invalid use with torch.amp.GradScaler: step_in_backward=True applies gradients during "
