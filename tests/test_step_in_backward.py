@@ -198,3 +198,25 @@ def test_a_closure_runs_and_its_backward_makes_the_update_as_torch_step_would(ca
     for kind in optimizers:
         for (n, a), b in zip(models["inside"].named_parameters(), models[kind].parameters()):
             assert torch.equal(a, b), (kind, n)
+
+
+@pytest.mark.parametrize("step_in_backward", [False, True])
+def test_a_sparse_gradient_is_refused_naming_its_parameter(step_in_backward):
+    """nn.Embedding(sparse=True) gives a sparse gradient, which no fused_ft backend takes. Without
+    step_in_backward the refusal comes before any change; with it, from the embedding's hook, naming the
+    parameter by its place in its group (it named the wrong one: a hook plans a one-parameter list) and saying
+    that parameters whose gradients came earlier were updated."""
+    torch.manual_seed(0)
+    embed, head = torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 2)
+    extra = torch.nn.Parameter(torch.zeros(3))  # no gradient: the embedding is param 1 of group 1
+    opt = fused_ft.SGD([{"params": list(head.parameters())}, {"params": [extra, embed.weight]}], lr=0.1,
+                       step_in_backward=step_in_backward)
+    before = [t.detach().clone() for t in (embed.weight, head.weight)]
+    note = r"\); with step_in_backward=True, parameters whose gradients came earlier" if step_in_backward else r"\)$"
+    with pytest.raises(ValueError, match=r"^Invalid grad: group 1 param 1 \(shape \(10, 4\)\) has a sparse gradient; "
+                                         r".*nn\.Embedding\(sparse=False\), .*SparseAdam for sparse ones" + note):
+        head(embed(torch.tensor([1, 2, 3]))).sum().backward()
+        opt.step()
+    assert torch.equal(embed.weight, before[0])
+    if not step_in_backward:
+        assert torch.equal(head.weight, before[1]) and not opt.state

@@ -99,11 +99,11 @@ def check_implementation_flags(group: Mapping[str, Any]) -> None:
         raise RuntimeError("Invalid fused=True with foreach=True: choose one")  # torch.optim's type
 
 
-def _refuse_grad(index: int, i: int, p: torch.Tensor) -> None:
+def _refuse_grad(index: int, i: int, p: torch.Tensor, note: str = "") -> None:
     # built only on failure: formatting this for every parameter cost ~2% of a ViT-B SGD step
     raise ValueError(
         f"Invalid grad: group {index} param {i} (shape {tuple(p.shape)}) has a sparse gradient; fused_ft "
-        "optimizers need dense gradients (torch.optim.SparseAdam handles sparse ones)"
+        f"optimizers need dense gradients (nn.Embedding(sparse=False), or torch.optim.SparseAdam for sparse ones){note}"
     )
 
 
@@ -320,6 +320,10 @@ class FusedOptimizer(Optimizer):
             return
         _refuse_graph_capture(self, "step_in_backward update", "use step_in_backward=False, capture the forward and "
                               "backward only and call step() outside the graph")
+        if p.grad.is_sparse:  # named by its place in its group (the plan below sees a one-parameter list)
+            _refuse_grad(index, next(i for i, q in enumerate(group["params"]) if q is p), p,
+                         "; with step_in_backward=True, parameters whose gradients came earlier in this backward "
+                         "were already updated")
         if id(p) in self._updated_in_backward:
             i = next(i for i, q in enumerate(group["params"]) if q is p)
             raise RuntimeError(
