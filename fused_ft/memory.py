@@ -205,7 +205,8 @@ def profile_memory(
         cuda_capability: simulate what a CUDA device of this compute capability adds, ``(9, 0)`` for
             H100/H200, ``(8, 0)`` for A100: the cuBLAS workspaces of the first forward and backward
             (:func:`cuda_workspace_bytes`), counted with ``activations`` and in ``extra["workspaces"]``.
-            None (default): the step's own tensors only. A measured profile holds them anyway.
+            None (default): the step's own tensors only. A measured profile holds the real ones in its
+            peak; its ``extra["workspaces"]`` is the model's figure for that device, for comparison.
 
     Example:
         >>> p = profile_memory("vit_tiny_patch16_224", "sgd-freeze-embed", image_size=64)
@@ -239,7 +240,7 @@ def profile_memory(
     trainable = sum(p.numel() for p in params if p.requires_grad)
     if mode == "measured":
         peak, categories, grad_max = _measure(train_step, params, param_bytes, state_bytes, device)
-        workspaces = cuda_workspace_bytes(torch.cuda.get_device_capability(device))  # inside the measured peak
+        workspaces = _device_workspace_bytes(device)  # inside the measured peak: the model's figure, for comparison
     else:
         peak, categories, grad_max = _simulate(train_step, model, optimizer, params)
         peak += workspaces
@@ -264,9 +265,12 @@ def cuda_workspace_bytes(capability: tuple[int, int], environ: Mapping[str, str]
     on the caller's thread and the backward on autograd's device thread make two).
 
     One workspace is ``CUBLAS_WORKSPACE_CONFIG`` (``:SIZE:COUNT`` in KiB, summed as torch sums it) where
-    set, else torch's default: 32 MiB on compute capability 9.0 (H100, H200), 8 MiB + 128 KiB elsewhere
-    (torch's ``CublasHandlePool.cpp``; cuBLASLt shares the cuBLAS workspace by default). On an H200 the
-    simulated peak of CLIP ViT-B/16 missed about 75 MiB against the measured one before this term.
+    set, else torch's default (``CublasHandlePool.cpp``): 32 MiB on compute capability 9.x (H100, H200), and
+    in recent torch on 10.x and 12.x (Blackwell) too; 8 MiB + 128 KiB elsewhere. cuBLASLt shares the cuBLAS
+    workspace unless ``TORCH_CUBLASLT_UNIFIED_WORKSPACE=0``, which gives each handle a cuBLASLt workspace of
+    its own (``CUBLASLT_WORKSPACE_SIZE`` KiB, default 1 MiB). A size set in the process with
+    ``torch.backends.cuda.cublas_workspace_size(n)`` is not seen here (a measured profile asks torch). On an
+    H200 the simulated peak of CLIP ViT-B/16 missed about 75 MiB against the measured one before this term.
 
     Raises:
         ValueError: ``capability`` is not a (major, minor) pair of ints.
@@ -277,8 +281,23 @@ def cuda_workspace_bytes(capability: tuple[int, int], environ: Mapping[str, str]
     environ = os.environ if environ is None else environ
     config = environ.get("CUBLAS_WORKSPACE_CONFIG")
     sizes = [int(size) * 1024 * int(count) for size, count in re.findall(r":(\d+):(\d+)", config or "")]
-    one = sum(sizes) if sizes else 32 * 2**20 if capability == (9, 0) else 8 * 2**20 + 128 * 2**10
-    return 2 * one
+    one = sum(sizes) if sizes else 32 * 2**20 if capability[0] in (9, 10, 12) else 8 * 2**20 + 128 * 2**10
+    return 2 * (one + _separate_lt_workspace(environ))
+
+
+def _separate_lt_workspace(environ: Mapping[str, str]) -> int:
+    if environ.get("TORCH_CUBLASLT_UNIFIED_WORKSPACE", "1").lower() not in ("0", "false", "off", "no"):
+        return 0
+    return int(environ.get("CUBLASLT_WORKSPACE_SIZE", "1024")) * 1024
+
+
+def _device_workspace_bytes(device: torch.device) -> int:
+    """The model's workspaces for a real device, with the size torch reports where it can (torch >= 2.12)."""
+    size = getattr(torch.backends.cuda, "cublas_workspace_size", None)
+    if size is None:
+        return cuda_workspace_bytes(torch.cuda.get_device_capability(device))
+    with torch.cuda.device(device):
+        return 2 * (size() + _separate_lt_workspace(os.environ))
 
 
 def training_step(model: nn.Module, method: str, batch_size: int, image_size: int, dtype: torch.dtype, *,

@@ -165,7 +165,7 @@ def run(arch: int, families: list[str]) -> dict:
             for launch in driver.launches[first:]:
                 launches.append(dict(family=name, kernel=launch.kernel, arch=launch.arch, grid=launch.grid,
                                      num_warps=launch.num_warps, constants=launch.constants,
-                                     signature=launch.signature))
+                                     signature=launch.signature, tensors=launch.tensors))
     return {"launches": launches, "counted": counted, "errors": errors}
 
 

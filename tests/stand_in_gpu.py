@@ -49,13 +49,14 @@ class Launch:
     """One launch as the GPU would have received it."""
 
     kernel: str
-    arch: int
+    arch: int  # the compiled kernel's target, from its metadata
     grid: tuple[int, int, int]
     num_warps: int
     shared: int
     signature: dict[str, str]
     constants: dict[str, Any]
     packed_bytes: int
+    tensors: int | None  # the tensors the launch covers (the size of its ``numels`` table), where it has one
 
 
 @dataclass
@@ -128,11 +129,12 @@ class PackingLauncher:
             except (struct.error, TypeError, ValueError) as exc:
                 raise TypeError(f"{self.name}: argument {name}={value!r} does not pack as {kind}: {exc}") from None
         driver = triton.runtime.driver.active
-        device = driver.get_current_device()
+        numels = dict(zip(names, args)).get("numels")
         driver.utils.launches.append(Launch(
-            kernel=self.name, arch=DEVICES[device][0], grid=(grid_x, grid_y, grid_z),
+            kernel=self.name, arch=self.metadata.target.arch, grid=(grid_x, grid_y, grid_z),
             num_warps=self.metadata.num_warps, shared=self.metadata.shared, signature=dict(self.signature),
             constants={k: str(v) for k, v in self.constants.items()}, packed_bytes=len(packed),
+            tensors=None if numels is None else numels.numel(),
         ))
 
 

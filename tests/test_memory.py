@@ -139,7 +139,9 @@ def test_a_cuda_capability_adds_two_cublas_workspaces_to_activations_and_peak():
 
     plain = profile_memory("vit_tiny_patch16_224", "sgd-freeze-embed", image_size=64)
     elsewhere = 8 * 2**20 + 128 * 2**10
-    for capability, one in (((9, 0), 32 * 2**20), ((8, 0), elsewhere), ((8, 9), elsewhere)):
+    cases = (((9, 0), 32 * 2**20), ((10, 0), 32 * 2**20), ((12, 0), 32 * 2**20), ((8, 0), elsewhere),
+             ((8, 9), elsewhere))
+    for capability, one in cases:
         gpu = profile_memory("vit_tiny_patch16_224", "sgd-freeze-embed", image_size=64, cuda_capability=capability)
         assert gpu.extra["workspaces"] == 2 * one == cuda_workspace_bytes(capability)
         assert gpu.peak - plain.peak == gpu.activations - plain.activations == 2 * one, capability
@@ -147,5 +149,8 @@ def test_a_cuda_capability_adds_two_cublas_workspaces_to_activations_and_peak():
     assert plain.extra["workspaces"] == 0
     config = {"CUBLAS_WORKSPACE_CONFIG": ":4096:2:16:8"}  # KiB x count, summed
     assert cuda_workspace_bytes((9, 0), config) == 2 * (4096 * 1024 * 2 + 16 * 1024 * 8)
+    separate = {"TORCH_CUBLASLT_UNIFIED_WORKSPACE": "0"}  # then each handle has a cuBLASLt workspace too
+    assert cuda_workspace_bytes((9, 0), separate) == 2 * (32 * 2**20 + 2**20)
+    assert cuda_workspace_bytes((9, 0), {**separate, "CUBLASLT_WORKSPACE_SIZE": "4096"}) == 2 * (32 * 2**20 + 4 * 2**20)
     with pytest.raises(ValueError, match=r"^Invalid cuda_capability: '9\.0' \(a \(major, minor\) pair"):
         profile_memory("vit_tiny_patch16_224", "adamw", image_size=64, cuda_capability="9.0")
