@@ -18,7 +18,8 @@ every argument into the kernel's parameter buffer. All of that runs here unchang
   None, an int or an object whose ``data_ptr()`` is an int; integers must fit their C type; floats
   must convert) from the compiled kernel's signature, and records the launch instead of making it.
 
-Triton internals this relies on (run on Triton 3.8, the dev pin): ``triton.runtime.driver``'s
+Triton internals this relies on (run on Triton 3.8, the dev pin, and 3.2, the triton backend's floor):
+``triton.runtime.driver``'s
 ``set_active`` (and its ``_active``, restored afterwards); the driver methods ``JITFunction.run``/``create_binder`` and
 ``CompiledKernel._init_handles`` call (``get_current_device``, ``get_current_stream``,
 ``get_current_target``, ``launcher_cls(src, metadata)``, ``utils.load_binary``,
@@ -59,13 +60,26 @@ class Launch:
     tensors: int | None  # the tensors the launch covers (the size of its ``numels`` table), where it has one
 
 
+def _loader_takes_max_threads() -> bool:
+    """Newer Triton also reads the kernel's thread limit from ``load_binary`` (Triton 3.2 reads 4 values)."""
+    import inspect
+
+    from triton.compiler.compiler import CompiledKernel
+
+    return "n_max_threads" in inspect.getsource(CompiledKernel._init_handles)
+
+
+_LOADER_TAKES_MAX_THREADS = _loader_takes_max_threads()
+
+
 @dataclass
 class _Utils:
     launches: list[Launch] = field(default_factory=list)
 
     def load_binary(self, name, kernel, shared, device):
         arch, max_shared, max_threads = DEVICES[device]
-        return object(), object(), 0, 0, max_threads  # module, function, n_regs, n_spills, max threads
+        handles = (object(), object(), 0, 0)  # module, function, n_regs, n_spills
+        return (*handles, max_threads) if _LOADER_TAKES_MAX_THREADS else handles
 
     def get_device_properties(self, device):
         arch, max_shared, max_threads = DEVICES[device]
@@ -103,12 +117,11 @@ class PackingLauncher:
 
     def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata,
                  enter_hook, exit_hook, *args):
-        from triton.runtime import _allocation
+        size = getattr(self.metadata, "global_scratch_size", 0) or 0  # Triton 3.2 has no scratch memory
+        if size:  # as CudaLauncher: a kernel that needs scratch memory asks Triton's allocator
+            from triton.runtime import _allocation
 
-        for size in (getattr(self.metadata, "global_scratch_size", 0),):
-            if size:  # as CudaLauncher: a kernel that needs scratch memory asks Triton's allocator
-                _allocation._allocator.get()(grid_x * grid_y * grid_z * size,
-                                             self.metadata.global_scratch_align, stream)
+            _allocation._allocator.get()(grid_x * grid_y * grid_z * size, self.metadata.global_scratch_align, stream)
         if not all(isinstance(g, int) and 0 < g < 2**31 for g in (grid_x, grid_y, grid_z)):
             raise ValueError(f"{self.name}: invalid grid ({grid_x}, {grid_y}, {grid_z})")
         names = self.arg_names
