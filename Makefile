@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.compare --rounds 12
 	$(PY) -m benchmarks.bf16_rounding --rounds 12
 	$(PY) -m benchmarks.host_overhead
+	$(PY) -m benchmarks.step_in_backward
 	$(PY) -m benchmarks.triton_report
 
 clean:

@@ -18,8 +18,9 @@ Families of launches (each a function below, named in the report):
   (bf16 and fp16 gradients of fp32 parameters, fp32 gradients of bf16 ones).
 - ``mixed_dtypes``: one group holding fp32 and bf16 parameters (a launch per dtype; LAMB's global
   clip accumulates over both).
-- ``step_in_backward``: the single-parameter launches of the hooks, every optimizer, fp32 and bf16
-  with stochastic rounding, beside a frozen layer.
+- ``step_in_backward``: the hooks' bucket launches, every optimizer, fp32 with the default bucket (the
+  model's gradients in one) and bf16 with stochastic rounding with a bucket per parameter (single-tensor
+  launches), beside a frozen layer.
 - ``memory_profile``: the memory profiler's measured step (``fused_ft.memory.training_step``) for
   the rows gpu_check measures: sgd-freeze-embed and adamw, plain and step_in_backward, fp32 and bf16
   with stochastic rounding, on timm's test ViT.
@@ -118,7 +119,7 @@ def _small_model(dtype: torch.dtype) -> torch.nn.Module:
 
 def step_in_backward():
     for spec in OPTIMIZERS.values():
-        for dtype, mode in [(torch.float32, "nearest"), (torch.bfloat16, "stochastic")]:
+        for (dtype, mode), bucket_bytes in zip([(torch.float32, "nearest"), (torch.bfloat16, "stochastic")], (None, 1)):
             model = _small_model(dtype)
             model[0].requires_grad_(False)
             groups = [{"params": list(model[1:].parameters())},
@@ -127,6 +128,8 @@ def step_in_backward():
             if spec.name == "lamb":
                 kwargs["max_grad_norm"] = None  # global clipping needs every gradient: refused in backward
             opt = spec.cls(groups, **kwargs, **_bf16_options(dtype, mode), step_in_backward=True, backend="triton")
+            if bucket_bytes is not None:
+                opt.bucket_bytes = bucket_bytes  # a bucket per parameter: the hooks' single-tensor launches
             for _ in range(2):
                 model(torch.randn(8, 16, dtype=dtype)).float().square().mean().backward()
                 opt.step()

@@ -183,22 +183,26 @@ def test_kahan_with_step_in_backward_equals_the_plain_step(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_stochastic_with_step_in_backward_is_reproducible_and_frozen_groups_stay_empty(backend):
+@pytest.mark.parametrize("bucket_bytes", [None, 1], ids=["one-bucket", "a-bucket-per-parameter"])
+def test_stochastic_with_step_in_backward_is_reproducible_and_frozen_groups_stay_empty(backend, bucket_bytes):
     runs = []
     for _ in range(2):
         model = _bf16_net()
         first, *rest = list(model.parameters())
         opt = fused_ft.SGD([{"params": [first], "frozen": True}, {"params": rest}], lr=0.05, backend=backend,
                            bf16_update="stochastic", bf16_seed=9, step_in_backward=True)
+        if bucket_bytes is not None:
+            opt.bucket_bytes = bucket_bytes
+        updates = 3 * (1 if bucket_bytes is None else len(rest))  # 3 steps; the small net's gradients fit one bucket
         before = triton_launch.launches().copy()
         first.requires_grad_(False)
         _train(model, opt)
         runs.append([p.detach().clone() for p in model.parameters()])
         assert not opt.state  # SGD without momentum: no state, whatever the rounding
-        assert opt.param_groups[1]["bf16_step"] == 3 * len(rest)  # one stream position per hooked update
+        assert opt.param_groups[1]["bf16_step"] == updates  # one stream position per applied bucket
         assert "bf16_step" not in opt.param_groups[0]
         if backend == "triton":
-            assert sum((triton_launch.launches() - before).values()) == 3 * len(rest)
+            assert sum((triton_launch.launches() - before).values()) == updates
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 

@@ -200,25 +200,28 @@ def test_a_closure_runs_and_its_backward_makes_the_update_as_torch_step_would(ca
             assert torch.equal(a, b), (kind, n)
 
 
-@pytest.mark.parametrize("step_in_backward", [False, True])
-def test_a_sparse_gradient_is_refused_naming_its_parameter(step_in_backward):
+@pytest.mark.parametrize("mode", ["plain", "step_in_backward", "step_in_backward-bucket-per-parameter"])
+def test_a_sparse_gradient_is_refused_naming_its_parameter(mode):
     """nn.Embedding(sparse=True) gives a sparse gradient, which no fused_ft backend takes. Without
     step_in_backward the refusal comes before any change; with it, from the embedding's hook, naming the
-    parameter by its place in its group (it named the wrong one: a hook plans a one-parameter list) and saying
-    that parameters whose gradients came earlier were updated."""
+    parameter by its place in its group (it named the wrong one: a hook planned a one-parameter list), before
+    any change while this backward's gradients wait in the bucket, and saying so where a bucket was applied."""
     torch.manual_seed(0)
     embed, head = torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 2)
     extra = torch.nn.Parameter(torch.zeros(3))  # no gradient: the embedding is param 1 of group 1
     opt = fused_ft.SGD([{"params": list(head.parameters())}, {"params": [extra, embed.weight]}], lr=0.1,
-                       step_in_backward=step_in_backward)
+                       step_in_backward=mode != "plain")
+    if mode.endswith("per-parameter"):
+        opt.bucket_bytes = 1
     before = [t.detach().clone() for t in (embed.weight, head.weight)]
-    note = r"\); with step_in_backward=True, parameters whose gradients came earlier" if step_in_backward else r"\)$"
+    note = (r"\); with step_in_backward=True, buckets of parameters whose gradients came earlier"
+            if mode.endswith("per-parameter") else r"\)$")
     with pytest.raises(ValueError, match=r"^Invalid grad: group 1 param 1 \(shape \(10, 4\)\) has a sparse gradient; "
                                          r".*nn\.Embedding\(sparse=False\), .*SparseAdam for sparse ones" + note):
         head(embed(torch.tensor([1, 2, 3]))).sum().backward()
         opt.step()
     assert torch.equal(embed.weight, before[0])
-    if not step_in_backward:
+    if not mode.endswith("per-parameter"):  # nothing applied before the refusal
         assert torch.equal(head.weight, before[1]) and not opt.state
 
 
@@ -240,3 +243,23 @@ def test_several_ranks_are_refused_at_the_first_hook_before_any_change(monkeypat
     model.zero_grad(set_to_none=True)
     train_step(model, opt, x, y)
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("bucket_bytes", [None, 1, 64 * 1024], ids=["one-bucket", "per-parameter", "64KiB"])
+def test_the_last_bucket_is_applied_when_backward_ends_before_step(bucket_bytes):
+    """The updates are done, and the gradients freed, when backward returns: the last bucket is applied by
+    autograd's end-of-backward callback, not left for step() (whose memory it would hold meanwhile)."""
+    model = make_model("vit_tiny_patch16_224")
+    other = twin(model)
+    inside = fused_ft.SGD(model.parameters(), lr=0.05, momentum=0.9, step_in_backward=True, backend="reference")
+    if bucket_bytes is not None:
+        inside.bucket_bytes = bucket_bytes
+    normal = fused_ft.SGD(other.parameters(), lr=0.05, momentum=0.9, backend="reference")
+    x, y = next(batches(1))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert all(p.grad is None for p in model.parameters())  # every bucket applied and freed by now
+    torch.nn.functional.cross_entropy(other(x), y).backward()
+    normal.step()
+    for (n, a), b in zip(model.named_parameters(), other.parameters()):
+        assert torch.equal(a, b), n
+    inside.step()
