@@ -3,6 +3,7 @@ and a sharded checkpoint saved at world size 2 loads at world size 1 and continu
 from __future__ import annotations
 
 import socket
+import warnings
 
 import pytest
 import torch
@@ -81,6 +82,16 @@ def test_finetune_under_torchrun(image_folder, tmp_path, fsdp):
            "--method", "sgd-freeze-embed", "--lr", "0.01", "--epochs", "2", "--batch-size", "8", "--out", str(out)]
     proc = subprocess.run(cmd + (["--fsdp"] if fsdp else []), capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0 and "(SIGSEGV)" in proc.stderr:
+        # Seen once in about 20 runs of the FSDP2 case, only inside the full suite on 2 busy cores (2026-12-04):
+        # rank 0 died of a segmentation fault with no Python traceback, inside torch (gloo/FSDP2 on CPU), and
+        # rank 1 then lost its connection. A rerun in a fresh directory on a fresh port tells that native crash
+        # from a failure of ours, which fails both runs; the crash is reported as a warning, not hidden.
+        warnings.warn(f"torchrun rank crashed (SIGSEGV), rerunning once: {proc.stderr[-600:]}", RuntimeWarning)
+        shutil.rmtree(out, ignore_errors=True)
+        cmd[cmd.index("--master-port") + 1] = str(_port())
+        proc = subprocess.run(cmd + (["--fsdp"] if fsdp else []), capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
     if fsdp and not FSDP_HERE:  # torch 2.5 on CPU: refused before any work, naming the fix
         assert proc.returncode != 0 and FSDP_NEEDS_CUDA.format(torch.__version__) in proc.stderr, proc.stderr[-3000:]
         assert not (out / "results.json").exists()
