@@ -337,21 +337,21 @@ class FusedOptimizer(Optimizer):
         index, group = located
         if group["frozen"]:
             return
-        _refuse_graph_capture(self, "step_in_backward update", "use step_in_backward=False, capture the forward and "
-                              "backward only and call step() outside the graph")
-        try:
+        if not self._end_queued:  # the first hook of this backward: what holds for the whole backward
+            _refuse_graph_capture(self, "step_in_backward update", "use step_in_backward=False, capture the "
+                                  "forward and backward only and call step() outside the graph")
             _refuse_data_parallel(p)
-            if p.grad.is_sparse:  # named by its place in its group
-                _refuse_grad(index, next(i for i, q in enumerate(group["params"]) if q is p), p,
+        try:
+            if p.grad.is_sparse:
+                _refuse_grad(index, _position(group, p), p,
                              "; with step_in_backward=True, buckets of parameters whose gradients came earlier in "
                              "this backward were already updated" if self._flushed_in_backward else "")
             if id(p) in self._updated_in_backward:
-                i = next(i for i, q in enumerate(group["params"]) if q is p)
                 raise RuntimeError(
-                    f"Invalid gradient accumulation with step_in_backward=True: group {index} param {i} (shape "
-                    f"{tuple(p.shape)}) got a second gradient before optimizer.step(), and its first was already "
-                    "applied and freed; call optimizer.step() after every backward pass, or use "
-                    "step_in_backward=False to accumulate gradients"
+                    f"Invalid gradient accumulation with step_in_backward=True: group {index} param "
+                    f"{_position(group, p)} (shape {tuple(p.shape)}) got a second gradient before optimizer.step(), "
+                    "and its first was already applied and freed; call optimizer.step() after every backward pass, "
+                    "or use step_in_backward=False to accumulate gradients"
                 )
         except (RuntimeError, ValueError):
             self._drop_bucket()  # refused: what this backward had not applied yet stays unapplied
@@ -577,9 +577,14 @@ class FusedOptimizer(Optimizer):
         return Rounding(mode, compensations=compensations)
 
 
+def _position(group: dict, p: torch.Tensor) -> int:
+    """``p``'s index in its group, for messages (a hook sees the parameter, not its place)."""
+    return next(i for i, q in enumerate(group["params"]) if q is p)
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_present() -> bool:
-    """torch.cuda.is_available(), asked once: 3.4 us a call, and the hooks of step_in_backward ask per parameter."""
+    """torch.cuda.is_available(), asked once: 3.4 us a call, and every step() asks."""
     return torch.cuda.is_available()
 
 
@@ -601,9 +606,9 @@ def _refuse_graph_capture(optimizer: FusedOptimizer, what: str, advice: str) -> 
 def _refuse_data_parallel(p: torch.Tensor) -> None:
     """A hook's gradient is this rank's own when several processes train together: DDP all-reduces a gradient
     after it accumulates, so an update in the hook would apply the local gradient and the ranks would drift
-    apart (measured: 2 gloo ranks, 3 steps, weights 1e-2 apart, no error). Refused at the first hook of a
-    backward, before any update. FSDP2 assigns reduced gradients to its sharded parameters directly, which
-    runs no hook: step() updates them, correctly."""
+    apart (measured: 2 gloo ranks, 3 steps, weights 1e-2 apart, no error). Checked at the first hook of a
+    backward (the process group does not change within one), before any update. FSDP2 assigns reduced
+    gradients to its sharded parameters directly, which runs no hook: step() updates them, correctly."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     world = torch.distributed.get_world_size()
