@@ -174,7 +174,7 @@ def _torch_drift(family: str, shapes, env: Env) -> float:
     return rel_error(ps["fused"], ps["forloop"])
 
 
-def _feed(ps, opts, shapes, env: Env, steps: int, launches=None) -> list[int]:
+def _feed(ps, opts, shapes, env: Env, steps: int) -> list[int]:
     from fused_ft.kernels import triton_launch as TL
 
     g = torch.Generator(device=env.device).manual_seed(1)
@@ -279,8 +279,8 @@ def _replay_ms(opt, env: Env) -> float:
 
 
 def speed(env: Env) -> tuple[bool, str]:
-    from benchmarks.providers import build_optimizer, vit_shapes
-    from fused_ft.testing.specs import OPTIMIZERS, UPDATES
+    from benchmarks.providers import make_setup, vit_shapes
+    from fused_ft.testing.specs import UPDATES
 
     rounds = env.rounds
     copy_bw = _copy_bandwidth(env, rounds)
@@ -293,17 +293,8 @@ def speed(env: Env) -> tuple[bool, str]:
             for name, u in UPDATES.items():
                 ours = f"fused_ft-{env.backend}"
                 others = ["torch-fused", "torch-foreach"] if u.optimizer in ("sgd", "adamw") else ["timm"]
-                setups = {}
-                for provider in [ours, *others]:
-                    params = _params(shapes, env, dtype=dtype)
-                    for q in params:
-                        q.grad = torch.randn_like(q).mul_(1e-3)
-                    if provider == ours:
-                        opt = OPTIMIZERS[u.optimizer].cls(params, **u.kwargs, backend=env.backend)
-                    else:
-                        opt = build_optimizer(provider, name, params)
-                    opt.step()
-                    setups[provider] = opt
+                setups = {provider: make_setup(provider, name, shapes, dtype=dtype, device=env.device).optimizer
+                          for provider in [ours, *others]}  # parameters, gradients, a warm-up step
                 times = {p: [] for p in setups}
                 hosts = {p: [] for p in setups}
                 for _ in range(rounds):
@@ -331,7 +322,7 @@ def speed(env: Env) -> tuple[bool, str]:
                 if env.cuda:
                     torch.cuda.empty_cache()
     text = markdown(["list", "dtype", "update", "provider", f"ms/step ({env.steps} back to back)", "host us/step",
-                     "kernels ms (graph replay)", f"vs {'torch-fused/timm'}", "GB/s (min bytes)", "x copy",
+                     "kernels ms (graph replay)", "vs torch-fused/timm", "GB/s (min bytes)", "x copy",
                      "target"], rows)
     text += f"\n\nDevice-to-device copy: {copy_bw:.0f} GB/s (read + write), median of {rounds} rounds."
     text += "".join(f"\n\nNote: {note}" for note in env.notes)

@@ -282,13 +282,14 @@ def cuda_workspace_bytes(capability: tuple[int, int], environ: Mapping[str, str]
     config = environ.get("CUBLAS_WORKSPACE_CONFIG")
     sizes = [int(size) * 1024 * int(count) for size, count in re.findall(r":(\d+):(\d+)", config or "")]
     one = sum(sizes) if sizes else 32 * 2**20 if capability[0] in (9, 10, 12) else 8 * 2**20 + 128 * 2**10
-    return 2 * (one + _separate_lt_workspace(environ))
+    return _two_threads(one, environ)
 
 
-def _separate_lt_workspace(environ: Mapping[str, str]) -> int:
-    if environ.get("TORCH_CUBLASLT_UNIFIED_WORKSPACE", "1").lower() not in ("0", "false", "off", "no"):
-        return 0
-    return int(environ.get("CUBLASLT_WORKSPACE_SIZE", "1024")) * 1024
+def _two_threads(cublas_workspace: int, environ: Mapping[str, str]) -> int:
+    """The workspaces of the forward's and autograd's handles: the cuBLAS one, and a cuBLASLt one of its own
+    where ``TORCH_CUBLASLT_UNIFIED_WORKSPACE=0`` (``CUBLASLT_WORKSPACE_SIZE`` KiB, default 1 MiB)."""
+    separate = environ.get("TORCH_CUBLASLT_UNIFIED_WORKSPACE", "1").lower() in ("0", "false", "off", "no")
+    return 2 * (cublas_workspace + (int(environ.get("CUBLASLT_WORKSPACE_SIZE", "1024")) * 1024 if separate else 0))
 
 
 def _device_workspace_bytes(device: torch.device) -> int:
@@ -297,7 +298,7 @@ def _device_workspace_bytes(device: torch.device) -> int:
     if size is None:
         return cuda_workspace_bytes(torch.cuda.get_device_capability(device))
     with torch.cuda.device(device):
-        return 2 * (size() + _separate_lt_workspace(os.environ))
+        return _two_threads(size(), os.environ)
 
 
 def training_step(model: nn.Module, method: str, batch_size: int, image_size: int, dtype: torch.dtype, *,

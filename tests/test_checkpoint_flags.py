@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fused_ft
+from tests.helpers import twin
 
 FLAGS = {
     "sgd": [dict(fused=True), dict(foreach=True), dict(foreach=False), dict(differentiable=True)],
@@ -87,8 +88,8 @@ def _for_loop_resume(name, model, state_dict, steps):
                          ids=[f"{n}-{next(iter(f))}={next(iter(f.values()))}" for n, fs in FLAGS.items() for f in fs])
 def test_a_torch_checkpoint_with_any_implementation_flag_continues_in_fused_ft(name, flags, backend):
     saved_model, state_dict = _torch_checkpoint(name, flags)
-    expected = _for_loop_resume(name, _copy(saved_model), state_dict, 3)
-    model = _copy(saved_model)
+    expected = _for_loop_resume(name, twin(saved_model), state_dict, 3)
+    model = twin(saved_model)
     opt = OURS[name](_groups(model), **KWARGS[name], backend=backend)
     before = [dict((k, g[k]) for k in ("fused", "foreach", "differentiable") if k in g) for g in opt.param_groups]
     opt.load_state_dict(_through_a_file(state_dict))
@@ -115,16 +116,10 @@ def test_torch_with_any_implementation_flag_continues_from_a_fused_ft_checkpoint
     ours = OURS[name](_groups(model), **KWARGS[name], backend="reference")
     _steps(model, ours, 3, seed=1)
     state_dict = _through_a_file(ours.state_dict())
-    resumed = _copy(model)
+    resumed = twin(model)
     theirs = TORCH[name](_groups(resumed), **KWARGS[name], **flags)
     theirs.load_state_dict(state_dict)
     _steps(resumed, theirs, 3, seed=2)
     _steps(model, ours, 3, seed=2)
     for p, q in zip(resumed.parameters(), model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-
-
-def _copy(model):
-    fresh = _model(99)
-    fresh.load_state_dict(model.state_dict())
-    return fresh
