@@ -278,7 +278,10 @@ def test_a_copy_in_step_in_backward_mode_updates_its_own_parameters_in_backward(
     q = twin.param_groups[0]["params"][0]
     before = p.detach().clone()
     (q * q).sum().backward()
-    assert q.grad is None and not torch.equal(q, before)  # updated in backward, gradient freed
+    twin.step()  # the first iteration waits for step(), which checks the loop around it
+    after_step = q.detach().clone()
+    (q * q).sum().backward()
+    assert q.grad is None and not torch.equal(q, after_step)  # updated in backward, gradient freed
     assert torch.equal(p, before) and not opt.state  # the original saw nothing
 
 
@@ -354,6 +357,8 @@ def test_step_in_backward_survives_what_replaces_groups(change):
         opt.param_groups[0]["lr"] = 0.5
         p = opt.param_groups[0]["params"][0]
     (p * p / 2).sum().backward()
+    if change == "deepcopy":
+        opt.step()  # a copy checks its loop again: its first iteration waits for step()
     assert torch.allclose(p, torch.tensor([1.0, 2.0]) * 0.9 * 0.5) and p.grad is None
     if change == "add_param_group":
         opt.step()
@@ -367,14 +372,16 @@ def test_step_in_backward_refuses_a_second_gradient_before_step():
     p = torch.nn.Parameter(torch.tensor(1.0))
     opt = fused_ft.SGD([p], lr=0.5, step_in_backward=True)
     (p * p / 2).backward()
+    opt.step()  # the first iteration, applied by step()
+    (p * p / 2).backward()
     with pytest.raises(RuntimeError, match=r"Invalid gradient accumulation with step_in_backward=True: group 0 "
                                            r"param 0 \(shape \(\)\).*call optimizer.step\(\) after every backward"):
         (p * p / 2).backward()
-    assert p.item() == 0.5
-    opt.step()  # the refused gradient is dropped, never applied; the next iteration may start
-    assert p.item() == 0.5 and p.grad is None
-    (p * p / 2).backward()
     assert p.item() == 0.25
+    opt.step()  # the refused gradient is dropped, never applied; the next iteration may start
+    assert p.item() == 0.25 and p.grad is None
+    (p * p / 2).backward()
+    assert p.item() == 0.125
 
 
 def test_step_in_backward_frees_the_gradients_that_step_applies():
@@ -745,7 +752,7 @@ def test_optimi_gradient_release_with_zero_grad_on_some_iterations(name):
         if i % 2:
             released.zero_grad()
         nets[1](x).pow(2).mean().backward()
-        assert all(p.grad is None for p in nets[1].parameters())
+        assert all((p.grad is None) == (i > 0) for p in nets[1].parameters())  # the first waits for step()
         released.step()
     for a, b in zip(*(net.parameters() for net in nets)):
         assert_close_tensorwise(b, a, rtol=OPTIMIZERS[name].reference_rtol, what="param")

@@ -16,11 +16,14 @@ idea of torch's "optimizer step in backward" recipe, bucketed as DDP buckets its
 the host plans a bucket, not each parameter). ``step()`` then only updates parameters that took
 gradients before they had a hook (unfrozen since the last step), frees those gradients and hooks the
 parameters; call it after every backward pass, schedulers count it. A closure passed to ``step()``
-runs, and its backward makes the updates. GradScaler and gradient accumulation across backward passes
-cannot work: a second gradient for a parameter before ``step()`` raises in backward, before it is
-applied, and ``step()`` drops it. The
-hooks find each parameter's group when they run, so they follow ``load_state_dict``,
-``add_param_group`` and a replaced ``param_groups`` list.
+runs, and its backward makes the updates. Nothing between ``backward()`` and ``step()`` can act on
+gradients that are already applied, so the first iteration in a process (of each copy, of each resumed
+run) keeps its gradients for ``step()``, which checks the loop before any change: a GradScaler, or a
+change to the gradients (clipping, unscaling), is refused (see ``_check_loop``); then it applies them
+in the buckets the hooks would have used. Gradient accumulation across backward passes cannot work: a
+second gradient for a parameter before ``step()`` raises in backward, before it is applied, and
+``step()`` drops it. The hooks find each parameter's group when they run, so they follow
+``load_state_dict``, ``add_param_group`` and a replaced ``param_groups`` list.
 
 Parameters in bf16/fp16 keep their optimizer state in fp32 and every backend does its math in
 fp32, storing the parameter once (the "fp32 math, one final store" rule of optimi/apex). How that
@@ -55,8 +58,8 @@ UpdateFn = Callable[..., None]
 SHARED_ARGS_DOC = """backend (str): ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cpu"``.
         step_in_backward (bool): update parameters during backward, in buckets of 25 MiB of gradients
             taken in the order they complete (``optimizer.bucket_bytes`` sets the size), and free their
-            gradients; the last bucket when the backward ends (see :mod:`fused_ft.optim._base`)
-            (default: False).
+            gradients; the last bucket when the backward ends. The first iteration waits for ``step()``,
+            which refuses a GradScaler or clipping first (see :mod:`fused_ft.optim._base`) (default: False).
         bf16_update (str): how bf16 parameters are stored after each update (fp32 ones ignore it,
             fp16 ones refuse it): ``"nearest"`` (default), ``"stochastic"`` (unbiased stochastic
             rounding; no state) or ``"kahan"`` (a 2-byte compensation per parameter, state
@@ -237,9 +240,13 @@ class FusedOptimizer(Optimizer):
         self._flushed_in_backward = False  # a bucket of the running backward was applied already
         self._ticked: set[int] = set()  # ids of groups that counted a step since the last step() (LAMB)
         self._checked_groups: dict[int, dict] = {}  # id(group) -> the hyperparameters that last passed
+        # step_in_backward's first iteration in this process: its hooks keep the gradients for step(),
+        # which checks the loop around it first (see _check_loop): id(param) -> (param, its gradient, version)
+        self._held: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self._loop_checked = False
         if self.step_in_backward:
-            # GradScaler then passes its scale to step(), which refuses it (see step()) instead of
-            # letting scaled gradients update the weights during backward
+            # GradScaler then sets grad_scale and found_inf on the optimizer before step(), which refuses
+            # them (see _check_loop) instead of unscaling gradients it never sees
             self._step_supports_amp_scaling = True
 
     # -- groups ---------------------------------------------------------------------------------
@@ -346,24 +353,44 @@ class FusedOptimizer(Optimizer):
                 _refuse_grad(index, _position(group, p), p,
                              "; with step_in_backward=True, buckets of parameters whose gradients came earlier in "
                              "this backward were already updated" if self._flushed_in_backward else "")
-            if id(p) in self._updated_in_backward:
+            if id(p) in self._updated_in_backward or id(p) in self._held:
                 raise RuntimeError(
                     f"Invalid gradient accumulation with step_in_backward=True: group {index} param "
                     f"{_position(group, p)} (shape {tuple(p.shape)}) got a second gradient before optimizer.step(), "
-                    "and its first was already applied and freed; call optimizer.step() after every backward pass, "
-                    "or use step_in_backward=False to accumulate gradients"
+                    "and step_in_backward applies each gradient in the backward that makes it; call "
+                    "optimizer.step() after every backward pass, or use step_in_backward=False to accumulate "
+                    "gradients"
                 )
         except (RuntimeError, ValueError):
             self._drop_bucket()  # refused: what this backward had not applied yet stays unapplied
             raise
-        self._bucket.append((index, group, p))
-        self._bucket_bytes += p.grad.numel() * p.grad.element_size()
-        self._updated_in_backward.add(id(p))
+        if not self._loop_checked:  # the first iteration: step() applies this gradient, after _check_loop
+            self._held[id(p)] = (p, p.grad, p.grad._version)
+            return
         if not self._end_queued:  # the last bucket is applied when autograd finishes this backward
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self._end_queued = True
+        self._add_to_bucket(index, group, p)
+
+    def _add_to_bucket(self, index: int, group: dict, p: torch.Tensor) -> None:
+        self._bucket.append((index, group, p))
+        self._bucket_bytes += p.grad.numel() * p.grad.element_size()
+        self._updated_in_backward.add(id(p))
         if self._bucket_bytes >= getattr(self, "bucket_bytes", self.BUCKET_BYTES):
             self._apply_bucket()
+
+    def _apply_held(self) -> None:
+        """The first iteration's gradients, once step() has checked the loop: applied in the buckets and
+        the order the hooks would have used, so that its updates (and stochastic rounding's bits) are
+        those of an iteration updated in backward (a resumed or copied run equals the uninterrupted one)."""
+        held, self._held = self._held, {}
+        for p, _, _ in held.values():
+            located = self._locate(p)
+            if located is not None and p.grad is not None and not located[1]["frozen"]:
+                self._add_to_bucket(*located, p)
+        self._apply_bucket()
+        self._flushed_in_backward = False
+        self._loop_checked = self._loop_checked or bool(held)
 
     def _end_of_backward(self) -> None:
         self._end_queued = False
@@ -375,6 +402,9 @@ class FusedOptimizer(Optimizer):
     def _drop_bucket(self) -> None:
         for _, _, q in self._bucket:
             self._updated_in_backward.discard(id(q))
+        for q, _, _ in self._held.values():  # the first iteration's gradients: none is applied after a refusal
+            q.grad = None
+        self._held.clear()
         self._bucket, self._bucket_bytes = [], 0
         self._end_queued = False  # a backward that raised runs no end-of-backward callback
 
@@ -471,12 +501,7 @@ class FusedOptimizer(Optimizer):
             # a closure runs as torch.optim runs it (below): its backward makes the updates, in the hooks,
             # with the gradients at these weights, as torch's step after the closure would (Lightning passes
             # one to every step, in manual optimization too)
-            if getattr(self, "grad_scale", None) is not None:
-                raise ValueError(
-                    "Invalid use with torch.amp.GradScaler: step_in_backward=True applies gradients during "
-                    "backward, before GradScaler can unscale or skip them; use bf16 autocast (no scaler) or "
-                    "step_in_backward=False"
-                )
+            self._check_loop()
             self._apply_bucket()  # left by a backward that ended without its end-of-backward callback
             self._end_queued = False
             # the hooks consumed (and freed) every gradient they saw; what is left came to parameters
@@ -493,6 +518,10 @@ class FusedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            if self.step_in_backward:
+                self._check_loop()  # what the closure did after its backward (Lightning clips there)
+        if self.step_in_backward:
+            self._apply_held()
         plans = [plan for index, group in enumerate(self.param_groups) if not group["frozen"]
                  for plan in self._plan_group(index, group)]
         self._before_updates(plans)
@@ -505,6 +534,38 @@ class FusedOptimizer(Optimizer):
         self._updated_in_backward.clear()
         self._ticked.clear()
         return loss
+
+    def _check_loop(self) -> None:
+        """Refuse, before any change, what step_in_backward would silently get wrong from its second
+        iteration on, when each gradient is applied and freed during backward: nothing between
+        ``backward()`` and ``step()`` can act on the gradients. The first iteration's hooks keep them
+        for step() (a plain step's peak memory, once), so this check sees the loop around it:
+
+        - a ``torch.amp.GradScaler`` (it sets ``grad_scale`` and ``found_inf`` before step()): scaled
+          gradients would update the weights, and an overflow would not be skipped;
+        - any change to the gradients after backward (``clip_grad_norm_``, ``clip_grad_value_`` and
+          ``GradScaler.unscale_`` all write them in place): it would act on gradients already applied
+          and freed (``clip_grad_norm_`` would return 0 and clip nothing).
+
+        A GradScaler is refused at every step(); a change to the gradients only in the first iteration
+        (the check reads their version counters, so it costs no sync and sees no values)."""
+        if getattr(self, "found_inf", None) is not None or getattr(self, "grad_scale", None) is not None:
+            raise ValueError(
+                "Invalid use with torch.amp.GradScaler: step_in_backward=True applies gradients during backward, "
+                "before GradScaler can unscale or skip them" + (
+                    " (this backward's gradients were applied scaled)" if self._loop_checked else "") +
+                "; use bf16 autocast (no scaler) or step_in_backward=False"
+            )
+        for p, grad, version in self._held.values():
+            if p.grad is not None and (p.grad is not grad or p.grad._version != version):
+                index, group = self._locate(p)
+                raise RuntimeError(
+                    f"Invalid change to gradients between backward() and step() with step_in_backward=True: group "
+                    f"{index} param {_position(group, p)} (shape {tuple(p.shape)}) has a gradient changed after its "
+                    "backward (clip_grad_norm_, clip_grad_value_, GradScaler.unscale_, ...); from the second "
+                    "iteration on each gradient is applied and freed during backward, so such a change would act "
+                    "on nothing; use step_in_backward=False to clip or rescale gradients"
+                )
 
     def _plan_group(self, index: int, group: dict, params: list[torch.Tensor] | None = None) -> list[GroupPlan]:
         self._check_group_for_step(group)
