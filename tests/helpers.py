@@ -112,3 +112,13 @@ def readme_block(marker: str) -> list[str]:
     match = re.search(r"<!-- " + re.escape(marker) + r".*?-->\n```\n(.*?)```", README.read_text(), re.S)
     assert match, f"no code block after <!-- {marker} in README.md"
     return match.group(1).rstrip("\n").splitlines()
+
+
+def freed_in_backward(optimizer) -> bool:
+    """Has a step_in_backward ``optimizer`` freed its gradients in backward? All but the sentinel's: the
+    smallest hooked parameter keeps its applied gradient until step() checks the loop around it
+    (``FusedOptimizer._check_loop``), so each one is the same size tensor whatever the model."""
+    hooked = [p for g in optimizer.param_groups if not g["frozen"] for p in g["params"] if p.requires_grad]
+    sentinel = min(hooked, key=torch.Tensor.numel)
+    return all(p.grad is None for p in hooked if p is not sentinel)
+

@@ -12,6 +12,8 @@ clipping inside a closure (Lightning's place for it), gradient accumulation in t
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -60,7 +62,7 @@ def test_grad_scaler_after_the_first_step_is_refused_and_says_what_happened():
     opt.step()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     scaler.scale(loss()).backward()
-    with pytest.raises(ValueError, match=r"\(this backward's gradients were applied scaled\)"):
+    with pytest.raises(ValueError, match=r"\(this backward's gradients were applied as they came\)"):
         scaler.step(opt)
 
 
@@ -117,7 +119,6 @@ def test_the_first_iteration_applies_at_step_and_later_ones_in_backward():
     torch_opt = torch.optim.SGD([ref], lr=LR, momentum=0.9)
     for i in range(3):
         loss().backward()
-        assert (w.grad is not None) == (i == 0)
         assert torch.equal(w.detach(), ref.detach()) == (i == 0)  # later iterations updated in backward
         opt.step()
         (ref * torch.tensor([30.0, 40.0])).sum().backward()
@@ -135,3 +136,106 @@ def test_accumulation_in_the_first_iteration_is_refused_and_nothing_is_applied()
         loss().backward()
     opt.step()  # the refused iteration's gradients are dropped, never applied
     assert _unchanged(w, opt, before) and w.grad is None
+
+
+def _linear(**kwargs):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)  # the bias is the sentinel: the smallest hooked parameter
+    opt = fused_ft.SGD(layer.parameters(), lr=LR, momentum=0.9, step_in_backward=True, **kwargs)
+    x = torch.randn(4, 3)
+    return layer, opt, lambda: layer(x).square().sum()
+
+
+@pytest.mark.parametrize("where", ["after-backward", "in-a-closure"])
+def test_clipping_first_used_later_is_refused_at_its_step(where):
+    """After the first iteration only the sentinel's gradient is alive at step(): a clip first used then
+    sees it alone (clip_grad_norm_ returned 0 with every gradient freed) and writes it; step() refuses,
+    saying that the backward's updates were applied."""
+    layer, opt, loss = _linear()
+    for _ in range(2):
+        loss().backward()
+        opt.step()
+
+    def clipped():
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        assert torch.nn.utils.clip_grad_norm_(layer.parameters(), 1e-3) > 0  # the sentinel's norm
+        return value
+
+    with pytest.raises(RuntimeError, match=r"^Invalid change to gradients between backward\(\) and step\(\) .*"
+                                           r"\(this backward's gradients were applied as they came\)"):
+        if where == "in-a-closure":
+            opt.step(clipped)
+        else:
+            clipped()
+            opt.step()
+    assert layer.weight.grad is None and layer.bias.grad is None  # dropped: the next iteration starts clean
+
+
+@pytest.mark.parametrize("refusal", ["scaler", "clip"])
+def test_after_a_refusal_the_fixed_loop_runs_as_torch(refusal):
+    """A refused first iteration leaves nothing behind: not its gradients (the next backward was refused as
+    accumulation), not GradScaler's attributes (torch removes them only when step() returns, and every later
+    step() was refused as a GradScaler's)."""
+    layer, opt, loss = _linear(backend="reference")
+    ref = torch.nn.Linear(3, 2)
+    ref.load_state_dict(layer.state_dict())
+    torch_opt = torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9)
+    with pytest.raises((ValueError, RuntimeError)):
+        if refusal == "scaler":
+            scaler = torch.amp.GradScaler("cpu")
+            scaler.scale(loss()).backward()
+            scaler.step(opt)
+        else:
+            loss().backward()
+            torch.nn.utils.clip_grad_norm_(layer.parameters(), 1.0)
+            opt.step()
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for model, optimizer in ((layer, opt), (ref, torch_opt)):
+            optimizer.zero_grad()
+            model(x).square().sum().backward()
+            optimizer.step()
+    assert torch.equal(layer.weight, ref.weight) and torch.equal(layer.bias, ref.bias)
+
+
+def test_an_assigned_gradient_is_a_change_too():
+    w, opt, loss = _setup("sgd", grad=(30.0, 40.0))
+    before = w.detach().clone()
+    loss().backward()
+    w.grad = w.grad.clamp(-1, 1)  # clipping out of place: a new tensor, its version 0
+    with pytest.raises(RuntimeError, match=r"^Invalid change to gradients between backward\(\) and step\(\)"):
+        opt.step()
+    assert _unchanged(w, opt, before)
+
+
+@pytest.mark.parametrize("how", ["resume", "deepcopy"])
+def test_a_resumed_or_copied_run_equals_the_uninterrupted_one_bit_for_bit(how):
+    """The resumed run's first iteration is applied by step(), the uninterrupted run's in backward: the
+    same buckets in the same order, so stochastic rounding draws the same bits (applied in another
+    order or bucketing, the group's bf16_step and the bits differ). Small buckets: several per backward."""
+    def run(interrupt_at=None):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)).bfloat16()
+        opt = fused_ft.AdamW(model.parameters(), lr=1e-2, step_in_backward=True, bf16_update="stochastic",
+                             bf16_seed=7, backend="reference")
+        opt.bucket_bytes = 40
+        g = torch.Generator().manual_seed(1)
+        for i in range(5):
+            if i == interrupt_at:
+                if how == "deepcopy":
+                    model, opt = copy.deepcopy((model, opt))
+                else:
+                    saved = opt.state_dict()
+                    opt = fused_ft.AdamW(model.parameters(), lr=1e-2, step_in_backward=True, backend="reference",
+                                         bf16_update="stochastic", bf16_seed=7)
+                    opt.bucket_bytes = 40
+                    opt.load_state_dict(saved)
+            model(torch.randn(3, 6, generator=g).bfloat16()).float().square().mean().backward()
+            opt.step()
+        return [p.detach() for p in model.parameters()], opt.param_groups[0]["bf16_step"]
+
+    (whole, steps), (interrupted, steps_interrupted) = run(), run(interrupt_at=2)
+    assert steps == steps_interrupted and steps > 5  # several buckets per backward
+    assert all(torch.equal(a, b) for a, b in zip(whole, interrupted))

@@ -240,10 +240,14 @@ class FusedOptimizer(Optimizer):
         self._flushed_in_backward = False  # a bucket of the running backward was applied already
         self._ticked: set[int] = set()  # ids of groups that counted a step since the last step() (LAMB)
         self._checked_groups: dict[int, dict] = {}  # id(group) -> the hyperparameters that last passed
-        # step_in_backward's first iteration in this process: its hooks keep the gradients for step(),
-        # which checks the loop around it first (see _check_loop): id(param) -> (param, its gradient, version)
+        # the first iteration's gradients in this process, kept for step(), which checks the loop around
+        # them (see _check_loop) before it applies them: id(param) -> (param, its gradient, version)
         self._held: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._loop_checked = False
+        # later iterations: the sentinel (the smallest hooked parameter) keeps its applied gradient until
+        # step() checks it: (param, gradient, version) or None
+        self._sentinel: int | None = None
+        self._kept: tuple[torch.Tensor, torch.Tensor, int] | None = None
         if self.step_in_backward:
             # GradScaler then sets grad_scale and found_inf on the optimizer before step(), which refuses
             # them (see _check_loop) instead of unscaling gradients it never sees
@@ -365,6 +369,8 @@ class FusedOptimizer(Optimizer):
                               "forward and backward only and call step() outside the graph")
         _refuse_data_parallel(p)
         self._locate(p)
+        hooked = [q for g in self.param_groups if not g["frozen"] for q in g["params"] if q.requires_grad]
+        self._sentinel = id(min(hooked, key=torch.Tensor.numel)) if hooked else None
         torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         self._end_queued = True
 
@@ -378,7 +384,8 @@ class FusedOptimizer(Optimizer):
             f"Invalid gradient accumulation with step_in_backward=True: group {index} param "
             f"{_position(group, p)} (shape {tuple(p.shape)}) got a second gradient before optimizer.step(), "
             "and step_in_backward applies each gradient in the backward that makes it; call "
-            "optimizer.step() after every backward pass, or use step_in_backward=False to accumulate gradients"
+            "optimizer.step() after every backward pass (loops that never call step() are not supported), or use "
+            "step_in_backward=False to accumulate gradients"
         )
 
     def _add_to_bucket(self, index: int, group: dict, p: torch.Tensor) -> None:
@@ -398,8 +405,18 @@ class FusedOptimizer(Optimizer):
             if located is not None and p.grad is not None and not located[1]["frozen"]:
                 self._add_to_bucket(*located, p)
         self._apply_bucket()
+        if self._kept is not None:  # the first iteration was checked whole: nothing to keep
+            self._kept[0].grad = None
+            self._kept = None
         self._flushed_in_backward = False
         self._loop_checked = self._loop_checked or bool(held)
+
+    def _drop_held(self) -> None:
+        """A refused iteration's gradients: the held ones are never applied, the kept one was."""
+        for q, _, _ in [*self._held.values(), *([self._kept] if self._kept else [])]:
+            q.grad = None
+        self._held.clear()
+        self._kept = None
 
     def _end_of_backward(self) -> None:
         self._end_queued = False
@@ -411,9 +428,7 @@ class FusedOptimizer(Optimizer):
     def _drop_bucket(self) -> None:
         for _, _, q in self._bucket:
             self._updated_in_backward.discard(id(q))
-        for q, _, _ in self._held.values():  # the first iteration's gradients: none is applied after a refusal
-            q.grad = None
-        self._held.clear()
+        self._drop_held()
         self._bucket, self._bucket_bytes = [], 0
         self._end_queued = False  # a backward that raised runs no end-of-backward callback
 
@@ -434,7 +449,10 @@ class FusedOptimizer(Optimizer):
                 self._update_group(plan)
         self._flushed_in_backward = True
         for _, _, q in bucket:
-            q.grad = None
+            if id(q) == self._sentinel:  # kept (not applied again) until step() has checked it
+                self._kept = (q, q.grad, q.grad._version)
+            else:
+                q.grad = None
 
     def _first_tick(self, group: dict) -> bool:
         """Does ``group`` count a step now? Once per step(): at its first update since the last step()
@@ -447,7 +465,10 @@ class FusedOptimizer(Optimizer):
     # -- pickling, copies and state dicts ---------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         # torch pickles only defaults, state and groups; fused_ft's constructor choices travel too
-        return {**super().__getstate__(), "backend": self.backend, "step_in_backward": self.step_in_backward}
+        state = {**super().__getstate__(), "backend": self.backend, "step_in_backward": self.step_in_backward}
+        if "bucket_bytes" in self.__dict__:  # a copy's buckets, and so its stochastic rounding's bits, are the same
+            state["bucket_bytes"] = self.bucket_bytes
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # called by unpickling and deepcopy (with "backend" and "step_in_backward"; a pickle from before
@@ -456,6 +477,8 @@ class FusedOptimizer(Optimizer):
         restoring = "_hooks" not in self.__dict__  # a new object, not a load into this one
         self.backend = state.pop("backend", getattr(self, "backend", "auto"))
         self.step_in_backward = state.pop("step_in_backward", getattr(self, "step_in_backward", False))
+        if "bucket_bytes" in state:
+            self.bucket_bytes = state.pop("bucket_bytes")
         super().__setstate__(state)
         _checkpoint.drop_torch_default(self)
         if restoring:
@@ -518,11 +541,12 @@ class FusedOptimizer(Optimizer):
             # here, and free them as the hooks do (left in place, the next backward would add to them).
             # A gradient left on a parameter a hook already updated is a second one, refused in
             # backward: it is dropped, never applied.
-            if self._updated_in_backward:
+            if self._updated_in_backward:  # (the sentinel's kept gradient among them)
                 for group in self.param_groups:
                     for p in group["params"]:
                         if p.grad is not None and id(p) in self._updated_in_backward:
                             p.grad = None
+            self._kept = None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -545,35 +569,41 @@ class FusedOptimizer(Optimizer):
         return loss
 
     def _check_loop(self) -> None:
-        """Refuse, before any change, what step_in_backward would silently get wrong from its second
-        iteration on, when each gradient is applied and freed during backward: nothing between
-        ``backward()`` and ``step()`` can act on the gradients. The first iteration's hooks keep them
-        for step() (a plain step's peak memory, once), so this check sees the loop around it:
+        """Refuse what step_in_backward would silently get wrong, where each gradient is applied and freed
+        during backward: nothing between ``backward()`` and ``step()`` can act on the gradients.
 
         - a ``torch.amp.GradScaler`` (it sets ``grad_scale`` and ``found_inf`` before step()): scaled
           gradients would update the weights, and an overflow would not be skipped;
         - any change to the gradients after backward (``clip_grad_norm_``, ``clip_grad_value_`` and
-          ``GradScaler.unscale_`` all write them in place): it would act on gradients already applied
-          and freed (``clip_grad_norm_`` would return 0 and clip nothing).
+          ``GradScaler.unscale_`` write them in place; an assigned gradient replaces one): it would act
+          on gradients already applied and freed (``clip_grad_norm_`` would return 0 and clip nothing).
 
-        A GradScaler is refused at every step(); a change to the gradients only in the first iteration
-        (the check reads their version counters, so it costs no sync and sees no values)."""
+        The first iteration's hooks keep every gradient for step() (a plain step's peak memory, once), so
+        both are refused there before any change. Later iterations keep one applied gradient alive until
+        step(): the sentinel's, the smallest hooked parameter's; a clip or scaler first used then is
+        refused at that step(), after its backward's updates (the message says so).
+        The check reads version counters: it costs no sync and sees no values. A refused iteration's
+        kept gradients are dropped, and the scaler's attributes with them, so the next one starts clean."""
+        later = " (this backward's gradients were applied as they came)" if self._loop_checked else ""
         if getattr(self, "found_inf", None) is not None or getattr(self, "grad_scale", None) is not None:
+            for name in ("grad_scale", "found_inf"):  # GradScaler removes them only when step() returns
+                self.__dict__.pop(name, None)
+            self._drop_held()
             raise ValueError(
                 "Invalid use with torch.amp.GradScaler: step_in_backward=True applies gradients during backward, "
-                "before GradScaler can unscale or skip them" + (
-                    " (this backward's gradients were applied scaled)" if self._loop_checked else "") +
-                "; use bf16 autocast (no scaler) or step_in_backward=False"
+                f"before GradScaler can unscale or skip them{later}; use bf16 autocast (no scaler) or "
+                "step_in_backward=False"
             )
-        for p, grad, version in self._held.values():
+        for p, grad, version in [*self._held.values(), *([self._kept] if self._kept else [])]:
             if p.grad is not None and (p.grad is not grad or p.grad._version != version):
                 index, group = self._locate(p)
+                self._drop_held()
                 raise RuntimeError(
                     f"Invalid change to gradients between backward() and step() with step_in_backward=True: group "
                     f"{index} param {_position(group, p)} (shape {tuple(p.shape)}) has a gradient changed after its "
-                    "backward (clip_grad_norm_, clip_grad_value_, GradScaler.unscale_, ...); from the second "
-                    "iteration on each gradient is applied and freed during backward, so such a change would act "
-                    "on nothing; use step_in_backward=False to clip or rescale gradients"
+                    f"backward (clip_grad_norm_, clip_grad_value_, GradScaler.unscale_, ...){later}; each gradient "
+                    "is applied and freed during backward, so such a change would act on nothing; use "
+                    "step_in_backward=False to clip or rescale gradients"
                 )
 
     def _plan_group(self, index: int, group: dict, params: list[torch.Tensor] | None = None) -> list[GroupPlan]:
