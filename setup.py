@@ -2,8 +2,8 @@
 
 ``fused_ft._C`` (csrc/) is built ahead of time when torch is importable at build time and a C++ compiler
 works (``pip install --no-build-isolation -e .``, as ``make`` does). Otherwise (pip's default build
-isolation has no torch) the package ships the C++ sources, and ``fused_ft._native`` builds them just in
-time on first import, against the torch that runs, with the same flags (``fused_ft/_build.py``).
+isolation has no torch) the package ships the C++ sources, and ``fused_ft.kernels.native`` builds them just in
+time on first import, against the torch that runs, with the same flags (``fused_ft/kernels/_build.py``).
 """
 import importlib.util
 import os
@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _load_build_module():
-    """fused_ft/_build.py by path: importing the package would import torch, which may be absent here."""
-    spec = importlib.util.spec_from_file_location("fused_ft_build", ROOT / "fused_ft" / "_build.py")
+    """fused_ft/kernels/_build.py by path: importing the package would import torch, which may be absent here."""
+    spec = importlib.util.spec_from_file_location("fused_ft_build", ROOT / "fused_ft" / "kernels" / "_build.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

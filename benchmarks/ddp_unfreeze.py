@@ -1,7 +1,7 @@
 """What keeping DDP ranks equal costs when the trainable set changes: ``python -m benchmarks.ddp_unfreeze``.
 
 DDP averages the gradients of the parameters that required a gradient when it was built. Two ways to
-keep ranks equal under gradual unfreezing (fused_ft.distributed.follow_trainable_set):
+keep ranks equal under gradual unfreezing (fused_ft.harness.distributed.follow_trainable_set):
 
 - ``register all``: build DDP once with every parameter requiring a gradient, then freeze; DDP then
   needs ``find_unused_parameters=True`` (frozen parameters get no gradient), which walks the autograd

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from fused_ft._extras import MissingExtraError, missing_extra
 from fused_ft._validation import check_output_dir
-from fused_ft.embedding import EmbeddingNotFound
-from fused_ft.models import PretrainedWeightsError
+from fused_ft.vision.embedding import EmbeddingNotFound
+from fused_ft.vision.models import PretrainedWeightsError
 
 USER_ERRORS = (ValueError, PretrainedWeightsError, EmbeddingNotFound, FileNotFoundError)  # DataError is a ValueError
 
@@ -49,8 +49,8 @@ def embedding_options(args: argparse.Namespace) -> dict:
 
 
 def _grad_norms(args: argparse.Namespace) -> None:
-    from fused_ft import diagnostics
-    from fused_ft.data import shift_lab
+    from fused_ft.harness import diagnostics
+    from fused_ft.harness.data import shift_lab
 
     check_output_dir("--out", args.out)
     data = args.data
@@ -130,10 +130,10 @@ def _positive_int(text: str) -> int:
 
 
 def _memory(args: argparse.Namespace) -> None:
-    from fused_ft import memory_report
-    from fused_ft.methods import method
+    from fused_ft.memory import report
+    from fused_ft.vision.methods import method
 
-    from fused_ft.models import resolve_model_name
+    from fused_ft.vision.models import resolve_model_name
 
     for name in args.methods:
         method(name)  # unknown methods, models and unwritable plots fail before any profiling
@@ -141,14 +141,14 @@ def _memory(args: argparse.Namespace) -> None:
         resolve_model_name(name)
     _check_output_file("--plot", args.plot)
     skipped: list[str] = []
-    rows = memory_report.run_table(args.models, args.methods, batch_size=args.batch_size,
+    rows = report.run_table(args.models, args.methods, batch_size=args.batch_size,
                                    step_in_backward=args.step_in_backward, grad_checkpointing=args.grad_checkpointing,
                                    param_dtype=args.param_dtype, bf16_updates=args.bf16_update, skipped=skipped)
-    print(memory_report.render_memory_table(rows, args.format))
+    print(report.render_memory_table(rows, args.format))
     for note in skipped:  # on stderr: --format json/csv output stays machine-readable
         print(f"note: {note}", file=sys.stderr)
     if args.plot:
-        memory_report.plot_memory_table(rows, args.plot)
+        report.plot_memory_table(rows, args.plot)
         print(f"wrote {args.plot}")
 
 
@@ -205,7 +205,7 @@ def _choice_list(choices):
 
 
 def _base_config(args: argparse.Namespace, **overrides):
-    from fused_ft.finetune import FinetuneConfig
+    from fused_ft.harness.finetune import FinetuneConfig
 
     pretrained = args.pretrained
     if args.model.startswith("shift-lab-") and pretrained is False:
@@ -220,8 +220,8 @@ def _base_config(args: argparse.Namespace, **overrides):
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from fused_ft import sweep
-    from fused_ft.finetune import finetune
+    from fused_ft.harness import sweep
+    from fused_ft.harness.finetune import finetune
 
     if args.lr is None and args.lr_sweep is None:
         raise ValueError("Invalid arguments: give --lr LR or --lr-sweep paper")
@@ -248,7 +248,7 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from fused_ft import diagnostics, sweep
+    from fused_ft.harness import diagnostics, sweep
 
     _check_output_file("--plot", args.plot)
     check_output_dir("--out", args.out)
@@ -282,8 +282,8 @@ def _sweep(args: argparse.Namespace) -> None:
 
 
 def _print_dry_run(configs, out: str) -> None:
-    from fused_ft.distributed import world_size
-    from fused_ft.dry_run import dry_run
+    from fused_ft.harness.distributed import world_size
+    from fused_ft.harness.dry_run import dry_run
 
     plan = dry_run(configs, world_size(), out)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -331,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     grad.add_argument("--out", default="grad-norms",
                       help="directory for grad_norms.csv, verdict.json and grad_norms.png")
 
-    from fused_ft.memory_report import DEFAULT_METHODS, DEFAULT_MODELS
-    from fused_ft.methods import METHODS
+    from fused_ft.memory.report import DEFAULT_METHODS, DEFAULT_MODELS
+    from fused_ft.vision.methods import METHODS
 
     mem = commands.add_parser("memory", **_HELP, help="memory of a training step per method (paper Table 4), simulated")
     mem.add_argument("--models", type=_csv_list, default=list(DEFAULT_MODELS),
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            from fused_ft import demo
+            from fused_ft.harness import demo
 
             demo.main()
         elif args.command == "grad-norms":

@@ -22,13 +22,13 @@ def _version(distribution: str) -> str | None:
 
 
 def _extension_lines() -> tuple[list[tuple[str, str]], bool]:
-    from fused_ft import _native
+    from fused_ft.kernels import native
 
-    info = _native.INFO
+    info = native.INFO
     if info.origin is None:
         return [("C++ extension", f"unavailable: {info.error}"),
                 ("host helpers", "Python fallback (several times slower per step than the C++ helpers)"),
-                ("fix", _native.fix(info.error))], False
+                ("fix", native.fix(info.error))], False
     built_for = f"for torch {info.torch_version}" if info.torch_version else "(for a torch it does not record)"
     return [("C++ extension", f"available, built {info.origin} {built_for}"),
             ("  path", str(info.path)),

@@ -51,9 +51,9 @@ t0 = time.perf_counter()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import fused_ft
-    from fused_ft import _native
+    from fused_ft.kernels import native
 import torch
-info = _native.INFO
+info = native.INFO
 ok = info.origin == "just in time" and fused_ft.__file__.startswith(sys.argv[1])
 if ok:
     p = torch.nn.Parameter(torch.ones(5))
@@ -194,14 +194,14 @@ def one_version(version: str, base: Path, python: str, workers: int, reinstall: 
     if step.returncode != 0:
         return dict(result, status=f"fused_ft install failed (see {log})")
 
-    probe = ("import json, sys, torch, fused_ft; from fused_ft import _native; "
+    probe = ("import json, sys, torch, fused_ft; from fused_ft.kernels import native; "
              "import importlib.metadata as m\n"
              "def v(n):\n"
              "    try: return m.version(n)\n"
              "    except m.PackageNotFoundError: return None\n"
              "print(json.dumps(dict(python=sys.version.split()[0], torch=torch.__version__, triton=v('triton'), "
-             "timm=v('timm'), numpy=v('numpy'), origin=_native.INFO.origin, built_against=_native.INFO.torch_version, "
-             "error=_native.INFO.error, file=fused_ft.__file__)))")
+             "timm=v('timm'), numpy=v('numpy'), origin=native.INFO.origin, built_against=native.INFO.torch_version, "
+             "error=native.INFO.error, file=fused_ft.__file__)))")
     out = subprocess.run([py, "-c", probe], capture_output=True, text=True, cwd=venv)
     if out.returncode != 0:
         return dict(result, status="import fused_ft failed: " + out.stderr.strip().splitlines()[-1])

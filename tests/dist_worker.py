@@ -68,7 +68,7 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def shard(model: nn.Module) -> nn.Module:
-    from fused_ft.distributed import fully_shard  # torch 2.5 has it in torch.distributed._composable.fsdp
+    from fused_ft.harness.distributed import fully_shard  # torch 2.5 has it in torch.distributed._composable.fsdp
 
     for layer in (model.embed, model.body[0], model.body[2], model.head):
         fully_shard(layer)
@@ -174,18 +174,18 @@ def checkpoint_load(rank: int, world: int, port: int, name: str, directory: str,
 
 
 def _init_as_torchrun(rank: int, world: int, port: int) -> None:
-    """The environment torchrun gives each process: fused_ft.finetune joins the group from it."""
+    """The environment torchrun gives each process: fused_ft.harness.finetune joins the group from it."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
 
 
 def harness(rank: int, world: int, port: int, runs: dict, data: str, out: str) -> None:
-    """fused_ft.finetune runs under torch.distributed; each rank saves every run's parameters as it holds
+    """fused_ft.harness.finetune runs under torch.distributed; each rank saves every run's parameters as it holds
     them at the last epoch's end (DDP: its own replica; FSDP2: gathered), read where the harness checks
     the ranks, before that check can refuse the run."""
-    from fused_ft import finetune as F
-    from fused_ft.distributed import unwrap
+    from fused_ft.harness import finetune as F
+    from fused_ft.harness.distributed import unwrap
 
     _init_as_torchrun(rank, world, port)
     finals, current = {}, [None]
@@ -207,7 +207,7 @@ def harness(rank: int, world: int, port: int, runs: dict, data: str, out: str) -
 
 def drift(rank: int, world: int, port: int, out: str) -> None:
     """check_ranks_agree on replicas that differ in one parameter on rank 1: what each rank raises."""
-    from fused_ft.distributed import Context, DistributedDrift, check_ranks_agree
+    from fused_ft.harness.distributed import Context, DistributedDrift, check_ranks_agree
 
     _init(rank, world, port)
     model = Net()

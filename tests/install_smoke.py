@@ -76,13 +76,14 @@ def main() -> int:
     args = parser.parse_args()
 
     import fused_ft
-    from fused_ft import _native, available_backends, doctor
+    from fused_ft import available_backends, doctor
+    from fused_ft.kernels import native
 
     where = Path(fused_ft.__file__).resolve()
     assert args.prefix.resolve() in where.parents, f"fused_ft imported from {where}, not from {args.prefix}"
     present = [m for m in EXTRAS if importlib.util.find_spec(m) is not None]
     assert not present, f"installed without extras, yet these are importable: {present}"
-    info = _native.INFO
+    info = native.INFO
     assert info.origin == args.origin, f"C++ extension: {info} (expected built {args.origin})"
     if args.cache is not None:
         assert args.cache.resolve() in Path(info.path).resolve().parents, f"{info.path} is not in {args.cache}"

@@ -1,4 +1,4 @@
-"""Metadata and list files as people and tools write them (fused_ft/data/tables.py), and splits that come
+"""Metadata and list files as people and tools write them (fused_ft/harness/data/tables.py), and splits that come
 out empty.
 
 Catches: Waterbirds' metadata.csv written by pandas (``0.0``/``1.0`` in integer columns) stopping with
@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fused_ft import cli
-from fused_ft.data import DataError, load_data
+from fused_ft.harness.data import DataError, load_data
 
 # (image, y, split, place): every split and both Waterbirds groups of the test split present
 WATERBIRDS_ROWS = [("a/0.png", 0, 0, 0), ("a/1.png", 1, 0, 1), ("a/2.png", 1, 0, 0), ("b/3.png", 0, 1, 0),
@@ -151,7 +151,7 @@ def test_an_empty_split_is_refused_before_any_work_by_the_run_and_the_dry_run(ca
 def test_tables_integer_reads_integral_floats_only():
     from pathlib import Path
 
-    from fused_ft.data.tables import integer
+    from fused_ft.harness.data.tables import integer
 
     assert [integer(t, Path("f"), 1, "c", "L") for t in ("3", " 3 ", "3.0", "+3", "-0.0", "1e2")] == [3, 3, 3, 3, 0,
                                                                                                       100]

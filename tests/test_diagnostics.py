@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fused_ft import cli
-from fused_ft.diagnostics import LayerGradNorm, layer_grad_norms, verdict
+from fused_ft.harness.diagnostics import LayerGradNorm, layer_grad_norms, verdict
 
 
 class LinearChain(nn.Module):
@@ -88,8 +88,8 @@ def test_verdict_threshold():
 def test_minibatches_are_full_a_short_dataset_is_said_and_a_mistyped_spec_names_the_kinds():
     from torch.utils.data import TensorDataset
 
-    from fused_ft.data import DataError, load_data
-    from fused_ft.diagnostics import sample_batches
+    from fused_ft.harness.data import DataError, load_data
+    from fused_ft.harness.diagnostics import sample_batches
 
     data = TensorDataset(torch.randn(10, 4), torch.zeros(10, dtype=torch.long))
     with pytest.warns(UserWarning, match="4 minibatches of 4 were asked for, the data holds 10 images: measuring 2"):
@@ -142,7 +142,7 @@ def test_grad_norms_cli_on_noise_is_a_smoke_test_equal_to_the_api(tmp_path, caps
     assert rows[0]["role"] == "embedding" and rows[0]["layer"] == "embedding" and rows[14]["role"] == "head"
     assert [r["layer"] for r in rows[1:13]] == [f"blocks.{i}" for i in range(12)]
     # the same numbers as the Python API on the same seeded model and noise batches
-    from fused_ft.models import create_model
+    from fused_ft.vision.models import create_model
 
     gen = torch.Generator().manual_seed(3)
     data = [(torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 5, (4,), generator=gen)) for _ in range(2)]
@@ -187,7 +187,7 @@ VIT_LAYERS = {"embedding": ("patch_embed.",), **{f"blocks.{i}": (f"blocks.{i}.",
 def test_grad_norms_on_shift_lab_equal_eq_3_1_by_hand_with_the_runs_heads(tmp_path, monkeypatch, capsys):
     import functools
 
-    from fused_ft.data import load_data, shift_lab
+    from fused_ft.harness.data import load_data, shift_lab
 
     monkeypatch.setenv("FUSED_FT_CACHE", str(tmp_path / "cache"))  # a tiny pretraining: the path, not the model
     monkeypatch.setattr(shift_lab, "PretrainRecipe",
@@ -214,8 +214,8 @@ def test_grad_norms_on_shift_lab_equal_eq_3_1_by_hand_with_the_runs_heads(tmp_pa
 def test_grad_norms_on_an_imagefolder_read_the_training_images_without_augmentation(image_folder, tmp_path, capsys):
     from torchvision.datasets import ImageFolder
 
-    from fused_ft.data.transforms import paper_transforms
-    from fused_ft.models import create_model
+    from fused_ft.harness.data.transforms import paper_transforms
+    from fused_ft.vision.models import create_model
 
     rc = cli.main(["grad-norms", "--model", "vit_tiny_patch16_224", "--image-size", "32", "--data",
                    f"imagefolder:{image_folder}", "--batches", "2", "--batch-size", "6", "--head-seeds", "1",
@@ -269,7 +269,7 @@ class TinyNet(nn.Module):
 def test_the_interval_narrows_as_batches_and_head_seeds_grow():
     from torch.utils.data import TensorDataset
 
-    from fused_ft.diagnostics import grad_norms_over_head_seeds
+    from fused_ft.harness.diagnostics import grad_norms_over_head_seeds
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(2048, 8, generator=g), torch.randint(0, 3, (2048,), generator=g))
@@ -296,7 +296,7 @@ def test_the_interval_narrows_as_batches_and_head_seeds_grow():
 
 
 def test_pretrained_models_need_data_and_the_data_decides_the_classes(tmp_path):
-    from fused_ft.diagnostics import diagnose
+    from fused_ft.harness.diagnostics import diagnose
 
     for args in (["--model", "vit_tiny_patch16_224", "--pretrained"], ["--model", "shift-lab-vit"]):
         proc = subprocess.run([sys.executable, "-m", "fused_ft.cli", "grad-norms", *args, "--out", str(tmp_path / "o")],
@@ -338,7 +338,7 @@ def test_offline_pretrained_fails_before_building_unless_the_weights_may_be_cach
     import open_clip
     import timm
 
-    from fused_ft import models
+    from fused_ft.vision import models
 
     built = []
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fused_ft.distributed import FSDP_NEEDS_CUDA, fsdp_runs_here
+from fused_ft.harness.distributed import FSDP_NEEDS_CUDA, fsdp_runs_here
 from tests import dist_worker as W
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
@@ -71,9 +71,9 @@ def test_finetune_under_torchrun(image_folder, tmp_path, fsdp):
     import subprocess
     import sys
 
-    from fused_ft.data import load_data
-    from fused_ft.finetune import evaluate
-    from fused_ft.models import create_model
+    from fused_ft.harness.data import load_data
+    from fused_ft.harness.finetune import evaluate
+    from fused_ft.vision.models import create_model
 
     out = tmp_path / "run"
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -121,7 +121,7 @@ HARNESS_RUNS = {
 def test_harness_ranks_stay_equal_when_the_trainable_set_changes(image_folder, tmp_path):
     """Was: gradual-unfreeze under DDP ended with 30 parameter tensors different on rank 0 and rank 1
     (DDP averages only what required a gradient when it was built) and nothing in the output showed it."""
-    from fused_ft.models import create_model
+    from fused_ft.vision.models import create_model
 
     runs = {name: run for name, run in HARNESS_RUNS.items() if FSDP_HERE or not run.get("fsdp")}
     mp.spawn(W.harness, args=(2, _port(), runs, f"imagefolder:{image_folder}", str(tmp_path)), nprocs=2, join=True)

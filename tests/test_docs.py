@@ -4,12 +4,13 @@ import importlib
 
 import pytest
 
-from fused_ft import demo, memory_report
+from fused_ft.harness import demo
+from fused_ft.memory import report
 from tests.helpers import README, readme_block
 
 
-MODULES = ["fused_ft.embedding", "fused_ft.methods", "fused_ft.unfreeze", "fused_ft.models",
-           "fused_ft.diagnostics._measure", "fused_ft.diagnostics._verdict", "fused_ft.optim.sgd",
+MODULES = ["fused_ft.vision.embedding", "fused_ft.vision.methods", "fused_ft.vision.unfreeze", "fused_ft.vision.models",
+           "fused_ft.harness.diagnostics._measure", "fused_ft.harness.diagnostics._verdict", "fused_ft.optim.sgd",
            "fused_ft.optim.adamw", "fused_ft.optim.lars", "fused_ft.optim.lamb", "fused_ft.integrations.timm"]
 
 
@@ -43,10 +44,10 @@ def test_readme_python_snippets_run_and_print_what_the_readme_shows(tmp_path):
         assert line in readme and line in out, (line, out)
 
 
-@pytest.mark.parametrize("model", memory_report.DEFAULT_MODELS)  # one model a test: they share the workers
+@pytest.mark.parametrize("model", report.DEFAULT_MODELS)  # one model a test: they share the workers
 def test_readme_demo_part_1_rows_are_what_make_demo_prints(model):
     block = readme_block("make demo part 1")
-    assert {line.split()[0] for line in block[2:]} == set(memory_report.DEFAULT_MODELS)
+    assert {line.split()[0] for line in block[2:]} == set(report.DEFAULT_MODELS)
     printed = demo.memory_table([model], progress=False).splitlines()
     assert printed[0].split() == block[0].split()
     # compared cell by cell: the column widths of one model's table differ from the three models'
@@ -54,7 +55,7 @@ def test_readme_demo_part_1_rows_are_what_make_demo_prints(model):
 
 
 def test_readme_demo_part_2_is_what_make_demo_prints_and_meets_the_memory_bars():
-    runs = memory_report.beyond_the_paper()
+    runs = report.beyond_the_paper()
     assert demo.beyond_the_paper_lines(runs) == readme_block("make demo part 2")
     peak = {label: p for label, p in runs}
     adamw = peak["adamw"]

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import fused_ft
-from fused_ft.embedding import EmbeddingNotFound, embedding_params
-from fused_ft.models import ClipClassifier, create_model
+from fused_ft.vision.embedding import EmbeddingNotFound, embedding_params
+from fused_ft.vision.models import ClipClassifier, create_model
 from tests.helpers import batches, make_model, train_step
 
 # The paper's seven models (Appendix A "Embedding layer") built on the meta device: real parameter
@@ -121,7 +121,7 @@ def test_create_model_checkpoint_roundtrip(tmp_path):
     for (n, a), (_, b) in zip(source.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b) or n.startswith("head."), n
     assert not torch.equal(source.head.weight, loaded.head.weight)
-    with pytest.raises(fused_ft.models.PretrainedWeightsError,
+    with pytest.raises(fused_ft.vision.models.PretrainedWeightsError,
                        match=r"Invalid checkpoint: '.*missing.pth' is not a file"):
         create_model("vit_tiny_patch16_224", num_classes=5, checkpoint=tmp_path / "missing.pth")
     with pytest.raises(ValueError, match=r"Invalid model: 'no_such_model'.*aliases: clip-vit-b16"):

@@ -14,8 +14,9 @@ import time
 import pytest
 import torch
 
-from fused_ft import cli, sweep
-from fused_ft.data import DataError, load_data, shift_lab
+from fused_ft import cli
+from fused_ft.harness import sweep
+from fused_ft.harness.data import DataError, load_data, shift_lab
 
 
 def _finetune_args(root, out, epochs=3, extra=()):
@@ -218,7 +219,7 @@ def test_parameters_that_should_train_but_got_no_gradient_are_named_once():
     import warnings
 
     import fused_ft
-    from fused_ft.finetune import warn_missing_gradients
+    from fused_ft.harness.finetune import warn_missing_gradients
     from torch.utils.checkpoint import checkpoint
 
     class Net(torch.nn.Module):

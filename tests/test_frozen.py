@@ -12,7 +12,7 @@ from tests.helpers import assert_params_close, batches, make_model, train_step, 
 def _auto_means_reference(monkeypatch):
     """These tests check drop-in behaviour bit for bit against torch/timm, so ``auto`` runs the
     reference backend here; the kernel backends' numerics are compared in test_kernels.py."""
-    from fused_ft import _dispatch
+    from fused_ft.optim import _dispatch
 
     monkeypatch.setitem(_dispatch._AUTO_ORDER, "cpu", ("reference",))
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from fused_ft import _jit, _native
+from fused_ft.kernels import _jit, native
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRAS = ("timm", "open_clip_torch", "matplotlib")
@@ -58,7 +58,7 @@ def _seed_cache(cache: Path) -> Path:
     the same sources (compiling csrc/ again would take minutes)."""
     aot = sorted((ROOT / "fused_ft").glob("_C.*.so"))
     assert aot, "the ahead-of-time build fused_ft/_C.*.so is missing: run make (pip install -e . with torch)"
-    arguments = _native.jit_arguments()
+    arguments = native.jit_arguments()
     directory = _jit.build_directory(arguments["name"], arguments["sources"] + arguments["headers"],
                                      arguments["cflags"], arguments["ldflags"], root=cache / "extensions")
     directory.mkdir(parents=True)
@@ -70,14 +70,14 @@ def _seed_cache(cache: Path) -> Path:
 def test_build_turned_off_or_no_compiler_costs_are_said_once(tmp_path):
     code = HIDE_AOT + """
 import warnings, torch, fused_ft
-from fused_ft import _native
+from fused_ft.kernels import native
 q = torch.ones(3, requires_grad=True); q.grad = torch.ones(3)
 fused_ft.SGD([q], lr=0.5).step()  # auto on CPU: would warn again that backend='cpu' is missing
 try:
     fused_ft.SGD([q], lr=0.5, backend="cpu").step()
 except fused_ft.BackendUnavailableError as exc:
     print(exc)
-print(_native.INFO.error)
+print(native.INFO.error)
 """
     runs = {
         "off": subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -110,7 +110,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("twice", &twice); }
 WORKER = """
 import sys, time
 from pathlib import Path
-from fused_ft import _jit
+from fused_ft.kernels import _jit
 tmp = Path(sys.argv[1])
 (tmp / f"ready-{sys.argv[2]}").touch()
 while not (tmp / "go").exists():
@@ -228,7 +228,9 @@ def test_the_wheel_installs_into_a_venv_with_torch_and_steps_on_the_cpu_backend(
 
 def test_a_missing_extra_is_named_in_one_line(monkeypatch, capsys, tmp_path):
     import fused_ft
-    from fused_ft import cli, diagnostics, memory_report, sweep
+    from fused_ft import cli
+    from fused_ft.harness import diagnostics, sweep
+    from fused_ft.memory import report
     from fused_ft._extras import MissingExtraError
 
     monkeypatch.chdir(tmp_path)
@@ -241,7 +243,7 @@ def test_a_missing_extra_is_named_in_one_line(monkeypatch, capsys, tmp_path):
     assert re.fullmatch(r"fused-ft grad-norms: error: .*needs timm, which is not installed: "
                         r"pip install 'fused_ft\[vision\]'\n", err), err
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    plots = [(memory_report.plot_memory_table, "plotting the memory table"),
+    plots = [(report.plot_memory_table, "plotting the memory table"),
              (sweep.plot_sweep, "plotting a sweep"), (diagnostics.plot_grad_norms, "plotting gradient norms")]
     for plot, what in plots:
         with pytest.raises(MissingExtraError, match=rf"^{what} needs matplotlib, which is not installed: "

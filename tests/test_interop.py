@@ -14,7 +14,7 @@ from tests.helpers import assert_params_close, assert_state_close, batches, make
 def _auto_means_reference(monkeypatch):
     """These tests check drop-in behaviour bit for bit against torch/timm, so ``auto`` runs the
     reference backend here; the kernel backends' numerics are compared in test_kernels.py."""
-    from fused_ft import _dispatch
+    from fused_ft.optim import _dispatch
 
     monkeypatch.setitem(_dispatch._AUTO_ORDER, "cpu", ("reference",))
 

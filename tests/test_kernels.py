@@ -269,7 +269,7 @@ def test_a_release_below_the_kernels_floor_is_refused_naming_the_fix_and_auto_fa
     from fused_ft import doctor
 
     monkeypatch.setattr(TL.triton, "__version__", "3.1.0")
-    monkeypatch.setattr(fused_ft._dispatch, "_WARNED", set())
+    monkeypatch.setattr(fused_ft.optim._dispatch, "_WARNED", set())
     q = torch.randn(4, requires_grad=True)
     q.grad = torch.randn(4)
     assert "triton" not in fused_ft.available_backends("cpu")  # TRITON_INTERPRET=1 would allow it otherwise
@@ -277,7 +277,7 @@ def test_a_release_below_the_kernels_floor_is_refused_naming_the_fix_and_auto_fa
     with pytest.raises(fused_ft.BackendUnavailableError, match=refusal):
         fused_ft.SGD([q], lr=0.1, backend="triton").step()
     with pytest.warns(UserWarning, match=refusal + r".*; falling back to backend='reference'"):
-        name, _ = fused_ft._dispatch.resolve("auto", "adamw", torch.device("cuda"), {})
+        name, _ = fused_ft.optim._dispatch.resolve("auto", "adamw", torch.device("cuda"), {})
     assert name == "reference"
     assert doctor._triton_line().startswith("3.1.0: backend='triton' needs Triton >= 3.2")
     # where the tensors cannot go is said first: a newer torch would not fix that
@@ -312,7 +312,7 @@ def test_kernel_backends_refuse_float64_and_caution(backend):
 
 def test_cpu_backend_without_the_extension_says_how_to_fix_it(monkeypatch):
     monkeypatch.setattr(CPU, "_C", None)
-    monkeypatch.setattr(fused_ft._dispatch, "_WARNED", set())  # the warning is once per process
+    monkeypatch.setattr(fused_ft.optim._dispatch, "_WARNED", set())  # the warning is once per process
     monkeypatch.setattr(CPU, "_IMPORT_ERROR", "No module named 'fused_ft._C'")
     q = torch.randn(4, requires_grad=True)
     q.grad = torch.randn(4)

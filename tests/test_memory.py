@@ -11,7 +11,7 @@ import pytest
 
 from fused_ft import cli
 from fused_ft.memory import profile_memory
-from fused_ft.methods import METHODS
+from fused_ft.vision.methods import METHODS
 
 # fp32 state tensors per trainable parameter, from each method's optimizer and options
 STATE_KINDS = {"sgd": 1, "sgd-nomom": 0, "adamw": 2, "lars": 1, "lamb": 2}
@@ -77,7 +77,7 @@ def test_memory_cli_formats_and_plot(tmp_path, capsys):
     assert rows[1]["ratio_to_adamw"] == 1.0 and rows[0]["ratio_to_adamw"] < 1.0
     assert rows[0]["adamw_peak"] == rows[1]["peak"]
     assert rows[0]["paper_adamw_overhead"] is None  # numbers or null in JSON, never a string
-    from fused_ft.memory_report import PAPER_ADAMW_OVERHEAD, _paper_cell
+    from fused_ft.memory.report import PAPER_ADAMW_OVERHEAD, _paper_cell
 
     assert PAPER_ADAMW_OVERHEAD[("openclip-vit-h14", "sgd-freeze-embed-nomom")] == (0.60, True)
     assert _paper_cell({"paper_adamw_overhead": 0.6, "paper_adamw_overhead_is_lower_bound": True}) == ">= +60%"

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import fused_ft
-from fused_ft.embedding import embedding_params
-from fused_ft.layers import head_params, model_layers
-from fused_ft.methods import ADAMW_LRS, METHODS, SGD_LRS, create_optimizer
-from fused_ft.unfreeze import GradualUnfreeze, trainable_layers, unfreeze_lr_factor
+from fused_ft.vision.embedding import embedding_params
+from fused_ft.vision.layers import head_params, model_layers
+from fused_ft.vision.methods import ADAMW_LRS, METHODS, SGD_LRS, create_optimizer
+from fused_ft.vision.unfreeze import GradualUnfreeze, trainable_layers, unfreeze_lr_factor
 from tests.helpers import batches, make_model, train_step
 
 ISSUE_NAMES = ["sgd", "sgd-nomom", "sgd-wd", "adamw", "sgd-freeze-embed", "sgd-freeze-embed-nomom",

@@ -80,7 +80,7 @@ def _grad_norms(argv, tmp_path, monkeypatch, capsys, image_folder):
     tiny, so the command's path and output format are checked, not the README's numbers."""
     import functools
 
-    from fused_ft.data import shift_lab
+    from fused_ft.harness.data import shift_lab
 
     monkeypatch.setenv("FUSED_FT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(shift_lab, "PretrainRecipe",

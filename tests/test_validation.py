@@ -145,7 +145,7 @@ def test_backend_conflicts_are_refused_at_construction(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "triton" not in fused_ft.available_backends("cuda")
     with pytest.raises(fused_ft.BackendUnavailableError, match=r"needs a CUDA device, and torch sees none"):
-        fused_ft._dispatch.resolve("triton", "sgd", torch.device("cuda"), {})
+        fused_ft.optim._dispatch.resolve("triton", "sgd", torch.device("cuda"), {})
 
 
 def test_unknown_backend_lists_the_choices():

@@ -8,7 +8,7 @@ that still learn. Part 3 fine-tunes for a few minutes on the CPU.
 """
 from __future__ import annotations
 
-from fused_ft import memory_report
+from fused_ft.memory import report
 
 GIB = 2**30
 SHORT_METHODS = ("sgd", "sgd-freeze-embed", "sgd-freeze-embed-nomom", "adamw")
@@ -16,12 +16,12 @@ SHORT_METHODS = ("sgd", "sgd-freeze-embed", "sgd-freeze-embed-nomom", "adamw")
 
 def main() -> None:
     print("fused_ft demo 1/3: memory of one training step at micro-batch 1 (simulated; paper Table 4)\n")
-    print(memory_table(memory_report.DEFAULT_MODELS))
+    print(memory_table(report.DEFAULT_MODELS))
     print("\n* gradients alive at the peak. 'AdamW +%' is how much more AdamW needs than the method; "
           "the paper measured the whole GPU process")
     print("(CUDA context, allocator caching, mixed-precision copies), which adds the same amount to every method.\n")
     print("fused_ft demo 2/3: beyond the paper, CLIP ViT-L/14 at micro-batch 1\n")
-    runs = memory_report.beyond_the_paper()
+    runs = report.beyond_the_paper()
     print("\n".join(beyond_the_paper_lines(runs)))
     adamw = runs[0][1].peak
     best = max(runs, key=lambda run: adamw / run[1].peak)
@@ -33,14 +33,14 @@ def main() -> None:
 
 # Parts 1 and 2 are functions of their own: the README shows their text, and tests/test_docs.py checks
 # that it is what they print.
-def memory_table(models=memory_report.DEFAULT_MODELS, progress: bool = True) -> str:
+def memory_table(models=report.DEFAULT_MODELS, progress: bool = True) -> str:
     """Part 1: the paper's Table 4 (every default method, micro-batch 1, simulated)."""
-    rows = memory_report.run_table(models, memory_report.DEFAULT_METHODS, progress=progress)
-    return memory_report.render_memory_table(rows, "table")
+    rows = report.run_table(models, report.DEFAULT_METHODS, progress=progress)
+    return report.render_memory_table(rows, "table")
 
 
 def beyond_the_paper_lines(runs) -> list[str]:
-    """Part 2: each of :func:`memory_report.beyond_the_paper`'s runs, its peak and AdamW's over it."""
+    """Part 2: each of :func:`report.beyond_the_paper`'s runs, its peak and AdamW's over it."""
     adamw = runs[0][1].peak
     return [f"  {label:<78} peak {p.peak / GIB:6.2f} GiB   AdamW / this = {adamw / p.peak:4.2f}x"
             for label, p in runs]
@@ -57,8 +57,8 @@ def shift_lab_experiment(out: str = "runs/demo-shift-lab") -> None:
     """The accuracy experiment in small: 4 methods x 3 LRs around their optima x 2 seeds, 2 epochs each."""
     import os
 
-    from fused_ft import diagnostics, sweep
-    from fused_ft.finetune import FinetuneConfig
+    from fused_ft.harness import diagnostics, sweep
+    from fused_ft.harness.finetune import FinetuneConfig
 
     print("fused_ft demo 3/3: shift-lab (style shift), tiny ViT pretrained with AdamW (cached after the first run); "
           f"runs are written to {out if os.path.isabs(out) else './' + out}\n")

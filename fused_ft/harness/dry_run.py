@@ -14,10 +14,10 @@ from typing import Sequence
 import torch
 
 from fused_ft._precision import param_dtype_of
-from fused_ft.data import DataBundle, load_data, shift_lab
-from fused_ft.finetune import FinetuneConfig, check_config, saved_run
-from fused_ft.methods import create_optimizer
-from fused_ft.models import check_input_size, create_model, resolve_model_name
+from fused_ft.harness.data import DataBundle, load_data, shift_lab
+from fused_ft.harness.finetune import FinetuneConfig, check_config, saved_run
+from fused_ft.vision.methods import create_optimizer
+from fused_ft.vision.models import check_input_size, create_model, resolve_model_name
 
 __all__ = ["dry_run"]
 

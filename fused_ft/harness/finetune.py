@@ -26,12 +26,13 @@ from torch.utils.data.distributed import DistributedSampler
 
 from fused_ft._precision import BF16_UPDATE, param_dtype_of
 from fused_ft._validation import LR, check_output_dir, check_positive_int
-from fused_ft.data import DataBundle, load_data
-from fused_ft.distributed import (FSDP_NEEDS_TORCHRUN, Context, check_ranks_agree, follow_trainable_set, full_state,
-                                  load_full_state, setup, trainable_signature, unwrap, world_size, wrap)
-from fused_ft.methods import create_optimizer, method as get_method
-from fused_ft.models import check_input_size
-from fused_ft.unfreeze import GradualUnfreeze
+from fused_ft.harness.data import DataBundle, load_data
+from fused_ft.harness.distributed import (FSDP_NEEDS_TORCHRUN, Context, check_ranks_agree, follow_trainable_set,
+                                          full_state, load_full_state, setup, trainable_signature, unwrap, world_size,
+                                          wrap)
+from fused_ft.vision.methods import create_optimizer, method as get_method
+from fused_ft.vision.models import check_input_size
+from fused_ft.vision.unfreeze import GradualUnfreeze
 
 __all__ = ["FinetuneConfig", "finetune", "evaluate", "build_model", "check_config", "saved_run"]
 
@@ -69,9 +70,9 @@ def build_classifier(name: str, num_classes: int, pretrained: Any = False, check
                      image_size: int | None = None, progress: bool = True) -> nn.Module:
     """The model a run fine-tunes, with a new ``num_classes`` head drawn from torch's global RNG (the
     run seeds it first): shift-lab models pretrained in-process (``pretrained`` "adamw", the default,
-    or "sgd"), every other name through :func:`fused_ft.models.create_model`."""
-    from fused_ft.data import shift_lab
-    from fused_ft.models import create_model
+    or "sgd"), every other name through :func:`fused_ft.vision.models.create_model`."""
+    from fused_ft.harness.data import shift_lab
+    from fused_ft.vision.models import create_model
 
     check_weights(name, pretrained, checkpoint)
     if name in shift_lab.SHIFT_LAB_MODELS:
@@ -141,7 +142,7 @@ def check_device(device: str | None) -> None:
 
 def check_weights(name: str, pretrained: Any, checkpoint: str | None) -> None:
     """What the weights' arguments may name for model ``name`` (raises ValueError)."""
-    from fused_ft.data import shift_lab
+    from fused_ft.harness.data import shift_lab
 
     if name in shift_lab.SHIFT_LAB_MODELS and isinstance(pretrained, str):
         shift_lab.check_pretrain_optimizer(pretrained)

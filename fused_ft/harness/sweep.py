@@ -15,8 +15,8 @@ from typing import Any, Sequence
 from fused_ft._validation import check_positive_number
 from fused_ft import _tables
 from fused_ft._extras import require
-from fused_ft.finetune import FinetuneConfig, finetune
-from fused_ft.methods import method as get_method
+from fused_ft.harness.finetune import FinetuneConfig, finetune
+from fused_ft.vision.methods import method as get_method
 
 __all__ = ["run_sweep", "run_configs", "summarize", "finding", "render_sweep_table", "plot_sweep", "lr_grid"]
 
@@ -69,10 +69,10 @@ def run_sweep(base: FinetuneConfig, methods: Sequence[str], lrs: str | dict[str,
     from tqdm import tqdm
 
     configs = run_configs(base, methods, lrs, seeds, lr_multiplier)
-    from fused_ft.data import shift_lab
+    from fused_ft.harness.data import shift_lab
 
     if base.model in shift_lab.SHIFT_LAB_MODELS:  # pretrain once, before the workers race to fill the cache
-        from fused_ft.finetune import build_model
+        from fused_ft.harness.finetune import build_model
 
         build_model(base, 2)
     results = []

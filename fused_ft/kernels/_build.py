@@ -1,5 +1,5 @@
 """How ``fused_ft._C`` is compiled: the one description that the ahead-of-time build (setup.py) and the
-just-in-time build (:mod:`fused_ft._jit`) share, so that both compile the same sources with the same flags.
+just-in-time build (:mod:`fused_ft.kernels._jit`) share, so that both compile the same sources with the same flags.
 
 This file imports neither torch nor fused_ft: setup.py loads it by path, where neither may be importable.
 """

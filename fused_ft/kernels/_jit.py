@@ -1,7 +1,7 @@
 """Building a C++ extension just in time, against the torch that is running, once per machine.
 
 ``pip install fused_ft`` with pip's default build isolation has no torch at build time, so no
-``fused_ft._C`` is built ahead of time; :mod:`fused_ft._native` then calls :func:`load` on first import.
+``fused_ft._C`` is built ahead of time; :mod:`fused_ft.kernels.native` then calls :func:`load` on first import.
 The build goes through ``torch.utils.cpp_extension.load`` (ninja) into its own folder of the cache
 (``$FUSED_FT_CACHE/extensions``, by default ``~/.cache/fused_ft/extensions``), named by a
 hash of everything that changes the binary: the sources and headers, the flags, the compiler, torch's

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from fused_ft._native import _C
+from fused_ft.kernels.native import _C
 from fused_ft._precision import Rounding, new_state
 
 

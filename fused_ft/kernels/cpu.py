@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 import torch
 
-from fused_ft._native import IMPORT_ERROR as _IMPORT_ERROR
-from fused_ft._native import _C, fix
+from fused_ft.kernels.native import IMPORT_ERROR as _IMPORT_ERROR
+from fused_ft.kernels.native import _C, fix
 from fused_ft._precision import Rounding
 from fused_ft.kernels._layout import compensation_slot, flat_slots, momentum_slots
 from fused_ft.kernels.capabilities import kernel_unsupported_reason
@@ -107,5 +107,5 @@ def lamb(
                  **_rounding_args(rounding, s))
 
 
-# The backend contract (see fused_ft._dispatch): update name -> function.
+# The backend contract (see fused_ft.optim._dispatch): update name -> function.
 UPDATES = {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}

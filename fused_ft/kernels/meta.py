@@ -43,5 +43,5 @@ def lamb_clip(grads, max_grad_norm):
     return None
 
 
-# The backend contract (see fused_ft._dispatch): update name -> function.
+# The backend contract (see fused_ft.optim._dispatch): update name -> function.
 UPDATES = {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}

@@ -8,7 +8,7 @@ Where it comes from, first that works:
 
 1. built ahead of time by setup.py, when torch was importable at build time
    (``pip install --no-build-isolation``, as ``make`` does);
-2. built just in time, on first import, against the torch that is running (:mod:`fused_ft._jit`,
+2. built just in time, on first import, against the torch that is running (:mod:`fused_ft.kernels._jit`,
    cached; ``FUSED_FT_BUILD=0`` turns it off).
 
 Where neither works, one :class:`NativeExtensionWarning` names the cost and the fix.
@@ -53,10 +53,11 @@ def _cost_and_fix(reason: str) -> str:
 
 
 def jit_arguments() -> dict:
-    """What :func:`fused_ft._jit.load` builds ``fused_ft._C`` from: setup.py's sources and flags."""
-    from fused_ft import _build, _jit
+    """What :func:`fused_ft.kernels._jit.load` builds ``fused_ft._C`` from: setup.py's sources and flags."""
+    from fused_ft.kernels import _build, _jit
 
-    source_dir = _build.csrc_dir(Path(__file__).resolve().parent)
+    # the package folder (fused_ft/, one above kernels/): an installed wheel holds csrc/ there
+    source_dir = _build.csrc_dir(Path(__file__).resolve().parents[1])
     if source_dir is None:
         raise _jit.BuildFailed("its C++ sources are not part of this installation")
     return dict(name="_C", sources=_build.sources(source_dir), headers=sorted(source_dir.glob("*.h")),
@@ -74,7 +75,7 @@ def _load() -> tuple[object | None, ExtensionInfo]:
     if os.environ.get("FUSED_FT_BUILD", "1") == "0":
         why = "FUSED_FT_BUILD=0 turned the just-in-time build off"
         return None, ExtensionInfo(None, None, None, why if aot_error is None else f"{aot_error}; {why}")
-    from fused_ft import _jit
+    from fused_ft.kernels import _jit
 
     try:
         module, directory = _jit.load(**jit_arguments())

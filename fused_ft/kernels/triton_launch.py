@@ -509,5 +509,5 @@ def lamb(
     _run(slots, ("params", "exp_avgs", "exp_avg_sqs", "compensations"), body, config.block)
 
 
-# The backend contract (see fused_ft._dispatch): update name -> function.
+# The backend contract (see fused_ft.optim._dispatch): update name -> function.
 UPDATES = {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}

@@ -34,8 +34,8 @@ from torch.utils._pytree import tree_flatten
 
 from fused_ft._precision import BF16_UPDATE, param_dtype_of
 from fused_ft._validation import check_positive_int
-from fused_ft.methods import create_optimizer, method as get_method
-from fused_ft.models import input_size
+from fused_ft.vision.methods import create_optimizer, method as get_method
+from fused_ft.vision.models import input_size
 
 __all__ = ["MemoryProfile", "profile_memory", "training_step", "cuda_workspace_bytes", "optimizer_state_bytes",
            "CATEGORIES"]
@@ -145,13 +145,13 @@ def _storage_key(t: torch.Tensor) -> int:
 @functools.lru_cache(maxsize=4)
 def _meta_model(name: str, num_classes: int, image_size: int | None) -> nn.Module:
     """Meta models hold no memory, so a table of many methods builds each model once."""
-    from fused_ft.models import create_model
+    from fused_ft.vision.models import create_model
 
     return create_model(name, num_classes, image_size=image_size, device="meta")
 
 
 def _build(model_or_name: nn.Module | str, num_classes: int, image_size: int | None, device):
-    from fused_ft.models import create_model
+    from fused_ft.vision.models import create_model
 
     if isinstance(model_or_name, nn.Module):
         return model_or_name, type(model_or_name).__name__

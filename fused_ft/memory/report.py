@@ -12,7 +12,7 @@ import torch
 from fused_ft import _tables
 from fused_ft._extras import require
 from fused_ft._precision import param_dtype_of
-from fused_ft.memory import CATEGORIES, MemoryProfile, profile_memory
+from fused_ft.memory.profile import CATEGORIES, MemoryProfile, profile_memory
 
 __all__ = ["DEFAULT_MODELS", "DEFAULT_METHODS", "PAPER_ADAMW_OVERHEAD", "run_table",
            "render_memory_table", "plot_memory_table"]

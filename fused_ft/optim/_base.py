@@ -41,8 +41,8 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 import torch
 from torch.optim import Optimizer
 
-from fused_ft import _dispatch
-from fused_ft._native import _C
+from fused_ft.optim import _dispatch
+from fused_ft.kernels.native import _C
 from fused_ft._precision import BF16_UPDATE, COMPENSATION_KEY, Rounding, stream_key
 from fused_ft import _dtensor
 from fused_ft.optim import _checkpoint, _state
@@ -51,7 +51,7 @@ from fused_ft._validation import BOOL, OPTIONAL_BOOL, Rule, check_group, check_p
 
 __all__ = ["FusedOptimizer", "GroupPlan", "SHARED_ARGS_DOC", "UpdateFn"]
 
-# A backend's update function (see fused_ft._dispatch): tensor lists and resolved scalars in, nothing out.
+# A backend's update function (see fused_ft.optim._dispatch): tensor lists and resolved scalars in, nothing out.
 UpdateFn = Callable[..., None]
 
 # The Args lines every optimizer shares, substituted for ``{shared_args}`` in each class docstring.

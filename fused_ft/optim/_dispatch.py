@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from fused_ft import _native
+from fused_ft.kernels import native
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "check_backend_name", "lamb_clip",
            "resolve", "unavailable_reason"]
@@ -65,7 +65,7 @@ def _warn_once(name: str, device: torch.device, reason: str) -> None:
     """auto's preferred kernels are missing on this machine: say so once, not every step."""
     if (name, device.type) not in _WARNED:
         _WARNED.add((name, device.type))
-        if name == "cpu" and _native.INFO.warned:  # the import said why, what it costs and the fix
+        if name == "cpu" and native.INFO.warned:  # the import said why, what it costs and the fix
             return
         warnings.warn(f"{reason}; falling back to backend='reference'", UserWarning, stacklevel=4)
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from fused_ft._native import _C
+from fused_ft.kernels.native import _C
 from fused_ft._precision import COMPENSATION_KEY, LOW_PRECISION
 
 __all__ = ["Slot", "COMPENSATION", "gather"]

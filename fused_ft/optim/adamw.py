@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 
-from fused_ft._native import _C
+from fused_ft.kernels.native import _C
 from fused_ft._validation import BETAS, BOOL, LR, NONNEG, scalar_value
 from fused_ft import _precision
 from fused_ft._precision import new_state

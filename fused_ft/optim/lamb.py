@@ -10,7 +10,7 @@ from typing import Any, Iterable
 
 import torch
 
-from fused_ft import _dispatch
+from fused_ft.optim import _dispatch
 from fused_ft._validation import BETAS, BOOL, LR, NONNEG, Rule, scalar_value
 from fused_ft import _precision
 from fused_ft import _dtensor

@@ -40,7 +40,7 @@ def embedding_params(
     """The (name, parameter) pairs of the model's embedding layer, in the model's order.
 
     Args:
-        model: a timm model, a :class:`fused_ft.models.ClipClassifier`, or any module (with ``names``
+        model: a timm model, a :class:`fused_ft.vision.models.ClipClassifier`, or any module (with ``names``
             or ``pattern``).
         include_norm: keep the normalization right after the patch embedding (CLIP's ``ln_pre``);
             False gives the paper's "freeze-embed, not layer-norm" variant.

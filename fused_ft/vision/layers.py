@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from fused_ft.embedding import POSITION_TOKENS, embedding_params
+from fused_ft.vision.embedding import POSITION_TOKENS, embedding_params
 
 __all__ = ["Layer", "model_layers", "head_params"]
 

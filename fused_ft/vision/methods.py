@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from fused_ft._validation import LR
-from fused_ft.embedding import embedding_params
-from fused_ft.layers import head_params, model_layers
+from fused_ft.vision.embedding import embedding_params
+from fused_ft.vision.layers import head_params, model_layers
 from fused_ft.optim import OPTIMIZER_CLASSES
 
 __all__ = ["METHODS", "Method", "SGD_LRS", "ADAMW_LRS", "LP_FT_LR_DIVISOR", "create_optimizer", "method"]
@@ -44,7 +44,7 @@ class Method:
             ``all-but-head`` (linear probe) or ``gradual`` (all but the head at first).
         embed_lr_scale: learning-rate factor of the embedding group (0.2 for "5x lower LR on embed").
         lr_grid: the learning rates of the paper's sweep for this method.
-        schedule: ``cosine`` (to 0 over all steps) or ``gradual-unfreeze`` (see fused_ft.unfreeze).
+        schedule: ``cosine`` (to 0 over all steps) or ``gradual-unfreeze`` (see fused_ft.vision.unfreeze).
     """
 
     name: str
@@ -112,7 +112,7 @@ def create_optimizer(
     flips the flag. Parameters the method trains get ``requires_grad=True``.
 
     Args:
-        model: a timm model or :class:`fused_ft.models.ClipClassifier` (any model with ``embedding``).
+        model: a timm model or :class:`fused_ft.vision.models.ClipClassifier` (any model with ``embedding``).
         method_name: a key of :data:`METHODS` (``sgd-freeze-embed``, ``adamw``, ...).
         lr: the starting learning rate (default: the middle of the method's paper grid).
         after_linear_probe: LP-FT's second stage: divide ``lr`` by 10, as the paper does.

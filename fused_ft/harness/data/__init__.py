@@ -85,7 +85,7 @@ def _check_not_empty(bundle: DataBundle) -> None:
 
 
 def _shift_lab(variant: str) -> DataBundle:
-    from fused_ft.data import shift_lab
+    from fused_ft.harness.data import shift_lab
 
     splits = {k: TensorDataset(*v) for k, v in shift_lab.make_splits(variant).items()}
     return DataBundle(f"shift-lab:{variant}", len(shift_lab.TARGET_SHAPES), splits["train"], splits["id_val"],
@@ -95,7 +95,7 @@ def _shift_lab(variant: str) -> DataBundle:
 def _imagefolder(kind: str, root: Path, image_size: int) -> DataBundle:
     from torchvision.datasets import ImageFolder
 
-    from fused_ft.data.transforms import paper_transforms
+    from fused_ft.harness.data.transforms import paper_transforms
 
     required = ["train", "id_val", "id_test"]
     missing = [s for s in required if not (root / s).is_dir()]
@@ -158,8 +158,8 @@ WATERBIRDS_LAYOUT = ("DIR/metadata.csv with columns img_filename,y,split,place (
 
 
 def _waterbirds(kind: str, root: Path, image_size: int) -> DataBundle:
-    from fused_ft.data import tables
-    from fused_ft.data.transforms import paper_transforms
+    from fused_ft.harness.data import tables
+    from fused_ft.harness.data.transforms import paper_transforms
 
     meta = root / "metadata.csv"
     if not meta.is_file():
@@ -191,9 +191,9 @@ DOMAINNET_LAYOUT = "DIR/{sketch,real}_{train,test}.txt with lines '<relative pat
 
 
 def _domainnet(kind: str, root: Path, image_size: int) -> DataBundle:
-    from fused_ft.data.transforms import paper_transforms
+    from fused_ft.harness.data.transforms import paper_transforms
 
-    from fused_ft.data import tables
+    from fused_ft.harness.data import tables
 
     def read(name: str) -> list[tuple[Path, int]]:
         path = root / f"{name}.txt"
@@ -225,7 +225,7 @@ def _domainnet(kind: str, root: Path, image_size: int) -> DataBundle:
 
 
 def _wilds(kind: str, root: Path, image_size: int) -> DataBundle:
-    from fused_ft.data.transforms import paper_transforms
+    from fused_ft.harness.data.transforms import paper_transforms
 
     try:
         import wilds

@@ -145,7 +145,7 @@ def source_task(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch
     return render_images(y, style, fg, bg, noise, generator), y
 
 
-# The two tiny models: timm architectures at shift-lab's size (checked by name in fused_ft.models).
+# The two tiny models: timm architectures at shift-lab's size (checked by name in fused_ft.vision.models).
 SHIFT_LAB_MODELS = {
     # 8x8 patches (16 tokens): a fine-tuning step of 64 images takes ~50 ms on one CPU core
     "shift-lab-vit": ("vit_tiny_patch16_224", dict(img_size=IMAGE_SIZE, patch_size=8, embed_dim=128, depth=4,

@@ -4,7 +4,7 @@ people and tools write them.
 What is unambiguous is read: a UTF-8 byte-order mark, CRLF line endings, spaces around a field, quoted
 fields, columns beyond the ones needed, and integers written as integral floats (``1.0``, what pandas'
 ``to_csv`` writes for a float column). Anything else is refused in one line that names the file, the
-line, the column and what was expected (:class:`fused_ft.data.DataError`).
+line, the column and what was expected (:class:`fused_ft.harness.data.DataError`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _text(path: Path) -> str:
 
 
 def _error(path: Path, line: int, column: str, value: str, expected: str, layout: str):
-    from fused_ft.data import DataError
+    from fused_ft.harness.data import DataError
 
     return DataError(f"Invalid data file {path}: line {line}, column {column}: {value!r} is not {expected}; "
                      f"expected {layout}")
@@ -53,7 +53,7 @@ def read_csv(path: Path, columns: tuple[str, ...], layout: str) -> Iterator[tupl
     names = [name.strip() for name in header] if header else []
     missing = [c for c in columns if c not in names]
     if missing:
-        from fused_ft.data import DataError
+        from fused_ft.harness.data import DataError
 
         raise DataError(f"Invalid data file {path}: line 1 (the header) lacks the columns {', '.join(missing)} "
                         f"(it has {', '.join(names) or 'nothing'}); expected {layout}")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fused_ft.layers import model_layers
+from fused_ft.vision.layers import model_layers
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 Data = Union[Dataset, DataLoader, Iterable[Batch]]
@@ -103,18 +103,18 @@ def layer_grad_norms(
     parameter.
 
     Args:
-        model: the classifier (see :func:`fused_ft.models.create_model`).
+        model: the classifier (see :func:`fused_ft.vision.models.create_model`).
         data: a Dataset of (image, label) items (sampled: ``batches`` x ``batch_size``, seeded by
             ``seed``), a DataLoader, or an iterable of ``(inputs, targets)`` minibatches (read in order,
             up to ``batches``). Measure on the training images *without* augmentation
-            (:meth:`fused_ft.data.DataBundle.train_without_augmentation`).
+            (:meth:`fused_ft.harness.data.DataBundle.train_without_augmentation`).
         loss_fn: ``loss_fn(model(inputs), targets)``, cross-entropy by default.
         head_seed: recorded in each row (see :func:`grad_norms_over_head_seeds`).
         on_batch: called after each minibatch (a progress bar's ``update``).
         **embedding_options: how to find the embedding (see :func:`fused_ft.embedding_params`).
 
     Returns:
-        One :class:`LayerGradNorm` per layer of :func:`fused_ft.layers.model_layers`, bottom to top.
+        One :class:`LayerGradNorm` per layer of :func:`fused_ft.vision.layers.model_layers`, bottom to top.
 
     Raises:
         ValueError: no minibatch in ``data``.

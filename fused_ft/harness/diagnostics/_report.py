@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from fused_ft._extras import require
-from fused_ft.diagnostics._measure import LayerGradNorm
-from fused_ft.diagnostics._verdict import LEVEL, RESAMPLES, Runs, Verdict, bootstrap_grad_norms, grad_norm_table
+from fused_ft.harness.diagnostics._measure import LayerGradNorm
+from fused_ft.harness.diagnostics._verdict import LEVEL, RESAMPLES, Runs, Verdict, bootstrap_grad_norms, grad_norm_table
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ from typing import Any, Sequence
 
 import torch
 
-from fused_ft.diagnostics._measure import DEFAULT_BATCHES, DEFAULT_BATCH_SIZE, LayerGradNorm, \
+from fused_ft.harness.diagnostics._measure import DEFAULT_BATCHES, DEFAULT_BATCH_SIZE, LayerGradNorm, \
     grad_norms_over_head_seeds
-from fused_ft.diagnostics._verdict import NOISE, Verdict, verdict
+from fused_ft.harness.diagnostics._verdict import NOISE, Verdict, verdict
 
 NOISE_CLASSES = 10
 
@@ -24,7 +24,7 @@ class Diagnosis:
 
 
 def no_data_error(model: str) -> str:
-    from fused_ft.data import DATA_KINDS
+    from fused_ft.harness.data import DATA_KINDS
 
     return (f"Invalid --data: none given for the pretrained {model}; a verdict about it needs the data it will be "
             f"fine-tuned on: --data {DATA_KINDS}, or --data noise (a smoke test, no advice)")
@@ -36,7 +36,7 @@ def diagnose(model: str, data: str, *, pretrained: Any = False, checkpoint: str 
              device: str | None = None, progress: bool = False, **embedding_options) -> Diagnosis:
     """Layer gradient norms and the verdict for fine-tuning ``model`` on ``data``.
 
-    ``data`` is a harness SPEC (:func:`fused_ft.data.load_data`: ``shift-lab``, ``imagefolder:DIR``,
+    ``data`` is a harness SPEC (:func:`fused_ft.harness.data.load_data`: ``shift-lab``, ``imagefolder:DIR``,
     ...), loaded with that dataset's preprocessing; the measurement reads ``batches`` minibatches of
     ``batch_size`` training images, drawn with ``seed``, with the test-time transform (no
     augmentation). The head has the data's number of classes and is built per head seed exactly as
@@ -47,8 +47,8 @@ def diagnose(model: str, data: str, *, pretrained: Any = False, checkpoint: str 
         ValueError (DataError, PretrainedWeightsError): bad data, a ``num_classes`` the data
         contradicts, weights that cannot be loaded, an image size the model cannot take.
     """
-    from fused_ft.finetune import build_classifier, check_device, check_weights
-    from fused_ft.models import check_input_size, input_size
+    from fused_ft.harness.finetune import build_classifier, check_device, check_weights
+    from fused_ft.vision.models import check_input_size, input_size
 
     check_weights(model, pretrained, checkpoint)
     check_device(device)
@@ -71,7 +71,7 @@ def diagnose(model: str, data: str, *, pretrained: Any = False, checkpoint: str 
         source = [(torch.randn(batch_size, 3, size, size, generator=gen),
                    torch.randint(0, classes, (batch_size,), generator=gen)) for _ in range(batches)]
     else:
-        from fused_ft.data import load_data
+        from fused_ft.harness.data import load_data
 
         bundle = load_data(data, image_size=image_size or 224)
         if num_classes is not None and num_classes != bundle.num_classes:

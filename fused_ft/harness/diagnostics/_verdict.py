@@ -7,7 +7,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from fused_ft.diagnostics._measure import LayerGradNorm
+from fused_ft.harness.diagnostics._measure import LayerGradNorm
 
 # The embedding counts as an outlier when its gradient norm is at least this many times the median
 # middle layer's. The paper's CLIP ViT-B/16 embedding gradient is "about 5x larger" (Appendix B); the
@@ -131,7 +131,7 @@ def verdict(runs: Runs, threshold: float = OUTLIER_RATIO, level: float = LEVEL, 
         ValueError: no embedding or no middle layer, or runs that do not line up.
 
     Example:
-        >>> from fused_ft.diagnostics import LayerGradNorm
+        >>> from fused_ft.harness.diagnostics import LayerGradNorm
         >>> rows = [LayerGradNorm(0, "embedding", "embedding", 10, 6.0, 1.0, 6.0, 1.9, (5.0, 7.0)),
         ...         LayerGradNorm(1, "blocks.0", "middle", 10, 1.0, 1.0, 1.0, 0.3, (1.0, 1.0))]
         >>> v = verdict(rows)
