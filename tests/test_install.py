@@ -53,6 +53,12 @@ def _env(**changes: str | None) -> dict:
     return env
 
 
+def _wheel_env(**changes: str | None) -> dict:
+    # the installed wheel, not a source tree that PYTHONPATH puts first (and whose fused_ft.egg-info, written
+    # by python -m build, makes pip take fused_ft as installed already)
+    return {k: v for k, v in _env(**changes).items() if k != "PYTHONPATH"}
+
+
 def _seed_cache(cache: Path) -> Path:
     """The just-in-time build's folder for this torch and these sources, holding the ahead-of-time build of
     the same sources (compiling csrc/ again would take minutes)."""
@@ -210,7 +216,7 @@ def test_the_wheel_installs_into_a_venv_with_torch_and_steps_on_the_cpu_backend(
     venv = _venv_with_torch(tmp_path)
     python = venv / "bin" / "python"
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", str(wheel)],
-                             capture_output=True, text=True, timeout=600, env=_env())
+                             capture_output=True, text=True, timeout=600, env=_wheel_env())
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     [site] = list(venv.glob("lib/python*/site-packages"))
     installed = {p.name.split("-")[0].lower() for p in site.glob("*.dist-info")}
@@ -221,7 +227,7 @@ def test_the_wheel_installs_into_a_venv_with_torch_and_steps_on_the_cpu_backend(
     _seed_cache(cache)  # the wheel's copies of csrc/ give the same key, else the smoke test sees a build
     smoke = subprocess.run([str(python), str(ROOT / "tests" / "install_smoke.py"), "--prefix", str(venv),
                             "--cache", str(cache)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                           env=_env(FUSED_FT_CACHE=str(cache)))
+                           env=_wheel_env(FUSED_FT_CACHE=str(cache)))
     assert smoke.returncode == 0, smoke.stdout[-3000:] + smoke.stderr[-3000:]
     assert "smoke test passed" in smoke.stdout and "building" not in smoke.stderr, smoke.stderr
 
