@@ -1,4 +1,4 @@
-"""Kernel backends: Triton launchers (``triton_launch``) and the C++ extension wrapper (``cpu``).
-
-Only tensor lists and scalars cross into this package; param groups and state stay in fused_ft.optim.
+"""Kernel backends (reference, cpu, triton_launch, meta) and the C++ extension's loader (native, _jit, _build).
+May import the ground floor and fused_ft._C only: tensor lists and scalars cross in, param groups stay in optim.
+Needs no extra: torch (with its triton on Linux for the triton backend; a C++ compiler for the cpu one).
 """

@@ -1,4 +1,7 @@
-"""fused_ft's optimizers: one module per family (class, functional, reference implementation)."""
+"""fused_ft's optimizers: one module per family (class, functional), their shared step, the backend dispatch.
+May import the ground floor and fused_ft.kernels; nothing from vision, memory or harness.
+Needs no extra: torch alone.
+"""
 from fused_ft.optim.adamw import AdamW
 from fused_ft.optim.lamb import LAMB
 from fused_ft.optim.lars import LARS
