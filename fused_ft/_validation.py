@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 __all__ = ["Rule", "check_group", "check_params", "check_positive_int", "check_positive_number", "check_output_dir",
-           "scalar_value"]
+           "scalar_value", "step_scalar"]
 
 
 def scalar_value(value: Any) -> float:
@@ -23,6 +23,18 @@ def scalar_value(value: Any) -> float:
     if isinstance(value, torch.Tensor):
         return float(value.detach().reshape(()).cpu())
     return float(value)
+
+
+def step_scalar(value: Any) -> Any:
+    """A hyperparameter as a step uses it: ``scalar_value`` (a Python float, a double), except a tensor under
+    torch.compile, which stays a 0-dim float64 tensor (the same double, computed on in the graph): reading it
+    on the host would break the graph (``Tensor.item()``), and a value baked into the graph would recompile
+    the step whenever a scheduler changes it. Derived scalars (bias corrections) are then computed in float64
+    as the eager step computes them in Python doubles, and each backend narrows them to fp32 where the eager
+    kernels do."""
+    if isinstance(value, torch.Tensor) and torch.compiler.is_compiling():
+        return value.detach().reshape(()).to(torch.float64)
+    return scalar_value(value)
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -110,6 +122,10 @@ class Rule:
                 raise TypeError(f"Invalid {name}: {value!r} (must be a float, not a Tensor)")
             if value.numel() != 1:
                 raise ValueError(f"Invalid {name}: tensor with {value.numel()} elements (must be 1-element)")
+            if torch.compiler.is_compiling():
+                # a tensor's value is checked eagerly only, as torch.optim checks it: read in a compiled step it
+                # would break the graph, and the graph would hold the value it checked, not the next one
+                return
         elif _is_bool(value) or not isinstance(value, numbers.Real):  # numpy's scalars too, as torch.optim takes
             raise TypeError(f"Invalid {name}: {value!r} (must be a number)")
         x = scalar_value(value)

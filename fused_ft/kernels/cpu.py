@@ -2,6 +2,10 @@
 
 Each function has the signature of the reference implementation it replaces; the C++ side does
 one parallel, vectorized pass (two, tensor by tensor, for LARS and LAMB) over the whole list.
+
+Under torch.compile each C++ call runs as a torch custom op (``torch.ops.fused_ft.<kernel>``, defined
+below), which Dynamo records in the graph as it is, declaring what it writes; an eager step calls the
+extension directly (a custom op's Python dispatch would add its cost to every eager step).
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any, Mapping
 
 import torch
+from torch import Tensor
 
 from fused_ft.kernels.native import IMPORT_ERROR as _IMPORT_ERROR
 from fused_ft.kernels.native import _C, fix
@@ -33,6 +38,87 @@ def unsupported_reason(optimizer: str, options: Mapping[str, Any], dtypes: froze
     return kernel_unsupported_reason("cpu", optimizer, options, dtypes)
 
 
+# -- the C++ calls as custom ops, for torch.compile --------------------------------------------------------
+# Each op takes the extension's arguments by the same names, every real scalar as a float64 tensor (0-dim; a
+# list of per-tensor scalars 1-D): under torch.compile lr and what derives from it are tensors in the graph
+# (fused_ft._validation.step_scalar), and a tensor argument lets a scheduler change lr without a recompile.
+# ``mutates_args`` names exactly the lists the kernel writes (torch.library.opcheck checks it in the tests).
+def _host(args: dict[str, Any]) -> dict[str, Any]:
+    """An op's arguments as the extension takes them: scalar tensors as Python floats (or lists of floats)."""
+    return {k: (v.item() if v.dim() == 0 else v.tolist()) if isinstance(v, Tensor) else v for k, v in args.items()}
+
+
+def _traced(value: Any) -> Any:
+    """A kernel argument as the ops take it: a real scalar as a 0-dim float64 tensor, anything else as is."""
+    if isinstance(value, float):
+        return torch.tensor(value, dtype=torch.float64)
+    if isinstance(value, Tensor):
+        return value.to(torch.float64)
+    return value
+
+
+def _launch(kernel: str, **args: Any) -> Any:
+    """Call the extension's ``kernel``: directly, or under torch.compile through its custom op."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.fused_ft, kernel)(**{k: _traced(v) for k, v in args.items()})
+    return getattr(_C, kernel)(**args)
+
+
+def _per_tensor(values: list) -> Any:
+    """Per-tensor scalars for ``_launch``: the floats, or under torch.compile their tensors stacked into one."""
+    return torch.stack(values).to(torch.float64) if values and isinstance(values[0], Tensor) else values
+
+
+# locals() at a function's first line is its arguments: each op forwards them all to the extension
+@torch.library.custom_op("fused_ft::sgd_", mutates_args=("params", "momentum_buffers", "compensations"),
+                         device_types="cpu")
+def _sgd_op(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], new_buffer: list[bool],
+            lr: Tensor, momentum: Tensor, dampening: Tensor, weight_decay: Tensor, nesterov: bool, maximize: bool,
+            rounding_mode: int, rounding_key: int, compensations: list[Tensor]) -> None:
+    _C.sgd_(**_host(locals()))
+
+
+@torch.library.custom_op("fused_ft::adamw_", device_types="cpu",
+                         mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "compensations"))
+def _adamw_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+              max_exp_avg_sqs: list[Tensor], step_sizes: Tensor, bias_correction2_sqrts: Tensor, lr: Tensor,
+              beta1: Tensor, beta2: Tensor, eps: Tensor, weight_decay: Tensor, amsgrad: bool, maximize: bool,
+              rounding_mode: int, rounding_key: int, compensations: list[Tensor]) -> None:
+    _C.adamw_(**_host(locals()))
+
+
+@torch.library.custom_op("fused_ft::lars_", mutates_args=("params", "momentum_buffers", "compensations"),
+                         device_types="cpu")
+def _lars_op(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], new_buffer: list[bool],
+             lr: Tensor, momentum: Tensor, dampening: Tensor, weight_decay: Tensor, nesterov: bool,
+             trust_coeff: Tensor, eps: Tensor, trust_clip: bool, adapt: bool, rounding_mode: int, rounding_key: int,
+             compensations: list[Tensor]) -> None:
+    _C.lars_(**_host(locals()))
+
+
+@torch.library.custom_op("fused_ft::lamb_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "compensations"),
+                         device_types="cpu")
+def _lamb_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+             clip_divisor: Tensor, lr: Tensor, beta1: Tensor, beta2: Tensor, beta3: Tensor, bias_correction1: Tensor,
+             bias_correction2: Tensor, eps: Tensor, weight_decay: Tensor, decay: Tensor, adapt: bool, trust_clip: bool,
+             rounding_mode: int, rounding_key: int, compensations: list[Tensor]) -> None:
+    _C.lamb_(**_host(locals()))
+
+
+@torch.library.custom_op("fused_ft::sum_squares", mutates_args=(), device_types="cpu")
+def _sum_squares_op(tensors: list[Tensor]) -> Tensor:
+    return torch.tensor(_C.sum_squares(tensors=tensors), dtype=torch.float64)
+
+
+for _op in (_sgd_op, _adamw_op, _lars_op, _lamb_op):
+    _op.register_fake(lambda *args, **kwargs: None)  # they only write their arguments in place
+
+
+@_sum_squares_op.register_fake
+def _(tensors):
+    return tensors[0].new_empty((), dtype=torch.float64)
+
+
 def _rounding_args(rounding: Rounding | None, flat: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
     return dict(rounding_mode=0 if rounding is None else rounding.mode_code,
                 rounding_key=0 if rounding is None else rounding.key, compensations=flat.get("compensations", []))
@@ -51,7 +137,7 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
     slots, written, new = momentum_slots(params, grads, momentum_buffers, momentum)
     slots.update(compensation_slot(rounding))
     with _flat(slots, written=(*written, "compensations")) as s:
-        _C.sgd_(params=s["params"], grads=s["grads"], momentum_buffers=s.get("momentum_buffers", []),
+        _launch("sgd_", params=s["params"], grads=s["grads"], momentum_buffers=s.get("momentum_buffers", []),
                 new_buffer=new or [],
                 lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                 maximize=maximize, **_rounding_args(rounding, s))
@@ -64,9 +150,9 @@ def adamw(
     slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
              **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {}), **compensation_slot(rounding)}
     with _flat(slots, written=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "compensations")) as s:
-        _C.adamw_(params=s["params"], grads=s["grads"], exp_avgs=s["exp_avgs"], exp_avg_sqs=s["exp_avg_sqs"],
-                  max_exp_avg_sqs=s.get("max_exp_avg_sqs", []), step_sizes=step_sizes,
-                  bias_correction2_sqrts=bias_correction2_sqrts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        _launch("adamw_", params=s["params"], grads=s["grads"], exp_avgs=s["exp_avgs"], exp_avg_sqs=s["exp_avg_sqs"],
+                max_exp_avg_sqs=s.get("max_exp_avg_sqs", []), step_sizes=_per_tensor(step_sizes),
+                bias_correction2_sqrts=_per_tensor(bias_correction2_sqrts), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                   weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, **_rounding_args(rounding, s))
 
 
@@ -77,18 +163,22 @@ def lars(
     slots, written, new = momentum_slots(params, grads, momentum_buffers, momentum)
     slots.update(compensation_slot(rounding))
     with _flat(slots, written=(*written, "compensations")) as s:
-        _C.lars_(params=s["params"], grads=s["grads"], momentum_buffers=s.get("momentum_buffers", []),
+        _launch("lars_", params=s["params"], grads=s["grads"], momentum_buffers=s.get("momentum_buffers", []),
                  new_buffer=new or [], lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                  nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip,
                  adapt=weight_decay != 0 or always_adapt, **_rounding_args(rounding, s))
 
 
-def lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> float | None:
-    """``max(1, ||grads||_2 / max_grad_norm)`` over all gradients, or None when clipping is off."""
+def lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> float | Tensor | None:
+    """``max(1, ||grads||_2 / max_grad_norm)`` over all gradients, or None when clipping is off (a float64
+    tensor under torch.compile)."""
     if max_grad_norm is None or not grads:
         return None
     with flat_slots([grads], written=()) as s:
-        return max(1.0, math.sqrt(_C.sum_squares(tensors=s[0])) / max_grad_norm)
+        squares = _launch("sum_squares", tensors=s[0])
+    if isinstance(squares, Tensor):
+        return (squares.sqrt() / max_grad_norm).clamp(min=1.0)
+    return max(1.0, math.sqrt(squares) / max_grad_norm)
 
 
 def lamb(
@@ -100,7 +190,7 @@ def lamb(
     slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
              **compensation_slot(rounding)}
     with _flat(slots, written=("params", "exp_avgs", "exp_avg_sqs", "compensations")) as s:
-        _C.lamb_(params=s["params"], grads=s["grads"], exp_avgs=s["exp_avgs"], exp_avg_sqs=s["exp_avg_sqs"],
+        _launch("lamb_", params=s["params"], grads=s["grads"], exp_avgs=s["exp_avgs"], exp_avg_sqs=s["exp_avg_sqs"],
                  clip_divisor=1.0 if clip is None else clip, lr=lr, beta1=beta1, beta2=beta2, beta3=beta3,
                  bias_correction1=bias_correction1, bias_correction2=bias_correction2, eps=eps,
                  weight_decay=weight_decay, decay=1.0 - decoupled_decay_factor, adapt=adapt, trust_clip=trust_clip,

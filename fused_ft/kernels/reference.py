@@ -22,6 +22,44 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None  # runs on any device
 
 
+# Under torch.compile a step's lr (and what is derived from it) reaches a backend as a 0-dim float64 tensor
+# (fused_ft._validation.step_scalar). The foreach ops' ``alpha=`` and scalar lists take numbers only, so these
+# take such tensors tensor by tensor, in the forms Dynamo records as fused multiply-adds. They are first narrowed
+# to fp32 (``_opmath``), as torch's kernels narrow a Python double for fp32, bf16 and fp16 tensors, so that the
+# graph computes what the eager step computes (Inductor would otherwise compute in float64 and round once).
+def _opmath(value: Any) -> Any:
+    return value.to(torch.float32) if isinstance(value, torch.Tensor) else value
+
+
+def _plus_scaled(xs: list[torch.Tensor], ys: list[torch.Tensor], scale) -> list[torch.Tensor]:
+    """New tensors ``x + scale * y``."""
+    if isinstance(scale, torch.Tensor):
+        return torch._foreach_add(xs, torch._foreach_mul(ys, scale))
+    return torch._foreach_add(xs, ys, alpha=scale)
+
+
+def _add_scaled_(xs: list[torch.Tensor], ys: list[torch.Tensor], scale) -> None:
+    """``x += scale * y`` in place. A tensor scale goes tensor by tensor through ``Tensor.add_``, which Dynamo
+    records as one fused multiply-add, as the eager kernels round it (a multiply, then an add, differed in the
+    last bit from the eager step and from compiled torch.optim)."""
+    if isinstance(scale, torch.Tensor):
+        for x, y in zip(xs, ys):
+            x.add_(y, alpha=scale)
+    else:
+        torch._foreach_add_(xs, ys, alpha=scale)
+
+
+def _addcdiv_(xs: list[torch.Tensor], ys: list[torch.Tensor], zs: list[torch.Tensor], scales: list) -> None:
+    """``x += scale * y / z`` in place, a scale per tensor. Tensor scales go tensor by tensor through
+    ``Tensor.addcdiv_``, which Dynamo records as a fused multiply-add (torch.optim stacks them for
+    ``_foreach_addcdiv_``, whose fake run refuses CPU scalars in torch 2.14)."""
+    if scales and isinstance(scales[0], torch.Tensor):
+        for x, y, z, scale in zip(xs, ys, zs, scales):
+            x.addcdiv_(y, z, value=scale)
+    else:
+        torch._foreach_addcdiv_(xs, ys, zs, scales)
+
+
 def unsupported_reason(optimizer: str, options: Mapping[str, Any], dtypes: frozenset) -> str | None:
     return None  # implements every option
 
@@ -30,12 +68,13 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
                    rounding=None):
     if not params:
         return
+    lr, weight_decay = _opmath(lr), _opmath(weight_decay)
     work = _precision.upcast(params, rounding)
     g = _precision.upcast(grads)
     if maximize:
         g = torch._foreach_neg(g)
-    if weight_decay != 0:
-        g = torch._foreach_add(g, work, alpha=weight_decay)  # a new list: p.grad stays untouched
+    if isinstance(weight_decay, torch.Tensor) or weight_decay != 0:
+        g = _plus_scaled(g, work, weight_decay)  # a new list: p.grad stays untouched
     if momentum != 0:
         existing = [i for i, b in enumerate(momentum_buffers) if b is not None]
         if existing:
@@ -46,7 +85,7 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
             if b is None:  # torch.optim starts the buffer at the first gradient, undampened
                 momentum_buffers[i] = torch.clone(g[i]).detach()
         g = torch._foreach_add(g, momentum_buffers, alpha=momentum) if nesterov else list(momentum_buffers)
-    torch._foreach_add_(work, g, alpha=-lr)
+    _add_scaled_(work, g, -lr)
     _precision.store(params, work, rounding)
 
 
@@ -54,6 +93,8 @@ def adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step_sizes, bias_correction2_sqrts, lr, beta1, beta2,
     eps, weight_decay, amsgrad, maximize, rounding=None,
 ):
+    lr = _opmath(lr)
+    step_sizes, bias_correction2_sqrts = [_opmath(s) for s in step_sizes], [_opmath(c) for c in bias_correction2_sqrts]
     work = _precision.upcast(params, rounding)
     g = _precision.upcast(grads)
     if maximize:
@@ -70,7 +111,7 @@ def adamw(
         denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction2_sqrts)
     torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(work, exp_avgs, denom, [-s for s in step_sizes])
+    _addcdiv_(work, exp_avgs, denom, [-s for s in step_sizes])
     _precision.store(params, work, rounding)
 
 
@@ -87,6 +128,7 @@ def lars(
 ):
     if not params:
         return
+    lr = _opmath(lr)
     work = _precision.upcast(params, rounding)
     g = _precision.upcast(grads)
     if weight_decay != 0 or always_adapt:
@@ -122,6 +164,8 @@ def lamb(
 ):
     if not params:
         return
+    lr, decoupled_decay_factor = _opmath(lr), _opmath(decoupled_decay_factor)
+    bias_correction1, bias_correction2 = _opmath(bias_correction1), _opmath(bias_correction2)
     work = _precision.upcast(params, rounding)
     g = _precision.upcast(grads)
     if clip is not None:
@@ -142,8 +186,8 @@ def lamb(
         for u, grad in zip(updates, g):
             mask = (u * grad > 0).to(grad.dtype)
             u.mul_(mask / mask.mean().clamp_(min=1e-3))
-    if decoupled_decay_factor != 0:
-        torch._foreach_add_(work, work, alpha=-decoupled_decay_factor)
+    if isinstance(decoupled_decay_factor, torch.Tensor) or decoupled_decay_factor != 0:
+        _add_scaled_(work, work, -decoupled_decay_factor)
     elif weight_decay != 0:
         torch._foreach_add_(updates, work, alpha=weight_decay)
     if adapt:
@@ -151,7 +195,7 @@ def lamb(
             torch.stack(_dtensor.global_norms(work)), torch.stack(_dtensor.global_norms(updates)), trust_clip=trust_clip
         )
         torch._foreach_mul_(updates, list(ratios.unbind(0)))
-    torch._foreach_add_(work, updates, alpha=-lr)
+    _add_scaled_(work, updates, -lr)
     _precision.store(params, work, rounding)
 
 

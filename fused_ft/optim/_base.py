@@ -99,7 +99,8 @@ def check_implementation_flags(group: Mapping[str, Any]) -> None:
             "Invalid differentiable: True (fused_ft updates parameters in place outside autograd; "
             "use the torch.optim optimizer for differentiable=True)"
         )
-    if group.get("capturable"):
+    # not read under torch.compile: see FusedOptimizer._check_group_for_step
+    if not torch.compiler.is_compiling() and group.get("capturable"):
         raise ValueError(
             "Invalid capturable: True (fused_ft does not support CUDA graph capture yet; "
             "use torch.optim with capturable=True)"
@@ -125,7 +126,7 @@ def _by_device(index: int, params: list[torch.Tensor]) -> dict[torch.device, tup
     and autograd keep a gradient shaped, typed and placed like its parameter, but allow sparse ones.
     (A `.data` swap that breaks those rules is caught by the kernel backends' layout check, flat_ok.)
     """
-    if _C is not None:
+    if _C is not None and not torch.compiler.is_compiling():  # Dynamo traces the Python twin; a C++ call is opaque
         kept, grads, sparse, one_device, dtypes = _C.params_with_grads(params)
     else:
         grads = [p.grad for p in params]
@@ -257,6 +258,15 @@ class FusedOptimizer(Optimizer):
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         check_group(group, {**IMPLEMENTATION_RULES, **self._RULES}, (check_implementation_flags, *self._CROSS_CHECKS))
 
+    def _check_hyperparameters_traced(self, group: Mapping[str, Any]) -> None:
+        """``_check_hyperparameters`` as Dynamo traces it, without ``capturable``: while it traces a
+        torch.optim.Optimizer, Dynamo shows every group with capturable=True (its OptimizerVariable sets it for
+        torch's own optimizers), a key our groups may lack; a check that read the key would guard on that view,
+        and the real group would fail the guard at once (torch 2.14: "Guard failed on the same frame it was
+        created"). capturable is checked eagerly, at construction and in every eager step."""
+        rules = {name: rule for name, rule in {**IMPLEMENTATION_RULES, **self._RULES}.items() if name != "capturable"}
+        check_group(group, rules, (check_implementation_flags, *self._CROSS_CHECKS))
+
     @functools.cached_property
     def _rule_names(self) -> frozenset[str]:
         return frozenset(IMPLEMENTATION_RULES) | frozenset(self._RULES)
@@ -266,7 +276,14 @@ class FusedOptimizer(Optimizer):
         a scheduler that changes lr is caught at the next step, an unchanged group costs one dict
         comparison (the full check was a tenth of a small model's step). Tensor values are compared
         by identity and version, so an in-place change is seen too; a list is copied for the same
-        reason. Only the keys the rules check count (LAMB's group step changes every step)."""
+        reason. Only the keys the rules check count (LAMB's group step changes every step).
+
+        Under torch.compile the check runs when Dynamo traces the step, without the cache: the graph guards
+        on every value that is not a tensor (a change retraces, and so rechecks, the step), a tensor value is
+        checked eagerly only (see ``Rule``), and the cache's version counters cannot be read in a graph."""
+        if torch.compiler.is_compiling():
+            self._check_hyperparameters_traced(group)
+            return
         seen = {k: (id(v), v._version) if isinstance(v, torch.Tensor) else tuple(v) if isinstance(v, list) else v
                 for k, v in group.items() if k in self._rule_names}
         if self._checked_groups.get(id(group)) != seen:
@@ -694,7 +711,7 @@ def _refuse_graph_capture(optimizer: FusedOptimizer, what: str, advice: str) -> 
     are host values, baked into the graph, so each replay would repeat the captured step's values (after
     5 replays of an AdamW step on an H200, ``state["step"]`` read 2 where torch's read 6, and the weights
     were 4e-3 away). Under torch.compile the check is left to torch."""
-    if _cuda_present() and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+    if not torch.compiler.is_compiling() and _cuda_present() and torch.cuda.is_current_stream_capturing():
         name = type(optimizer).__name__
         raise RuntimeError(
             f"Invalid CUDA graph capture of {name}'s {what}: fused_ft's step reads its step count, learning rate "

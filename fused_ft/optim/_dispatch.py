@@ -8,8 +8,8 @@ and the fix; nothing ever falls back silently.
 """
 from __future__ import annotations
 
-import functools
 import importlib
+import sys
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -42,10 +42,12 @@ _INSTALL_HINTS = {"triton": "pip install triton"}
 _AUTO_ORDER = {"cuda": ("triton", "reference"), "cpu": ("cpu", "reference"), "meta": ("meta",)}
 
 
-@functools.lru_cache(maxsize=None)
 def _module(name: str):
-    """A backend's module, imported once (resolve runs for every group on every step)."""
-    return importlib.import_module(_MODULES[name])
+    """A backend's module, imported on first use, then read from ``sys.modules`` (resolve runs for every group
+    on every step): no import runs in a step that torch.compile traces, since Dynamo cannot trace one (it traces
+    through an ``lru_cache`` to the import it wraps)."""
+    module = sys.modules.get(_MODULES[name])
+    return module if module is not None else importlib.import_module(_MODULES[name])
 
 
 def _unavailable(name: str, device: torch.device) -> str | None:

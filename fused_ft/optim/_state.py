@@ -53,7 +53,7 @@ def gather(state: dict, group_index: int, group: dict, params: Sequence[torch.Te
     parameter's index in it, its shape, the key and the fix, with nothing changed."""
     if not slots:
         return {}
-    if _C is not None and isinstance(params, list):
+    if _C is not None and isinstance(params, list) and not torch.compiler.is_compiling():  # Dynamo traces the twin
         lists, problem = _C.gather_state(state, params, [s.key for s in slots], [_KINDS[s.kind] for s in slots],
                                          [s.together for s in slots])
     else:

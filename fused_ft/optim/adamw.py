@@ -11,7 +11,7 @@ from typing import Iterable
 import torch
 
 from fused_ft.kernels.native import _C
-from fused_ft._validation import BETAS, BOOL, LR, NONNEG, scalar_value
+from fused_ft._validation import BETAS, BOOL, LR, NONNEG, scalar_value, step_scalar
 from fused_ft import _precision
 from fused_ft._precision import new_state
 from fused_ft.kernels import reference
@@ -143,25 +143,39 @@ def adamw(
     """Functional AdamW over lists of tensors; see :class:`AdamW`. Increments ``state_steps``.
 
     The step count and bias corrections are resolved here, once, so that no backend restates them:
-    a backend gets each tensor's ``lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)``.
+    a backend gets each tensor's ``lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)``: Python floats, or under
+    torch.compile float64 tensors computed in the graph from the step tensors (see ``step_scalar``).
     """
     if not params:
         return
-    lr = scalar_value(lr)
+    lr = step_scalar(lr)
     beta1, beta2 = float(beta1), float(beta2)
+
+    def corrections(t):
+        return lr / (1 - beta1**t), (1 - beta2**t) ** 0.5
+
     steps = _increment_steps(state_steps)
-    corrections = {t: (lr / (1 - beta1**t), (1 - beta2**t) ** 0.5) for t in set(steps)}
+    if torch.compiler.is_compiling():
+        pairs = [corrections(t) for t in steps]
+    else:  # once per distinct count (one in a plain run)
+        distinct = {t: corrections(t) for t in set(steps)}
+        pairs = [distinct[t] for t in steps]
     (update or reference.adamw)(
         params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-        step_sizes=[corrections[t][0] for t in steps], bias_correction2_sqrts=[corrections[t][1] for t in steps],
+        step_sizes=[c[0] for c in pairs], bias_correction2_sqrts=[c[1] for c in pairs],
         lr=lr, beta1=beta1, beta2=beta2, eps=float(eps), weight_decay=float(weight_decay),
         amsgrad=amsgrad, maximize=maximize, rounding=rounding,
     )
 
 
-def _increment_steps(state_steps: list[torch.Tensor]) -> list[float]:
+def _increment_steps(state_steps: list[torch.Tensor]) -> list[float] | list[torch.Tensor]:
     """Add 1 to every step count and return the counts: one C++ pass where the extension is built
-    (torch._foreach_add_ on CPU scalars dispatches once per tensor: 0.7 ms for ViT-L/14's 297)."""
+    (torch._foreach_add_ on CPU scalars dispatches once per tensor: 0.7 ms for ViT-L/14's 297). Under
+    torch.compile the counts stay in the graph, as float64 tensors (read on the host, each new count would
+    break the graph and recompile it)."""
+    if torch.compiler.is_compiling():
+        torch._foreach_add_(state_steps, 1)
+        return [t.reshape(()).to(torch.float64) for t in state_steps]
     steps = _C.increment_steps(state_steps) if _C is not None else []
     if not steps:
         torch._foreach_add_(state_steps, 1)

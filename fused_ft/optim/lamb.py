@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import torch
 
 from fused_ft.optim import _dispatch
-from fused_ft._validation import BETAS, BOOL, LR, NONNEG, Rule, scalar_value
+from fused_ft._validation import BETAS, BOOL, LR, NONNEG, Rule, scalar_value, step_scalar
 from fused_ft import _precision
 from fused_ft import _dtensor
 from fused_ft._precision import new_state
@@ -165,7 +165,7 @@ class LAMB(FusedOptimizer):
             state["exp_avg"] = exp_avgs[j] = new_state(plan.params[j])
             state["exp_avg_sq"] = exp_avg_sqs[j] = new_state(plan.params[j])
         beta1, beta2 = group["betas"]
-        step = group["step"].item()
+        step = step_scalar(group["step"])  # a float64 tensor under torch.compile (see step_scalar)
         bias_correction1, bias_correction2 = (
             (1 - beta1**step, 1 - beta2**step) if group["bias_correction"] else (1.0, 1.0)
         )
@@ -213,15 +213,15 @@ def lamb(
     ``clip`` is the global gradient clipping over all groups as the backend's ``<backend>_lamb_clip``
     computed it (None: no clipping); for the reference backend, the divisor tensor.
     """
-    lr = scalar_value(lr)
+    lr = step_scalar(lr)
     # the decoupled decay factor, resolved here once so that no backend restates timm's rule
     decay = 0.0
     if weight_decay != 0 and decoupled_decay:
         decay = (lr if max_lr is None else lr**2 / max_lr) * weight_decay
     (update or reference.lamb)(
         params, grads, exp_avgs, exp_avg_sqs, clip=clip, lr=lr, beta1=float(beta1),
-        beta2=float(beta2), beta3=float(beta3), bias_correction1=float(bias_correction1),
-        bias_correction2=float(bias_correction2), eps=float(eps),
+        beta2=float(beta2), beta3=float(beta3), bias_correction1=step_scalar(bias_correction1),
+        bias_correction2=step_scalar(bias_correction2), eps=float(eps),
         weight_decay=0.0 if decoupled_decay else float(weight_decay), decoupled_decay_factor=decay,
         adapt=weight_decay != 0 or always_adapt, trust_clip=trust_clip, caution=caution, rounding=rounding,
     )

@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 
-from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG
+from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG, step_scalar
 from fused_ft import _precision
 from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
 from fused_ft.kernels import reference
@@ -125,7 +125,7 @@ def lars(
 ) -> None:
     """Functional LARS over lists of tensors; see :class:`LARS`."""
     (update or reference.lars)(
-        params, grads, momentum_buffers, lr=float(lr), momentum=float(momentum), dampening=float(dampening),
+        params, grads, momentum_buffers, lr=step_scalar(lr), momentum=float(momentum), dampening=float(dampening),
         weight_decay=float(weight_decay), nesterov=nesterov, trust_coeff=float(trust_coeff), eps=float(eps),
         trust_clip=trust_clip, always_adapt=always_adapt, rounding=rounding,
     )

@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 
-from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG, Rule
+from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG, Rule, step_scalar
 from fused_ft import _precision
 from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
 from fused_ft.kernels import reference
@@ -123,8 +123,8 @@ def sgd(
     entries are replaced by new buffers. ``update`` is a backend implementation (default: reference).
     """
     (update or reference.sgd)(
-        params, grads, momentum_buffers, lr=float(lr), momentum=float(momentum), dampening=float(dampening),
-        weight_decay=float(weight_decay), nesterov=nesterov, maximize=maximize, rounding=rounding,
+        params, grads, momentum_buffers, lr=step_scalar(lr), momentum=float(momentum), dampening=float(dampening),
+        weight_decay=step_scalar(weight_decay), nesterov=nesterov, maximize=maximize, rounding=rounding,
     )
 
 
