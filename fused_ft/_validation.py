@@ -32,9 +32,11 @@ def step_scalar(value: Any) -> Any:
     the step whenever a scheduler changes it. Derived scalars (bias corrections) are then computed in float64
     as the eager step computes them in Python doubles, and each backend narrows them to fp32 where the eager
     kernels do."""
-    if isinstance(value, torch.Tensor) and torch.compiler.is_compiling():
-        return value.detach().reshape(()).to(torch.float64)
-    return scalar_value(value)
+    if isinstance(value, torch.Tensor):
+        if torch.compiler.is_compiling():
+            return value.detach().reshape(()).to(torch.float64)
+        return value.item()  # one read (scalar_value's detach, reshape and copy cost 3 more dispatches a step)
+    return float(value)
 
 
 def check_positive_int(name: str, value: Any) -> None:

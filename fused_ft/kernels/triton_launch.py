@@ -509,5 +509,32 @@ def lamb(
     _run(slots, ("params", "exp_avgs", "exp_avg_sqs", "compensations"), body, config.block)
 
 
+def _eager_under_compile(update: Callable[..., Any]) -> Callable[..., Any]:
+    """``update``, which a step that torch.compile traces runs eagerly, past a graph break (its scalars, tensors
+    in the graph, read as floats there): the kernels take address tables built from the tensors' data pointers,
+    which a graph's fake tensors do not have. (Custom ops around whole launches would remove the break; not yet:
+    see tests/test_compile.py.) An eager step pays one ``is_compiling()`` per update."""
+    eager = torch.compiler.disable(
+        lambda *args, **kwargs: update(*args, **{k: _host_scalar(v) for k, v in kwargs.items()}),
+        reason="fused_ft's triton launches read data pointers; they run eagerly under torch.compile",
+    )
+
+    @functools.wraps(update)
+    def run(*args, **kwargs):
+        return eager(*args, **kwargs) if torch.compiler.is_compiling() else update(*args, **kwargs)
+
+    return run
+
+
+def _host_scalar(value: Any) -> Any:
+    """A keyword argument of an update as the launches take it: scalar tensors (and lists of them) as floats."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, list):
+        return [v.item() if isinstance(v, torch.Tensor) else v for v in value]
+    return value
+
+
 # The backend contract (see fused_ft.optim._dispatch): update name -> function.
-UPDATES = {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}
+UPDATES = {name: _eager_under_compile(fn) for name, fn in
+           {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}.items()}
