@@ -88,28 +88,34 @@ def _lr_at(i: int) -> float:
     return 0.05 * 0.7**i  # a decaying schedule, set between steps as a scheduler would
 
 
+def _eager_against_compiled(name, backend, compile_backend, steps, after_step=lambda i: None):
+    """Two equal models and optimizers, one stepped eagerly and one through torch.compile, on the same
+    batches, the tensor lr set to the next ``_lr_at`` after each step: ((model, optimizer) eager, compiled)."""
+    runs = [(model, OPTIMIZERS[name](model.parameters(), lr=torch.tensor(_lr_at(0)), backend=backend))
+            for model in (_model(), _model())]
+    steps_fns = (runs[0][1].step, torch.compile(runs[1][1].step, backend=compile_backend))
+    torch.manual_seed(1)
+    for i in range(steps):
+        x = torch.randn(4, 8)
+        for (model, optimizer), step in zip(runs, steps_fns):
+            _backward(model, x)
+            step()
+        after_step(i)
+        for _, optimizer in runs:
+            optimizer.param_groups[0]["lr"].fill_(_lr_at(i + 1))
+    return runs
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_compiled_step_equals_eager_and_a_new_lr_does_not_recompile(name, backend):
     """Inductor against the eager fused_ft step over 5 steps while a tensor lr changes between steps: one
     compile for the first step (it creates the state) and one for the steady state, none for a new lr."""
-    eager_model, compiled_model = _model(), _model()
-    eager = OPTIMIZERS[name](eager_model.parameters(), lr=torch.tensor(_lr_at(0)), backend=backend)
-    compiled = OPTIMIZERS[name](compiled_model.parameters(), lr=torch.tensor(_lr_at(0)), backend=backend)
     counter = CompileCounterWithBackend("inductor")
-    step = torch.compile(compiled.step, backend=counter)
-    torch.manual_seed(1)
-    for i in range(5):
-        x = torch.randn(4, 8)
-        _backward(eager_model, x)
-        _backward(compiled_model, x)
-        eager.step()
-        step()
-        if i == 1:
-            compiles = counter.frame_count
-        for optimizer in (eager, compiled):
-            optimizer.param_groups[0]["lr"].fill_(_lr_at(i + 1))
-    assert counter.frame_count == compiles == 2, "a new lr value recompiled the step"
+    compiles = []
+    (eager_model, eager), (compiled_model, compiled) = _eager_against_compiled(
+        name, backend, counter, 5, after_step=lambda i: compiles.append(counter.frame_count))
+    assert counter.frame_count == compiles[1] == 2, "a new lr value recompiled the step"
     # the cpu backend's kernels get the same doubles either way; the reference's foreach ops are fused by
     # Inductor (one rounding fewer or more)
     tol = dict(rtol=0, atol=0) if backend == "cpu" else dict(rtol=1e-6, atol=1e-7)
@@ -187,19 +193,7 @@ def test_explain_triton_step_has_no_graph_break():
 def test_compiled_triton_step_equals_eager(name):
     """Meanwhile a compiled step with the triton backend runs (in Triton's interpreter here), each launch past a
     graph break, and gives the eager step's bits, also as lr changes."""
-    eager_model, compiled_model = _model(), _model()
-    eager = OPTIMIZERS[name](eager_model.parameters(), lr=torch.tensor(_lr_at(0)), backend="triton")
-    compiled = OPTIMIZERS[name](compiled_model.parameters(), lr=torch.tensor(_lr_at(0)), backend="triton")
-    step = torch.compile(compiled.step, backend="eager")
-    torch.manual_seed(1)
-    for i in range(3):
-        x = torch.randn(4, 8)
-        _backward(eager_model, x)
-        _backward(compiled_model, x)
-        eager.step()
-        step()
-        for optimizer in (eager, compiled):
-            optimizer.param_groups[0]["lr"].fill_(_lr_at(i + 1))
+    (eager_model, _), (compiled_model, _) = _eager_against_compiled(name, "triton", "eager", 3)
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
 
