@@ -363,21 +363,26 @@ class FusedOptimizer(Optimizer):
             self._start_backward(p)
         # the groups cannot change within a backward: the map _start_backward refreshed holds for it
         # (looked up anew per hook, the groups' key cost 5 us of the 14 us a hooked parameter took)
-        located = self._located[1].get(id(p))
+        key = id(p)
+        located = self._located[1].get(key)
         grad = p.grad
         if located is None or grad is None:
             return  # not (or no longer) this optimizer's: a parameter removed from the groups
         index, group = located
         if group["frozen"]:
             return
-        if grad.is_sparse or id(p) in self._updated_in_backward or id(p) in self._held:
+        if grad.is_sparse or key in self._updated_in_backward or key in self._held:
             refusal = self._refusal_in_backward(index, group, p)
             self._drop_bucket()  # refused: what this backward had not applied yet stays unapplied
             raise refusal
         if not self._loop_checked:  # the first iteration: step() applies this gradient, after _check_loop
-            self._held[id(p)] = (p, grad, grad._version)
+            self._held[key] = (p, grad, grad._version)
             return
-        self._add_to_bucket(index, group, p)
+        self._bucket.append((index, group, p))  # _add_to_bucket, inlined: this runs for every parameter
+        self._bucket_bytes += grad.numel() * grad.element_size()
+        self._updated_in_backward.add(key)
+        if self._bucket_bytes >= self._bucket_limit:
+            self._apply_bucket()
 
     def _start_backward(self, p: torch.Tensor) -> None:
         """The first hook of a backward: what holds for the whole backward, checked once, and the
@@ -409,8 +414,12 @@ class FusedOptimizer(Optimizer):
         self._bucket.append((index, group, p))
         self._bucket_bytes += p.grad.numel() * p.grad.element_size()  # (nbytes fails on symbolic shapes)
         self._updated_in_backward.add(id(p))
-        if self._bucket_bytes >= getattr(self, "bucket_bytes", self.BUCKET_BYTES):
+        if self._bucket_bytes >= self._bucket_limit:
             self._apply_bucket()
+
+    @property
+    def _bucket_limit(self) -> int:
+        return getattr(self, "bucket_bytes", self.BUCKET_BYTES)
 
     def _apply_held(self) -> None:
         """The first iteration's gradients, once step() has checked the loop: applied in the buckets and
