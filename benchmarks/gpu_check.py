@@ -24,6 +24,9 @@ Sections (each runs on its own: one that fails is reported as such and the other
    and the README's headline rows (ViT-L/14, sgd-freeze-embed-nomom with step_in_backward, then with bf16
    weights and stochastic rounding). Bar: within 5%. CLIP comes from open_clip, or from timm where
    open_clip is not installed (the row says which).
+4. ``loop``: a training iteration of timm ViT-B/16 (sgd-freeze-embed, bf16 autocast, batch 8 and 64):
+   step_in_backward against the plain step (goal: within 3%), and ``torch.compile`` of the whole
+   iteration, plain and step_in_backward, against the same eager iteration.
 
 Prints the markdown to paste into benchmarks/RESULTS.md and writes it to ``--out`` (default
 ``$OUT/gpu_check.md`` when OUT is set). Exits 1 if a parity or memory check fails or a section errs, 2
@@ -376,7 +379,68 @@ def memory(env: Env) -> tuple[bool, str]:
     return ok, text
 
 
-SECTIONS = {"parity": parity, "speed": speed, "memory": memory}
+# -- 4. the training loop ----------------------------------------------------------------------------
+LOOP_CASES = ("plain", "step_in_backward", "compiled step", "compiled step, step_in_backward")
+LOOP_TARGET = 1.03  # step_in_backward's iteration within 3% of the plain step's
+
+
+def _loop_iteration(case: str, model_name: str, batch: int, env: Env):
+    """One training iteration of ``case`` (timm ViT, sgd-freeze-embed, bf16 autocast), warmed up: the
+    first iteration (step_in_backward's loop check, a plain step) and the compiles are behind it."""
+    import fused_ft
+    from fused_ft.vision.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=10).to(env.device)
+    in_backward = case.endswith("step_in_backward")
+    opt = fused_ft.create_optimizer(model, "sgd-freeze-embed", step_in_backward=in_backward, backend=env.backend)
+    size = model.default_cfg["input_size"][-1]
+    x = torch.randn(batch, 3, size, size, device=env.device)
+    y = torch.randint(0, 10, (batch,), device=env.device)
+
+    def iteration() -> None:
+        with torch.autocast(env.device, dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    fn = torch.compile(iteration) if case.startswith("compiled") else iteration
+    for _ in range(3):
+        fn()
+    return fn
+
+
+def loop(env: Env) -> tuple[bool, str]:
+    """step_in_backward's iteration time against the plain step's (the goal: within 3%), and a compiled
+    training iteration (forward, backward, step) against the eager one, interleaved rounds."""
+    model_name, batches = ("test_vit", (2,)) if env.smoke else ("vit_base_patch16_224", (8, 64))
+    ok, rows = True, []
+    for batch in batches:
+        fns = {case: _loop_iteration(case, model_name, batch, env) for case in LOOP_CASES}
+        times = {case: [] for case in fns}
+        for _ in range(env.rounds):
+            for case, fn in fns.items():
+                times[case].append(env.timed_ms(fn, env.steps)[0])
+        ms = {case: statistics.median(t) for case, t in times.items()}
+        for case in LOOP_CASES:
+            base = ms["compiled step"] if case.startswith("compiled") and case != "compiled step" else ms["plain"]
+            ratio = ms[case] / base
+            verdict = ""
+            if case.endswith("step_in_backward"):
+                met = ratio <= LOOP_TARGET
+                ok &= met
+                verdict = "ok" if met else "NOT met"
+            rows.append([model_name, batch, case, f"{ms[case]:.2f}", f"{ratio:.3f}x", verdict])
+        del fns
+        if env.cuda:
+            torch.cuda.empty_cache()
+    text = markdown(["model", "batch", "case (sgd-freeze-embed, bf16 autocast)", "ms/iteration",
+                     "vs plain (compiled: vs compiled plain)", f"within {LOOP_TARGET - 1:.0%}"], rows)
+    return ok, text
+
+
+SECTIONS = {"parity": parity, "speed": speed, "memory": memory, "loop": loop}
 GATING = {"parity", "memory"}  # speed targets are reported, not gating (one run is one sample)
 
 

@@ -18,17 +18,20 @@ def test_every_section_runs_and_reports_on_its_own(tmp_path):
     assert gpu_check.main(["--smoke", "--out", str(out)]) == 0
     text = out.read_text()
     assert "Command: `python -m benchmarks.gpu_check --smoke`" in text
-    for section in ("parity", "speed", "memory"):
+    for section in ("parity", "speed", "memory", "loop"):
         assert f"### {section}" in text
         assert f"\n{section}: ran (smoke run: no verdict)" in text  # a smoke run claims nothing
     rows = sum(3 if u.optimizer in ("sgd", "adamw") else 2 for u in UPDATES.values())
     assert text.count("| test ViT | fp32 |") == text.count("| test ViT | bf16 |") == rows  # the list branch ran
     assert "sgd-freeze-embed-nomom | step_in_backward=True, param_dtype=bf16, bf16_update=stochastic" in text
     # the simulated memory with sm_90's cuBLAS workspaces is 64 MiB above the tensors-only one, in every row
-    memory = text.split("### memory")[1]
+    memory = text.split("### memory")[1].split("### loop")[0]
     pairs = [line.split(" | ")[3:5] for line in memory.splitlines() if line.startswith("| test_vit")]
     assert len(pairs) == len(gpu_check.MEMORY_ROWS)
     assert all(abs(float(b) - float(a) - 64 / 1024) < 1.5e-3 for a, b in pairs), pairs
+    loop = text.split("### loop")[1]  # every case ran, step_in_backward ones with a verdict column
+    assert [line.split(" | ")[2] for line in loop.splitlines() if line.startswith("| test_vit")] == list(
+        gpu_check.LOOP_CASES)
 
 
 def test_a_subset_of_sections_is_run_and_named_in_the_command(tmp_path):

@@ -239,3 +239,25 @@ def test_a_resumed_or_copied_run_equals_the_uninterrupted_one_bit_for_bit(how):
     (whole, steps), (interrupted, steps_interrupted) = run(), run(interrupt_at=2)
     assert steps == steps_interrupted and steps > 5  # several buckets per backward
     assert all(torch.equal(a, b) for a, b in zip(whole, interrupted))
+
+
+def test_a_dropped_optimizer_is_freed_at_once_and_its_hooks_stop():
+    """Nothing the optimizer holds may refer back to it (the callbacks it gives autograd and torch.compile
+    hold it weakly): a cycle kept a dropped one alive until the next garbage collection, its hooks updating
+    the parameters meanwhile (a second memory profile of the same model refused its backward)."""
+    import gc
+    import weakref
+
+    layer, opt, loss = _linear()
+    loss().backward()
+    opt.step()
+    gone = weakref.ref(opt)
+    gc.disable()
+    try:
+        del opt
+        assert gone() is None
+    finally:
+        gc.enable()
+    before = layer.weight.detach().clone()
+    loss().backward()
+    assert torch.equal(layer.weight, before) and layer.weight.grad is not None  # no hook of the dropped one ran

@@ -253,6 +253,18 @@ class FusedOptimizer(Optimizer):
             # GradScaler then sets grad_scale and found_inf on the optimizer before step(), which refuses
             # them (see _check_loop) instead of unscaling gradients it never sees
             self._step_supports_amp_scaling = True
+            # Under torch.compile the hooks, autograd's end-of-backward callback and step() run eagerly, never
+            # traced. A backward called in a compiled function is a graph break, and Dynamo traced the hooks and
+            # the callback it ran as frames of their own, replaying their bookkeeping wrong (a compiled whole
+            # step 0.02-0.03 away from the eager one after 3 steps, no error); a traced step() did too (a
+            # compiled timm ViT iteration refused its next backward as accumulation). Wrapped here, not at
+            # import: torch.compiler.disable imports torch._dynamo (and torch.distributed.tensor, 0.6 s). None
+            # holds the optimizer itself (a bound method would): a dropped optimizer must be freed at once, or
+            # its hooks go on updating the parameters (LP-FT's probe, a second profile of a cached model)
+            owner = weakref.ref(self)
+            self._hook = torch.compiler.disable(self._hook)
+            self._end_callback = torch.compiler.disable(_make_hook(owner, FusedOptimizer._end_of_backward))
+            self._eager_step = torch.compiler.disable(FusedOptimizer._step)
 
     # -- groups ---------------------------------------------------------------------------------
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
@@ -393,7 +405,7 @@ class FusedOptimizer(Optimizer):
         self._locate(p)
         hooked = [q for g in self.param_groups if not g["frozen"] for q in g["params"] if q.requires_grad]
         self._sentinel = id(min(hooked, key=torch.Tensor.numel)) if hooked else None
-        torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_callback)
         self._end_queued = True
 
     def _refusal_in_backward(self, index: int, group: dict, p: torch.Tensor) -> Exception:
@@ -444,7 +456,6 @@ class FusedOptimizer(Optimizer):
         self._held.clear()
         self._kept = None
 
-    @torch.compiler.disable  # called by autograd, like the hooks (see _make_hook)
     def _end_of_backward(self) -> None:
         self._end_queued = False
         try:
@@ -554,6 +565,11 @@ class FusedOptimizer(Optimizer):
         Raises:
             RuntimeError: inside a CUDA graph capture (see ``_refuse_graph_capture``).
         """
+        if self.step_in_backward and torch.compiler.is_compiling():
+            return self._eager_step(self, closure)  # see _init_runtime
+        return self._step(closure)
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         _refuse_graph_capture(self, "step()", "capture the forward and backward only and call step() outside the graph")
         if self.step_in_backward:
             self._ensure_hooks()
@@ -747,18 +763,16 @@ def _refuse_data_parallel(p: torch.Tensor) -> None:
         )
 
 
-def _make_hook(owner: weakref.ref) -> Callable[[torch.Tensor], None]:
-    """The post-accumulate-grad hook of one optimizer's parameters. It holds a weak reference: a hook
-    must not keep its optimizer alive, nor update parameters for an optimizer that is gone (a model
-    often outlives its optimizer: LP-FT, a second profile)."""
+def _make_hook(owner: weakref.ref, method: Callable[..., None] | None = None) -> Callable[..., None]:
+    """A callback of one optimizer that autograd runs: by default the post-accumulate-grad hook of its
+    parameters (``_update_in_backward``), else ``method``. It holds a weak reference: a hook must not keep
+    its optimizer alive, nor update parameters for an optimizer that is gone (a model often outlives its
+    optimizer: LP-FT, a second profile)."""
+    method = FusedOptimizer._update_in_backward if method is None else method
 
-    # Run as autograd runs it, never traced: a backward called inside a compiled function is a graph break,
-    # and Dynamo traced the hooks it ran as frames of their own, replaying their bookkeeping wrong (a compiled
-    # whole step 0.02-0.03 away from the eager one after 3 steps)
-    @torch.compiler.disable
-    def hook(p: torch.Tensor) -> None:
+    def hook(*args) -> None:
         optimizer = owner()
         if optimizer is not None:
-            optimizer._update_in_backward(p)
+            method(optimizer, *args)
 
     return hook
