@@ -269,3 +269,12 @@ def test_step_in_backward_under_compile_equals_eager(what, bucket_bytes):
         compiled(x)  # from the first iteration, whose step() checks the loop, on: the hooks update in backward
     for p, q in zip(runs[0][0].parameters(), model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)  # Inductor fuses the forward's ops
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explain_lamb_with_corrected_weight_decay_has_no_graph_break(backend):
+    """Its cross-check read the tensor lr on the host (a break); values are checked in eager steps only."""
+    model = _model()
+    optimizer = fused_ft.LAMB(model.parameters(), lr=torch.tensor(0.01), weight_decay=0.1, decoupled_decay=True,
+                              corrected_weight_decay=True, backend=backend)
+    _assert_no_break(_explain(optimizer, model), f"lamb corrected_weight_decay backend={backend}")

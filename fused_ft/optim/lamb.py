@@ -29,7 +29,7 @@ def _check_max_grad_norm(group) -> None:
 
 
 def _check_corrected_decay(group) -> None:
-    if group.get("corrected_weight_decay") and scalar_value(group["lr"]) <= 0:
+    if group.get("corrected_weight_decay") and not torch.compiler.is_compiling() and scalar_value(group["lr"]) <= 0:
         raise ValueError(
             f"Invalid corrected_weight_decay=True with lr={group['lr']} (needs the peak lr > 0, used as max lr)"
         )
