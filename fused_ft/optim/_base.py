@@ -390,11 +390,7 @@ class FusedOptimizer(Optimizer):
         if not self._loop_checked:  # the first iteration: step() applies this gradient, after _check_loop
             self._held[key] = (p, grad, grad._version)
             return
-        self._bucket.append((index, group, p))  # _add_to_bucket, inlined: this runs for every parameter
-        self._bucket_bytes += grad.numel() * grad.element_size()
-        self._updated_in_backward.add(key)
-        if self._bucket_bytes >= self._bucket_limit:
-            self._apply_bucket()
+        self._add_to_bucket(index, group, p, grad, key)
 
     def _start_backward(self, p: torch.Tensor) -> None:
         """The first hook of a backward: what holds for the whole backward, checked once, and the
@@ -422,16 +418,13 @@ class FusedOptimizer(Optimizer):
             "step_in_backward=False to accumulate gradients"
         )
 
-    def _add_to_bucket(self, index: int, group: dict, p: torch.Tensor) -> None:
+    def _add_to_bucket(self, index: int, group: dict, p: torch.Tensor, grad: torch.Tensor, key: int) -> None:
+        """``p`` (its gradient ``grad``, its ``id`` ``key``: the hook has read both) joins the bucket."""
         self._bucket.append((index, group, p))
-        self._bucket_bytes += p.grad.numel() * p.grad.element_size()  # (nbytes fails on symbolic shapes)
-        self._updated_in_backward.add(id(p))
-        if self._bucket_bytes >= self._bucket_limit:
+        self._bucket_bytes += grad.numel() * grad.element_size()  # (nbytes fails on symbolic shapes)
+        self._updated_in_backward.add(key)
+        if self._bucket_bytes >= getattr(self, "bucket_bytes", self.BUCKET_BYTES):
             self._apply_bucket()
-
-    @property
-    def _bucket_limit(self) -> int:
-        return getattr(self, "bucket_bytes", self.BUCKET_BYTES)
 
     def _apply_held(self) -> None:
         """The first iteration's gradients, once step() has checked the loop: applied in the buckets and
@@ -441,9 +434,9 @@ class FusedOptimizer(Optimizer):
         for p, _, _ in held.values():
             located = self._locate(p)
             if located is not None and p.grad is not None and not located[1]["frozen"]:
-                self._add_to_bucket(*located, p)
+                self._add_to_bucket(*located, p, p.grad, id(p))
         self._apply_bucket()
-        if self._kept is not None:  # the first iteration was checked whole: nothing to keep
+        if self._kept is not None:  # applied, and checked (whole in the first iteration; after a closure)
             self._kept[0].grad = None
             self._kept = None
         self._flushed_in_backward = False
