@@ -21,6 +21,9 @@ Families of launches (each a function below, named in the report):
 - ``step_in_backward``: the hooks' bucket launches, every optimizer, fp32 with the default bucket (the
   model's gradients in one) and bf16 with stochastic rounding with a bucket per parameter (single-tensor
   launches), beside a frozen layer.
+- ``loop_scalars``: what the training loop hands the kernels on the device: GradScaler's grad_scale and
+  found_inf (SGD, AdamW with fused=True; also found_inf alone, after ``unscale_``), and AdamW's
+  capturable step counts, with a float lr and with a tensor lr; fp32, fp16 and bf16.
 - ``memory_profile``: the memory profiler's measured step (``fused_ft.memory.training_step``) for
   the rows gpu_check measures: sgd-freeze-embed and adamw, plain and step_in_backward, fp32 and bf16
   with stochastic rounding, on timm's test ViT.
@@ -151,7 +154,23 @@ def memory_profile():
                     step()
 
 
-FAMILIES = {f.__name__: f for f in (registry, grad_dtypes, mixed_dtypes, step_in_backward, memory_profile)}
+def loop_scalars():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for cls, kwargs in [(OPTIMIZERS["sgd"].cls, dict(lr=0.1, momentum=0.9)),
+                            (OPTIMIZERS["adamw"].cls, dict(lr=1e-3, fused=True)),
+                            (OPTIMIZERS["adamw"].cls, dict(lr=1e-3, capturable=True)),
+                            (OPTIMIZERS["adamw"].cls, dict(lr=torch.tensor(1e-3), capturable=True))]:
+            opt = cls(_odd_list(dtype, seed=5), **kwargs, backend="triton")
+            for grad_scale in (torch.full((1,), 1024.0), None, "none"):  # scaler.step, after unscale_, no scaler
+                if grad_scale != "none":
+                    opt.grad_scale, opt.found_inf = grad_scale, torch.zeros(1)
+                opt.step()
+                opt.__dict__.pop("grad_scale", None)
+                opt.__dict__.pop("found_inf", None)
+
+
+FAMILIES = {f.__name__: f for f in (registry, grad_dtypes, mixed_dtypes, step_in_backward, loop_scalars,
+                                    memory_profile)}
 
 
 def run(arch: int, families: list[str]) -> dict:

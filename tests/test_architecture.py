@@ -174,6 +174,7 @@ def test_every_backend_module_has_the_same_contract_and_plain_names():
         module = _dispatch._module(backend)
         assert callable(module.unavailable_reason) and callable(module.unsupported_reason), backend
         assert set(module.UPDATES) == {"sgd", "adamw", "lars", "lamb", "lamb_clip"}, backend
+        assert module.SCALER_IN_KERNEL <= {"sgd", "adamw", "lars", "lamb"}, backend
         for update, fn in module.UPDATES.items():
             assert fn.__name__ == update and fn.__module__ == module.__name__, (backend, update, fn)
     source = Path(_dispatch.__file__).read_text()

@@ -46,7 +46,7 @@ CONSTEXPRS = {
 }
 # every bf16_update mode of every kernel that stores bf16 parameters
 ROUNDING_OF_BF16 = {name: {"0", "1", "2"} for name in ("sgd_kernel", "adamw_kernel", "lamb_apply_kernel")}
-FAMILIES = ("registry", "grad_dtypes", "mixed_dtypes", "step_in_backward", "memory_profile")
+FAMILIES = ("registry", "grad_dtypes", "mixed_dtypes", "step_in_backward", "loop_scalars", "memory_profile")
 
 
 def _kernels() -> dict:
@@ -104,6 +104,21 @@ def test_every_launch_goes_through_tritons_launch_path(arch, tmp_path):
     assert {launch["tensors"] for launch in updates if launch["constants"]["P_DTYPE"] == "bf16"} == {1}
     assert {launch["tensors"] for launch in updates if launch["constants"]["P_DTYPE"] == "fp32"} == {4}
     assert any(launch["tensors"] > 1 for launch in launches if launch["family"] == "registry")
+    # the loop's device scalars reach the kernels as pointers, in every dtype: GradScaler's (both, and found_inf
+    # alone after unscale_), AdamW's capturable step counts (an address table) and a tensor lr
+    device_args = defaultdict(set)
+    for launch in launches:
+        if launch["family"] == "loop_scalars":
+            sig = launch["signature"]
+            pointers = tuple(name for name in ("grad_scale", "found_inf", "step_ptrs", "lr_ptr")
+                             if sig.get(name, "constexpr") != "constexpr")
+            device_args[launch["kernel"], launch["constants"]["P_DTYPE"]].add(pointers)
+    for dtype in DTYPES:
+        assert device_args["sgd_kernel", dtype] == {("grad_scale", "found_inf"), ("found_inf",), ()}, dtype
+        assert device_args["adamw_kernel", dtype] == {
+            ("grad_scale", "found_inf", "step_ptrs"), ("found_inf", "step_ptrs"), ("step_ptrs",),
+            ("grad_scale", "found_inf", "step_ptrs", "lr_ptr"), ("found_inf", "step_ptrs", "lr_ptr"),
+            ("step_ptrs", "lr_ptr")}, dtype
 
 
 def _binder_names() -> set[str]:

@@ -197,5 +197,9 @@ def lamb(
                  **_rounding_args(rounding, s))
 
 
+# GradScaler's found_inf lives in host memory here, read for free, and the gradients are unscaled by torch's
+# foreach before the kernels run (see fused_ft.optim._base.FusedOptimizer._take_scaler).
+SCALER_IN_KERNEL: frozenset = frozenset()
+
 # The backend contract (see fused_ft.optim._dispatch): update name -> function.
 UPDATES = {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}

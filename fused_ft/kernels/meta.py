@@ -45,3 +45,5 @@ def lamb_clip(grads, max_grad_norm):
 
 # The backend contract (see fused_ft.optim._dispatch): update name -> function.
 UPDATES = {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}
+
+SCALER_IN_KERNEL: frozenset = frozenset()  # a simulated step has no GradScaler

@@ -199,5 +199,9 @@ def lamb(
     _precision.store(params, work, rounding)
 
 
+# GradScaler's grad_scale and found_inf are taken by the optimizer (found_inf read on the host, gradients
+# unscaled in place, as GradScaler.unscale_ does): see fused_ft.optim._base.FusedOptimizer._take_scaler.
+SCALER_IN_KERNEL: frozenset = frozenset()
+
 # The backend contract: update name -> function (LAMB's global clip included), as in every backend module.
 UPDATES = {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}

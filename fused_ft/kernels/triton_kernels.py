@@ -116,6 +116,20 @@ def _momentum(d, buf_ptr, mask, buf_keep, buf_scale, momentum, NESTEROV: tl.cons
 
 
 @triton.jit
+def _load_grad(g_ptr, mask, grad_scale, G_DTYPE: tl.constexpr):
+    """A gradient as fp32; with GradScaler's ``grad_scale`` (1-element fp32, None without one) divided by it
+    as it loads and the unscaled gradient stored back, as torch's fused kernels do (``p.grad`` after the step
+    is what ``GradScaler.unscale_`` would have left). Its ``found_inf`` (1-element fp32, None without one) is
+    read by each kernel first: set, the program returns, and the update (parameters, state, gradients) is
+    skipped on the device as torch's fused kernels skip it, with no host sync."""
+    g = tl.load(g_ptr, mask=mask).to(tl.float32)
+    if grad_scale is not None:
+        g = g / tl.load(grad_scale)
+        tl.store(g_ptr, g.to(G_DTYPE), mask=mask)
+    return g
+
+
+@triton.jit
 def _ordered_sum(values, first, end, RBLOCK: tl.constexpr):
     """Sum of ``values[first:end]`` in a fixed order (RBLOCK lanes, then a tree): deterministic."""
     acc = tl.zeros((RBLOCK,), dtype=tl.float32)
@@ -128,10 +142,10 @@ def _ordered_sum(values, first, end, RBLOCK: tl.constexpr):
 # -- SGD and LARS ----------------------------------------------------------------------------------
 @triton.jit
 def _sgd_block(p_ptr, g_ptr, buf_ptr, c_ptr, key, offs, mask, ratio, lr, weight_decay, grad_sign, buf_keep,
-               buf_scale, momentum, P_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-               ADAPT: tl.constexpr, ROUNDING: tl.constexpr):
+               buf_scale, momentum, grad_scale, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+               HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, ADAPT: tl.constexpr, ROUNDING: tl.constexpr):
     w = _load_param(p_ptr, c_ptr, mask, ROUNDING)
-    d = tl.load(g_ptr, mask=mask).to(tl.float32) * grad_sign + weight_decay * w
+    d = _load_grad(g_ptr, mask, grad_scale, G_DTYPE) * grad_sign + weight_decay * w
     if ADAPT:
         d = d * ratio
     if HAS_MOMENTUM:
@@ -143,14 +157,18 @@ def _sgd_block(p_ptr, g_ptr, buf_ptr, c_ptr, key, offs, mask, ratio, lr, weight_
 @triton.jit(do_not_specialize=["rounding_key"])
 def sgd_kernel(
     param_ptrs, grad_ptrs, momentum_buffer_ptrs, compensation_ptrs, numels, block_tensor, block_start, param_sumsq,
-    grad_sumsq,
+    grad_sumsq, grad_scale, found_inf,
     lr, weight_decay, grad_sign, buf_keep, buf_scale, momentum, trust_coeff, eps, rounding_key,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """SGD, and LARS as SGD with a trust ratio (ADAPT) from per-tensor sums of squares
     (``param_sumsq``, ``grad_sumsq``: None without ADAPT). ``momentum_buffer_ptrs`` are fp32 (None
-    without momentum); ``compensation_ptrs`` int16 (kahan only, see ``_store_param``)."""
+    without momentum); ``compensation_ptrs`` int16 (kahan only, see ``_store_param``); ``grad_scale`` and
+    ``found_inf``: GradScaler's (see ``_load_grad``), None without one."""
+    if found_inf is not None:  # GradScaler found an inf or NaN: the whole update is skipped (see _load_grad)
+        if tl.load(found_inf) != 0:
+            return
     t, start, numel, offs = _block_of(tl.program_id(0), block_tensor, block_start, numels, BLOCK)
     p_ptr = _slot(param_ptrs, t, P_DTYPE) + offs
     g_ptr = _slot(grad_ptrs, t, G_DTYPE) + offs
@@ -173,19 +191,20 @@ def sgd_kernel(
             ratio = tl.minimum(ratio / lr, 1.0)
     if start + BLOCK <= numel:
         _sgd_block(p_ptr, g_ptr, buf_ptr, c_ptr, key, offs, None, ratio, lr, weight_decay, grad_sign, buf_keep,
-                   buf_scale, momentum, P_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT, ROUNDING)
+                   buf_scale, momentum, grad_scale, P_DTYPE, G_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT, ROUNDING)
     else:
         _sgd_block(p_ptr, g_ptr, buf_ptr, c_ptr, key, offs, offs < numel, ratio, lr, weight_decay, grad_sign,
-                   buf_keep, buf_scale, momentum, P_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT, ROUNDING)
+                   buf_keep, buf_scale, momentum, grad_scale, P_DTYPE, G_DTYPE, HAS_MOMENTUM, NESTEROV, ADAPT,
+                   ROUNDING)
 
 
 # -- AdamW -----------------------------------------------------------------------------------------
 @triton.jit
 def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, key, offs, mask, decay, beta1, beta2, eps, step_size,
-                 bias_correction2_sqrt, grad_sign, P_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
-                 ROUNDING: tl.constexpr):
+                 bias_correction2_sqrt, grad_sign, grad_scale, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                 AMSGRAD: tl.constexpr, ROUNDING: tl.constexpr):
     w = _load_param(p_ptr, c_ptr, mask, ROUNDING) * decay
-    d = tl.load(g_ptr, mask=mask).to(tl.float32) * grad_sign
+    d = _load_grad(g_ptr, mask, grad_scale, G_DTYPE) * grad_sign
     m = tl.load(m_ptr, mask=mask)
     m = m + (1.0 - beta1) * (d - m)  # torch's lerp
     v = beta2 * tl.load(v_ptr, mask=mask) + (1.0 - beta2) * d * d
@@ -198,19 +217,45 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, key, offs, mask, d
     _store_param(p_ptr, w - step_size * (m / denom), mask, P_DTYPE, ROUNDING, c_ptr, key, offs)
 
 
+@triton.jit
+def _adamw_corrections(step_ptrs, t, lr, log2_beta1, log2_beta2):
+    """``lr / (1 - beta1^step)`` and ``sqrt(1 - beta2^step)`` of tensor ``t`` from its step count on the device
+    (capturable: no host value changes from step to step), in fp64 from the fp64 ``lr`` and ``log2(beta)``, then
+    narrowed to fp32 as the host's doubles are when passed in: the same fp32 values as the host path's
+    (``fused_ft.optim.adamw``) but where the two doubles straddle an fp32 rounding boundary (exp2 and C's pow
+    differ in the last bits of a double)."""
+    step = tl.load(tl.load(step_ptrs + t).to(tl.pointer_type(tl.float32))).to(tl.float64)  # (no alignment hint)
+    step_size = (lr / (1.0 - tl.exp2(step * tl.full((), log2_beta1, tl.float64)))).to(tl.float32)
+    bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.full((), log2_beta2, tl.float64))).to(tl.float32)
+    return step_size, bias_correction2_sqrt
+
+
 @triton.jit(do_not_specialize=["rounding_key"])
 def adamw_kernel(
     param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, max_exp_avg_sq_ptrs, compensation_ptrs, numels, block_tensor,
-    block_start,
+    block_start, step_ptrs, lr_ptr, grad_scale, found_inf,
     decay, beta1, beta2, eps, step_size, bias_correction2_sqrt, grad_sign, rounding_key,
+    lr: tl.float64, weight_decay: tl.float64, log2_beta1: tl.float64, log2_beta2: tl.float64,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, ROUNDING: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """AdamW; the state slots are fp32 (``max_exp_avg_sq_ptrs`` None without amsgrad).
 
-    ``decay`` = 1 - lr*weight_decay, ``step_size`` = lr / (1 - beta1^t).
+    Host scalars (``step_ptrs`` None): ``decay`` = 1 - lr*weight_decay, ``step_size`` = lr / (1 - beta1^t),
+    ``bias_correction2_sqrt``. Capturable (``step_ptrs``: each tensor's fp32 step count, already counted): the
+    kernel computes them from the counts, from ``lr`` or, where the learning rate is a tensor on the device,
+    from ``lr_ptr``. ``grad_scale`` and ``found_inf``: GradScaler's (see ``_load_grad``).
     """
+    if found_inf is not None:  # GradScaler found an inf or NaN: the whole update is skipped (see _load_grad)
+        if tl.load(found_inf) != 0:
+            return
     t, start, numel, offs = _block_of(tl.program_id(0), block_tensor, block_start, numels, BLOCK)
+    if step_ptrs is not None:
+        lr64 = tl.full((), lr, tl.float64)  # (the interpreter passes the fp64 arguments as Python floats)
+        if lr_ptr is not None:
+            lr64 = tl.load(lr_ptr).to(tl.float64)
+        decay = (1.0 - lr64 * tl.full((), weight_decay, tl.float64)).to(tl.float32)
+        step_size, bias_correction2_sqrt = _adamw_corrections(step_ptrs, t, lr64, log2_beta1, log2_beta2)
     p_ptr = _slot(param_ptrs, t, P_DTYPE) + offs
     g_ptr = _slot(grad_ptrs, t, G_DTYPE) + offs
     m_ptr = _slot(exp_avg_ptrs, t, tl.float32) + offs
@@ -226,10 +271,10 @@ def adamw_kernel(
         key = _tensor_key(rounding_key, t)
     if start + BLOCK <= numel:
         _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, key, offs, None, decay, beta1, beta2, eps,
-                     step_size, bias_correction2_sqrt, grad_sign, P_DTYPE, AMSGRAD, ROUNDING)
+                     step_size, bias_correction2_sqrt, grad_sign, grad_scale, P_DTYPE, G_DTYPE, AMSGRAD, ROUNDING)
     else:
         _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, key, offs, offs < numel, decay, beta1, beta2, eps,
-                     step_size, bias_correction2_sqrt, grad_sign, P_DTYPE, AMSGRAD, ROUNDING)
+                     step_size, bias_correction2_sqrt, grad_sign, grad_scale, P_DTYPE, G_DTYPE, AMSGRAD, ROUNDING)
 
 
 # -- norms -----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ GPU would compile can be captured and compiled on a machine without one.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from collections import Counter, OrderedDict
@@ -256,6 +257,21 @@ def _build_blocks(numels: list[int], block: int, device: torch.device) -> _Block
     )
 
 
+def _copyable_to(device: torch.device) -> torch.device:
+    """``device``, where a new table may be copied now: not inside a CUDA graph capture, which cannot record a
+    copy from pageable host memory. A captured step reuses the tables of the warm-up step before the capture,
+    so its tensors must be the same: gradients kept between steps (``zero_grad(set_to_none=False)``), not
+    allocated inside the captured region."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "Invalid CUDA graph capture of a fused_ft step: its tensors (parameters, gradients, state) are not "
+            "those of the step before the capture, and the triton backend's address tables cannot be copied to "
+            "the device inside a capture; run a warm-up step on the same tensors first, and keep the gradients "
+            "allocated (optimizer.zero_grad(set_to_none=False)) so that backward writes into them"
+        )
+    return device
+
+
 @dataclass
 class _Tables:
     """One launch's tensors as the kernels see them: an address row and a dtype per slot, the block
@@ -270,26 +286,31 @@ class _Tables:
 
 def _tables(names, addresses, numels, dtypes, extra, block, device, first=0) -> _Tables:
     """Device tables from host ones: cached on the element counts (blocks) and on the addresses."""
-    blocks = _cached(_BLOCKS, (device, block, *numels.tolist()), lambda: _build_blocks(numels.tolist(), block, device))
+    blocks = _cached(_BLOCKS, (device, block, *numels.tolist()),
+                     lambda: _build_blocks(numels.tolist(), block, _copyable_to(device)))
     rows = _cached(_ADDRESSES, (device, len(names), addresses.numpy().tobytes()),
-                   lambda: addresses.to(device).unbind(0))
+                   lambda: addresses.to(_copyable_to(device)).unbind(0))
     return _Tables(dict(zip(names, rows)), {n: _TL_DTYPES.get(d, d) for n, d in zip(names, dtypes)}, blocks, extra,
                    first)
 
 
 def _run(
     slots: Mapping[str, list[torch.Tensor]], written: Sequence[str], body: Callable[[_Tables], None], block: int,
-    extra: Sequence[Any] | None = None,
+    extra: Sequence[Any] | None = None, side: Mapping[str, list[torch.Tensor]] | None = None,
 ) -> None:
     """Call ``body(tables)`` once per launch: one for the whole list when every slot holds one dtype and
     ``extra`` (a per-tensor value that needs its own launch: a first-step flag, a step size) is the
     same for all tensors, else once per distinct (dtypes, extra).
 
+    ``side`` slots hold a tensor per parameter of another size (AdamW's 0-dim step counts): address rows
+    beside the others, read by the kernel where they are, never copied.
+
     Tensors that cannot be read as flat, 16-byte-aligned memory (overlapping, oddly strided or
     offset views) are processed through contiguous copies, copied back into the ``written`` slots.
     """
-    names = list(slots)
+    names = list(slots) + list(side or {})
     columns = list(slots.values())
+    sides = list((side or {}).values())
     device = columns[0][0].device
     addresses, numels, not_flat, one_dtype = flat_addresses(columns, ALIGN)
     if one_dtype and (extra is None or extra.count(extra[0]) == len(extra)):
@@ -301,17 +322,26 @@ def _run(
             splits.setdefault(key, []).append(i)
     for index in splits.values():
         chosen = columns if index is None else [[column[i] for i in index] for column in columns]
+        chosen_sides = sides if index is None else [[column[i] for i in index] for column in sides]
         if index is not None:
             addresses, numels, not_flat, _ = flat_addresses(chosen, ALIGN)
-        dtypes = [column[0].dtype for column in chosen]
+        dtypes = [column[0].dtype for column in chosen] + [column[0].dtype for column in chosen_sides]
         share = None if extra is None else extra[0 if index is None else index[0]]
         first = 0 if index is None else index[0]
         if not not_flat:
-            body(_tables(names, addresses, numels, dtypes, share, block, device, first))
+            body(_tables(names, _with_sides(addresses, chosen_sides), numels, dtypes, share, block, device, first))
             continue
         with flat_slots(chosen, [names.index(n) for n in written if n in names], align=ALIGN) as flat:
             addresses, numels, _, _ = flat_addresses(flat, ALIGN)
-            body(_tables(names, addresses, numels, dtypes, share, block, device, first))
+            body(_tables(names, _with_sides(addresses, chosen_sides), numels, dtypes, share, block, device, first))
+
+
+def _with_sides(addresses: torch.Tensor, sides: list[list[torch.Tensor]]) -> torch.Tensor:
+    """The address table with a row per side slot (padded as ``flat_addresses`` pads its rows)."""
+    if not sides:
+        return addresses
+    rows = torch.tensor([[t.data_ptr() for t in column] for column in sides], dtype=torch.int64)
+    return torch.cat([addresses, torch.nn.functional.pad(rows, (0, addresses.shape[1] - rows.shape[1]))])
 
 
 # -- updates (same signatures as the reference implementations) ---------------------------------
@@ -334,14 +364,15 @@ def _momentum_args(momentum: float, dampening: float, is_new: bool | None) -> di
 
 def _sgd_launch(t: _Tables, config: LaunchConfig, sums: torch.Tensor | None, rounding: Rounding | None, *, lr,
                 momentum, dampening, weight_decay, nesterov, grad_sign=1.0, trust_coeff=0.0, eps=0.0,
-                trust_clip=False) -> None:
+                trust_clip=False, grad_scale=None, found_inf=None) -> None:
     """The SGD kernel for SGD, and for LARS when ``sums`` holds the per-tensor sums of squares."""
     _launch(
         K.sgd_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=momentum != 0),
         param_ptrs=t.slot["params"], grad_ptrs=t.slot["grads"],
         momentum_buffer_ptrs=t.slot.get("momentum_buffers"),
         **t.blocks.geometry(), param_sumsq=None if sums is None else sums[0],
-        grad_sumsq=None if sums is None else sums[1], lr=lr, weight_decay=weight_decay, grad_sign=grad_sign,
+        grad_sumsq=None if sums is None else sums[1], grad_scale=grad_scale, found_inf=found_inf,
+        lr=lr, weight_decay=weight_decay, grad_sign=grad_sign,
         **_momentum_args(momentum, dampening, t.extra), trust_coeff=trust_coeff, eps=eps,
         P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov,
         ADAPT=sums is not None, TRUST_CLIP=trust_clip, **_rounding_args(t, rounding),
@@ -349,7 +380,7 @@ def _sgd_launch(t: _Tables, config: LaunchConfig, sums: torch.Tensor | None, rou
 
 
 def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-        rounding=None):
+        rounding=None, grad_scale=None, found_inf=None):
     if not params:
         return
     config = launch_config(params[0].device)
@@ -358,36 +389,57 @@ def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_deca
 
     def body(t: _Tables) -> None:
         _sgd_launch(t, config, None, rounding, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                    nesterov=nesterov, grad_sign=-1.0 if maximize else 1.0)
+                    nesterov=nesterov, grad_sign=-1.0 if maximize else 1.0, grad_scale=grad_scale, found_inf=found_inf)
 
-    _run(slots, (*written, "compensations"), body, config.block, extra=new)
+    _run(slots, (*written, "compensations", *_unscaled(grad_scale)), body, config.block, extra=new)
+
+
+def _unscaled(grad_scale: torch.Tensor | None) -> tuple[str, ...]:
+    """The grads are a written slot where the kernel stores them unscaled."""
+    return () if grad_scale is None else ("grads",)
 
 
 def adamw(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step_sizes, bias_correction2_sqrts, lr, beta1, beta2,
-    eps, weight_decay, amsgrad, maximize, rounding=None,
+    eps, weight_decay, amsgrad, maximize, rounding=None, state_steps=None, grad_scale=None, found_inf=None,
 ):
+    """AdamW's launch. Host scalars: ``step_sizes`` and ``bias_correction2_sqrts`` per tensor. Capturable:
+    ``state_steps`` (each parameter's counted fp32 step, on the device; the scalar lists None), from which the
+    kernel computes them, with ``lr`` a float or a tensor on the device."""
     if not params:
         return
     config = launch_config(params[0].device)
+    capturable = state_steps is not None
+    lr_ptr = lr if isinstance(lr, torch.Tensor) else None
+    if capturable:
+        scalars = dict(decay=0.0, step_size=0.0, bias_correction2_sqrt=1.0,
+                       lr=0.0 if lr_ptr is not None else float(lr), weight_decay=float(weight_decay),
+                       log2_beta1=math.log2(beta1) if beta1 > 0 else -math.inf,
+                       log2_beta2=math.log2(beta2) if beta2 > 0 else -math.inf)
+    else:
+        scalars = dict(decay=1.0 - lr * weight_decay, lr=0.0, weight_decay=0.0, log2_beta1=0.0, log2_beta2=0.0)
     slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         slots["max_exp_avg_sqs"] = max_exp_avg_sqs
     slots.update(compensation_slot(rounding))
 
     def body(t: _Tables) -> None:
-        step_size, bias_correction2_sqrt = t.extra
+        corrections = {} if capturable else dict(zip(("step_size", "bias_correction2_sqrt"), t.extra))
         _launch(
             K.adamw_kernel, t.blocks.num_blocks, _warps(config, t, stores_fp32_state=True),
             param_ptrs=t.slot["params"], grad_ptrs=t.slot["grads"], exp_avg_ptrs=t.slot["exp_avgs"],
             exp_avg_sq_ptrs=t.slot["exp_avg_sqs"], max_exp_avg_sq_ptrs=t.slot.get("max_exp_avg_sqs"),
-            **t.blocks.geometry(), decay=1.0 - lr * weight_decay, beta1=beta1, beta2=beta2, eps=eps,
-            step_size=step_size, bias_correction2_sqrt=bias_correction2_sqrt, grad_sign=-1.0 if maximize else 1.0,
+            **t.blocks.geometry(), step_ptrs=t.slot.get("steps"), lr_ptr=lr_ptr, grad_scale=grad_scale,
+            found_inf=found_inf, beta1=beta1, beta2=beta2, eps=eps, **{**scalars, **corrections},
+            grad_sign=-1.0 if maximize else 1.0,
             P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], AMSGRAD=amsgrad, **_rounding_args(t, rounding),
         )
 
-    _run(slots, [n for n in slots if n != "grads"], body, config.block,
-         extra=list(zip(step_sizes, bias_correction2_sqrts)))
+    written = [n for n in slots if n != "grads"] + list(_unscaled(grad_scale))
+    if capturable:
+        _run(slots, written, body, config.block, side={"steps": state_steps})
+    else:
+        _run(slots, written, body, config.block, extra=list(zip(step_sizes, bias_correction2_sqrts)))
 
 
 def _tensor_sums(t: _Tables, block_sums: torch.Tensor, num_warps: int) -> torch.Tensor:
@@ -515,7 +567,8 @@ def _eager_under_compile(update: Callable[..., Any]) -> Callable[..., Any]:
     which a graph's fake tensors do not have. (Custom ops around whole launches would remove the break; not yet:
     see tests/test_compile.py.) An eager step pays one ``is_compiling()`` per update."""
     eager = torch.compiler.disable(
-        lambda *args, **kwargs: update(*args, **{k: _host_scalar(v) for k, v in kwargs.items()}),
+        lambda *args, **kwargs: update(*args, **{k: v if k in _ON_DEVICE else _host_scalar(v)
+                                                 for k, v in kwargs.items()}),
         reason="fused_ft's triton launches read data pointers; they run eagerly under torch.compile",
     )
 
@@ -524,6 +577,10 @@ def _eager_under_compile(update: Callable[..., Any]) -> Callable[..., Any]:
         return eager(*args, **kwargs) if torch.compiler.is_compiling() else update(*args, **kwargs)
 
     return run
+
+
+# arguments the kernels read on the device: never turned into host values
+_ON_DEVICE = frozenset({"state_steps", "grad_scale", "found_inf"})
 
 
 def _host_scalar(value: Any) -> Any:
@@ -535,6 +592,11 @@ def _host_scalar(value: Any) -> Any:
     return value
 
 
+# The updates whose kernels take GradScaler's grad_scale and found_inf (see fused_ft.optim._dispatch); LARS's
+# and LAMB's norms would need the unscaled gradients in their reduction kernels too (not yet).
+SCALER_IN_KERNEL = frozenset({"sgd", "adamw"})
+
 # The backend contract (see fused_ft.optim._dispatch): update name -> function.
 UPDATES = {name: _eager_under_compile(fn) for name, fn in
            {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}.items()}
+UPDATES["adamw"].capturable = True  # computes the bias corrections from step counts on the device

@@ -99,12 +99,6 @@ def check_implementation_flags(group: Mapping[str, Any]) -> None:
             "Invalid differentiable: True (fused_ft updates parameters in place outside autograd; "
             "use the torch.optim optimizer for differentiable=True)"
         )
-    # not read under torch.compile: see FusedOptimizer._check_group_for_step
-    if not torch.compiler.is_compiling() and group.get("capturable"):
-        raise ValueError(
-            "Invalid capturable: True (fused_ft does not support CUDA graph capture yet; "
-            "use torch.optim with capturable=True)"
-        )
     if group.get("fused") and group.get("foreach"):
         raise RuntimeError("Invalid fused=True with foreach=True: choose one")  # torch.optim's type
 
@@ -162,6 +156,9 @@ class GroupPlan:
     # the parameters' state tensors by key (see fused_ft.optim._state), None where not created yet
     state: dict = field(default_factory=dict)
     clip: Any = None  # LAMB: the global gradient clipping, in the backend's form (set by _before_updates)
+    # GradScaler's grad_scale and found_inf on the plan's device, where the kernels take them (see _take_scaler)
+    grad_scale: torch.Tensor | None = None
+    found_inf: torch.Tensor | None = None
 
 
 class FusedOptimizer(Optimizer):
@@ -202,6 +199,9 @@ class FusedOptimizer(Optimizer):
     _WHOLE_TENSOR_NORMS: ClassVar[bool] = False
     # every per-parameter state key holding a tensor shaped like its parameter, whatever the options
     _ELEMENT_STATE: ClassVar[tuple[str, ...]] = ()
+    # torch.amp.GradScaler then sets grad_scale and found_inf on the optimizer and calls step() (torch's fused
+    # optimizers' contract) instead of unscaling with a foreach and reading found_inf on the host: see _take_scaler
+    _step_supports_amp_scaling: ClassVar[bool] = True
 
     def __init__(
         self, params: Iterable, defaults: dict[str, Any], *, backend: str = "auto", step_in_backward: bool = False,
@@ -250,9 +250,7 @@ class FusedOptimizer(Optimizer):
         self._sentinel: int | None = None
         self._kept: tuple[torch.Tensor, torch.Tensor, int] | None = None
         if self.step_in_backward:
-            # GradScaler then sets grad_scale and found_inf on the optimizer before step(), which refuses
-            # them (see _check_loop) instead of unscaling gradients it never sees
-            self._step_supports_amp_scaling = True
+            # (GradScaler's grad_scale and found_inf are refused by step(): see _check_loop)
             # Under torch.compile the hooks, autograd's end-of-backward callback and step() run eagerly, never
             # traced. A backward called in a compiled function is a graph break, and Dynamo traced the hooks and
             # the callback it ran as frames of their own, replaying their bookkeeping wrong (a compiled whole
@@ -395,8 +393,10 @@ class FusedOptimizer(Optimizer):
     def _start_backward(self, p: torch.Tensor) -> None:
         """The first hook of a backward: what holds for the whole backward, checked once, and the
         end-of-backward callback that applies the last bucket."""
-        _refuse_graph_capture(self, "step_in_backward update", "use step_in_backward=False, capture the "
-                              "forward and backward only and call step() outside the graph")
+        if _capturing():
+            _refuse_graph_capture(self, "step_in_backward update", "the hooks plan each bucket on the host",
+                                  "use step_in_backward=False, capture the forward and backward only and call step() "
+                                  "outside the graph")
         _refuse_data_parallel(p)
         self._locate(p)
         hooked = [q for g in self.param_groups if not g["frozen"] for q in g["params"] if q.requires_grad]
@@ -556,14 +556,18 @@ class FusedOptimizer(Optimizer):
             closure (Callable, optional): A closure that reevaluates the model and returns the loss.
 
         Raises:
-            RuntimeError: inside a CUDA graph capture (see ``_refuse_graph_capture``).
+            RuntimeError: inside a CUDA graph capture that a replay would get wrong (see ``_capture_refusal``),
+                before any change.
         """
         if self.step_in_backward and torch.compiler.is_compiling():
             return self._eager_step(self, closure)  # see _init_runtime
         return self._step(closure)
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:
-        _refuse_graph_capture(self, "step()", "capture the forward and backward only and call step() outside the graph")
+        capturing = _capturing()
+        if capturing and self.step_in_backward:
+            _refuse_graph_capture(self, "step()", "step_in_backward updates in backward hooks, planned on the host",
+                                  _CAPTURE_ADVICE)
         if self.step_in_backward:
             self._ensure_hooks()
             # a closure runs as torch.optim runs it (below): its backward makes the updates, in the hooks,
@@ -593,9 +597,16 @@ class FusedOptimizer(Optimizer):
             self._apply_held()
         plans = [plan for index, group in enumerate(self.param_groups) if not group["frozen"]
                  for plan in self._plan_group(index, group)]
-        self._before_updates(plans)
-        for plan in plans:
-            self._update_group(plan)
+        if capturing:
+            for plan in plans:
+                reason = self._capture_refusal(plan)
+                if reason is not None:
+                    index = next(i for i, g in enumerate(self.param_groups) if g is plan.group)
+                    _refuse_graph_capture(self, "step()", f"group {index} {reason}", _CAPTURE_ADVICE)
+        if self._take_scaler(plans):
+            self._before_updates(plans)
+            for plan in plans:
+                self._update_group(plan)
         if self.step_in_backward:
             for plan in plans:
                 for p in plan.params:
@@ -641,6 +652,62 @@ class FusedOptimizer(Optimizer):
                     "is applied and freed during backward, so such a change would act on nothing; use "
                     "step_in_backward=False to clip or rescale gradients"
                 )
+
+    def _take_scaler(self, plans: list[GroupPlan]) -> bool:
+        """Take GradScaler's ``grad_scale`` and ``found_inf`` (1-element fp32 tensors it sets on the optimizer
+        before calling step(); ``grad_scale`` None after ``unscale_``) as torch's fused optimizers take them.
+        Returns False when the step is skipped (nothing changes: weights, state, step counts, gradients).
+
+        Where every plan's kernels take them (``_scaler_in_kernel``), they go to the kernels, which divide
+        each gradient by ``grad_scale`` as they load it (storing it back unscaled) and skip the whole update
+        on the device when ``found_inf`` is set: no host sync. Otherwise ``found_inf`` is read on the host,
+        once (a sync on a GPU, as GradScaler itself makes for torch.optim's for-loop and foreach
+        implementations), and the gradients are unscaled in place as ``GradScaler.unscale_`` does."""
+        grad_scale, found_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
+        if grad_scale is None and found_inf is None:
+            return True
+        if plans and all(self._scaler_in_kernel(plan) for plan in plans):
+            for plan in plans:
+                device = plan.params[0].device
+                plan.grad_scale = None if grad_scale is None else grad_scale.to(device, non_blocking=True)
+                plan.found_inf = None if found_inf is None else found_inf.to(device, non_blocking=True)
+            return True
+        if found_inf is not None and found_inf.item():
+            return False
+        if grad_scale is not None:
+            for plan in plans:
+                if plan.grads:
+                    inv_scale = grad_scale.double().reciprocal().float().to(plan.grads[0].device)
+                    no_inf = torch.zeros(1, device=plan.grads[0].device)  # GradScaler's check, done already
+                    torch._amp_foreach_non_finite_check_and_unscale_(plan.grads, no_inf, inv_scale)
+        return True
+
+    def _capture_refusal(self, plan: GroupPlan, device_lr: bool = False) -> str | None:
+        """Why a CUDA graph replaying this plan's update would get it wrong (a host value baked into the graph,
+        a host read), or None where a replay equals an eager step: the triton backend, whose launches read no
+        host value that changes from step to step (float hyperparameters are fixed at capture; with
+        ``device_lr``, a tensor ``lr`` on the device is read there), once the state exists (a warm-up step
+        before capturing, as torch's capturable optimizers need), without stochastic rounding (its random
+        stream advances on the host). Subclasses add their own (step counts)."""
+        if plan.backend != "triton":
+            return (f"runs the {plan.backend!r} backend, which reads host values in each step; the triton backend "
+                    "(CUDA) captures")
+        if any(t is None for column in plan.state.values() for t in column):
+            return ("has parameters without optimizer state yet, which their first step creates on the host; run "
+                    "one step before capturing")
+        if plan.group["bf16_update"] == "stochastic" and torch.bfloat16 in plan.dtypes:
+            return "uses bf16_update='stochastic', whose random stream advances on the host"
+        device = plan.params[0].device
+        for name in sorted(self._RULES):
+            value = plan.group.get(name)
+            if isinstance(value, torch.Tensor) and not (name == "lr" and device_lr and value.device == device):
+                where = f"a tensor lr on {device}" if name == "lr" and device_lr else "a float"
+                return f"has a tensor {name}, which the step reads on the host; pass {where}"
+        return None
+
+    def _scaler_in_kernel(self, plan: GroupPlan) -> bool:
+        """Do the plan's kernels take GradScaler's grad_scale and found_inf (see ``_take_scaler``)?"""
+        return _dispatch.scaler_in_kernel(plan.backend, self._NAME)
 
     def _plan_group(self, index: int, group: dict, params: list[torch.Tensor] | None = None) -> list[GroupPlan]:
         self._check_group_for_step(group)
@@ -724,19 +791,22 @@ def _cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
-def _refuse_graph_capture(optimizer: FusedOptimizer, what: str, advice: str) -> None:
-    """Refuse an update inside a CUDA graph capture, as torch.optim does for capturable=False
-    (``Optimizer._cuda_graph_capture_health_check``): the step count, learning rate and bias corrections
-    are host values, baked into the graph, so each replay would repeat the captured step's values (after
-    5 replays of an AdamW step on an H200, ``state["step"]`` read 2 where torch's read 6, and the weights
-    were 4e-3 away). Under torch.compile the check is left to torch."""
-    if not torch.compiler.is_compiling() and _cuda_present() and torch.cuda.is_current_stream_capturing():
-        name = type(optimizer).__name__
-        raise RuntimeError(
-            f"Invalid CUDA graph capture of {name}'s {what}: fused_ft's step reads its step count, learning rate "
-            "and bias corrections on the host, so a replayed graph would repeat this step's values (capturable=True "
-            f"is not supported yet); {advice}"
-        )
+_CAPTURE_ADVICE = "capture the forward and backward only and call step() outside the graph"
+
+
+def _capturing() -> bool:
+    """Is a CUDA graph capturing on the current stream? Under torch.compile the question is left to torch."""
+    return not torch.compiler.is_compiling() and _cuda_present() and torch.cuda.is_current_stream_capturing()
+
+
+def _refuse_graph_capture(optimizer: FusedOptimizer, what: str, reason: str, advice: str) -> None:
+    """Refuse an update inside a CUDA graph capture that a replay would get wrong, as torch.optim refuses a
+    capturable=False step (``Optimizer._cuda_graph_capture_health_check``): a host value baked into the graph
+    would repeat the captured step's value in each replay (an AdamW step captured with its step count and bias
+    corrections on the host: after 5 replays on an H200, ``state["step"]`` read 2 where torch's read 6, and the
+    weights were 4e-3 away, no error)."""
+    raise RuntimeError(f"Invalid CUDA graph capture of {type(optimizer).__name__}'s {what}: {reason}, so a replayed "
+                       f"graph would repeat this step's values; {advice}")
 
 
 def _refuse_data_parallel(p: torch.Tensor) -> None:

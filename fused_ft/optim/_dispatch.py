@@ -18,7 +18,7 @@ import torch
 from fused_ft.kernels import native
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "check_backend_name", "lamb_clip",
-           "resolve", "unavailable_reason"]
+           "resolve", "scaler_in_kernel", "unavailable_reason"]
 
 BACKENDS = ("auto", "reference", "triton", "cpu")
 
@@ -28,8 +28,9 @@ class BackendUnavailableError(RuntimeError):
 
 
 # Backend name -> its module. Every backend module has the same interface: ``unavailable_reason(device)``,
-# ``unsupported_reason(optimizer, options, dtypes)`` and ``UPDATES``, a table from update name ("sgd",
-# "adamw", "lars", "lamb", and LAMB's global clip "lamb_clip") to the function that runs it.
+# ``unsupported_reason(optimizer, options, dtypes)``, ``UPDATES``, a table from update name ("sgd",
+# "adamw", "lars", "lamb", and LAMB's global clip "lamb_clip") to the function that runs it, and
+# ``SCALER_IN_KERNEL``, the updates whose kernels take GradScaler's grad_scale and found_inf.
 _MODULES = {
     "reference": "fused_ft.kernels.reference",
     "triton": "fused_ft.kernels.triton_launch",
@@ -89,6 +90,12 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` (a name, or ``auto``) cannot run on ``device`` here, or None when it can."""
     return None if backend == "auto" else _unavailable(backend, device)
+
+
+def scaler_in_kernel(backend: str, optimizer: str) -> bool:
+    """Do backend ``backend``'s (a concrete name) kernels for ``optimizer`` take GradScaler's grad_scale and
+    found_inf (its module's ``SCALER_IN_KERNEL``)?"""
+    return optimizer in _module(backend).SCALER_IN_KERNEL
 
 
 def lamb_clip(backend: str) -> Callable[..., Any]:

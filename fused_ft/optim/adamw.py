@@ -47,7 +47,9 @@ class AdamW(FusedOptimizer):
         amsgrad (bool): use the running maximum of :math:`v` (default: False).
         maximize (bool): maximize the objective (default: False).
         foreach (bool, optional): accepted for compatibility; every fused_ft backend is multi-tensor.
-        capturable (bool): must be False (no CUDA graph capture yet).
+        capturable (bool): keep each step count on its parameter's device and compute the bias corrections
+            there, as torch does, so that a CUDA graph can capture the step (triton backend; ``lr`` may be a
+            tensor on the device). Elsewhere the same numbers as False (default: False).
         differentiable (bool): must be False.
         fused (bool, optional): True demands a fused kernel backend (``triton`` or ``cpu``).
         {shared_args}
@@ -96,17 +98,33 @@ class AdamW(FusedOptimizer):
     def _state_slots(self, group) -> tuple[Slot, ...]:
         return _WITH_MAX if group["amsgrad"] else _MOMENTS
 
+    def _capture_refusal(self, plan: GroupPlan) -> str | None:
+        if not plan.group["capturable"]:
+            return ("keeps its step counts on the host (capturable=False), and its bias corrections with them; "
+                    "pass capturable=True, as to torch.optim.AdamW")
+        return super()._capture_refusal(plan, device_lr=True)
+
+    def _scaler_in_kernel(self, plan: GroupPlan) -> bool:
+        # the kernels skip on found_inf without the host knowing, so the step counts must live on the device
+        return super()._scaler_in_kernel(plan) and _device_steps(plan.group)
+
     def _update_group(self, plan: GroupPlan) -> None:
         group = plan.group
         columns = plan.state
         steps, exp_avgs, exp_avg_sqs = columns["step"], columns["exp_avg"], columns["exp_avg_sq"]
         max_exp_avg_sqs = columns.get("max_exp_avg_sq", [])
+        on_device = _device_steps(group)
         for j in [j for j, m in enumerate(exp_avgs) if m is None]:  # new parameters (the plan checked the three)
             p, state = plan.params[j], self.state[plan.params[j]]
-            # step lives on the CPU as in torch.optim (no device sync to read it)
-            state["step"] = steps[j] = torch.tensor(0.0, dtype=torch.float32)
+            # torch.optim's rule: on the CPU (no device sync to read it), on the parameter's device where the
+            # kernels read it (capturable, fused)
+            state["step"] = steps[j] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
             state["exp_avg"] = exp_avgs[j] = new_state(p)
             state["exp_avg_sq"] = exp_avg_sqs[j] = new_state(p)
+        if on_device:  # loaded (checkpoints keep steps on the CPU), or capturable turned on: moved once
+            for j, (p, t) in enumerate(zip(plan.params, steps)):
+                if t.device != p.device:
+                    self.state[p]["step"] = steps[j] = t.to(p.device)
         # amsgrad turned on mid-run (or a new parameter): the running maximum starts at the next v
         for j in [j for j, m in enumerate(max_exp_avg_sqs) if m is None]:
             self.state[plan.params[j]]["max_exp_avg_sq"] = max_exp_avg_sqs[j] = new_state(plan.params[j])
@@ -114,8 +132,14 @@ class AdamW(FusedOptimizer):
         adamw(
             plan.params, plan.grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, update=plan.update,
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"], maximize=group["maximize"], rounding=self._rounding(plan),
+            amsgrad=group["amsgrad"], maximize=group["maximize"], capturable=on_device, grad_scale=plan.grad_scale,
+            found_inf=plan.found_inf, rounding=self._rounding(plan),
         )
+
+
+def _device_steps(group) -> bool:
+    """Where torch.optim.AdamW keeps a group's step counts on the parameters' device: capturable or fused."""
+    return bool(group["capturable"] or group["fused"])
 
 
 AdamW.__doc__ = AdamW.__doc__.replace("{shared_args}", SHARED_ARGS_DOC)
@@ -137,6 +161,9 @@ def adamw(
     weight_decay: float,
     amsgrad: bool,
     maximize: bool,
+    capturable: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
     update: UpdateFn | None = None,
     rounding: _precision.Rounding | None = None,
 ) -> None:
@@ -145,9 +172,29 @@ def adamw(
     The step count and bias corrections are resolved here, once, so that no backend restates them:
     a backend gets each tensor's ``lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)``: Python floats, or under
     torch.compile float64 tensors computed in the graph from the step tensors (see ``step_scalar``).
+
+    ``capturable``: ``state_steps`` (fp32, 0-dim) live on the parameters' device and are counted there; an
+    update that computes the corrections in its kernel (``update.capturable``, the triton backend's) gets the
+    counts, and ``lr`` as it is (a float, or a tensor on the device), so nothing is read on the host; another
+    gets them read back (a sync on a GPU): the same numbers either way. ``grad_scale`` and ``found_inf``
+    (GradScaler's, 1-element fp32 tensors on the device) go to such a kernel, which unscales and skips there;
+    a skipped step's counts are taken back on the device, as torch's fused AdamW does.
     """
     if not params:
         return
+    if capturable and getattr(update, "capturable", False):
+        torch._foreach_add_(state_steps, 1)
+        device_lr = lr if isinstance(lr, torch.Tensor) and lr.device == params[0].device else step_scalar(lr)
+        update(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes=None, bias_correction2_sqrts=None,
+               state_steps=state_steps, lr=device_lr, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+               weight_decay=float(weight_decay), amsgrad=amsgrad, maximize=maximize, rounding=rounding,
+               grad_scale=grad_scale, found_inf=found_inf)
+        if found_inf is not None:
+            torch._foreach_sub_(state_steps, [found_inf.reshape(())] * len(state_steps))
+        return
+    if grad_scale is not None or found_inf is not None:
+        raise ValueError("Invalid grad_scale/found_inf: only an update that takes them in its kernel with "
+                         "capturable=True does (the triton backend's)")
     lr = step_scalar(lr)
     beta1, beta2 = float(beta1), float(beta2)
 

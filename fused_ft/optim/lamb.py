@@ -134,6 +134,9 @@ class LAMB(FusedOptimizer):
     def _state_slots(self, group) -> tuple[Slot, ...]:
         return _MOMENTS
 
+    def _capture_refusal(self, plan: GroupPlan) -> str | None:
+        return "counts its step in the group on the host, as timm's Lamb does, and its bias corrections with it"
+
     def _before_updates(self, plans: list[GroupPlan]) -> None:
         # timm reads max_grad_norm from the defaults and clips over all groups together; each backend
         # computes the clip in its own form (the reference: a divisor tensor; triton: partial sums on the device)

@@ -94,9 +94,18 @@ class SGD(FusedOptimizer):
     def _update_group(self, plan: GroupPlan) -> None:
         group = plan.group
         hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")}
+        if plan.found_inf is not None or plan.grad_scale is not None:
+            hyper.update(grad_scale=plan.grad_scale, found_inf=plan.found_inf)
         with_momentum_buffers(self.state, plan.params, plan.state,
                               lambda buffers: sgd(plan.params, plan.grads, buffers, update=plan.update,
                                                   rounding=self._rounding(plan), **hyper))
+
+    def _scaler_in_kernel(self, plan: GroupPlan) -> bool:
+        # A new buffer starts at the first gradient, undampened. The kernel creates it as zeros, b = 0*m + 1*g, so
+        # a skipped first step leaves zeros that the next step, not new, fills with b = m*0 + (1 - dampening)*g:
+        # the same buffer, except with dampening. There the host must know (found_inf is read once).
+        new_dampened = plan.group["dampening"] != 0 and any(b is None for b in plan.state.get("momentum_buffer", ()))
+        return super()._scaler_in_kernel(plan) and not new_dampened
 
 
 SGD.__doc__ = SGD.__doc__.replace("{shared_args}", SHARED_ARGS_DOC)
@@ -116,15 +125,20 @@ def sgd(
     maximize: bool,
     update: UpdateFn | None = None,
     rounding: _precision.Rounding | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """Functional SGD over lists of tensors; see :class:`SGD`.
 
     ``momentum_buffers`` holds one entry per parameter (empty when momentum is 0); ``None``
     entries are replaced by new buffers. ``update`` is a backend implementation (default: reference).
+    ``grad_scale`` and ``found_inf``: GradScaler's, for an update whose kernel takes them (the triton
+    backend's: see ``SCALER_IN_KERNEL``), which unscales the gradients and skips the update on the device.
     """
+    scaler = {} if found_inf is None and grad_scale is None else dict(grad_scale=grad_scale, found_inf=found_inf)
     (update or reference.sgd)(
         params, grads, momentum_buffers, lr=step_scalar(lr), momentum=float(momentum), dampening=float(dampening),
-        weight_decay=step_scalar(weight_decay), nesterov=nesterov, maximize=maximize, rounding=rounding,
+        weight_decay=step_scalar(weight_decay), nesterov=nesterov, maximize=maximize, rounding=rounding, **scaler,
     )
 
 

@@ -108,7 +108,6 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             (dict(betas=(1.0, 0.999)), ValueError, r"Invalid betas\[0\]: 1\.0"),
             (dict(betas=(0.9, -0.1)), ValueError, r"Invalid betas\[1\]: -0\.1"),
             (dict(weight_decay=-0.01), ValueError, r"Invalid weight_decay: -0\.01"),
-            (dict(capturable=True), ValueError, r"Invalid capturable: True"),
         ),
     ),
     "lars": OptimizerSpec(
