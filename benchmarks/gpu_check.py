@@ -27,6 +27,14 @@ Sections (each runs on its own: one that fails is reported as such and the other
 4. ``loop``: a training iteration of timm ViT-B/16 (sgd-freeze-embed, bf16 autocast, batch 8 and 64):
    step_in_backward against the plain step (goal: within 3%), and ``torch.compile`` of the whole
    iteration, plain and step_in_backward, against the same eager iteration.
+5. ``replay``: CUDA graphs. A captured step (SGD, LARS, AdamW with capturable=True, a float and a tensor lr;
+   ViT-B/16's slice, fp32 and bf16), replayed 10 times, against 10 eager steps on the same gradients; and a
+   captured whole iteration (forward, backward, AdamW capturable step; gradients kept between iterations)
+   replayed against the eager iteration. Bar: bit-equal weights and state, step counts included.
+6. ``scaler``: GradScaler with fp16 autocast on a small model, one of 6 steps with an inf: host syncs counted
+   with ``torch.cuda.set_sync_debug_mode`` over ``scaler.step`` (bar: 0 for SGD and AdamW fused=True or
+   capturable=True, whose kernels unscale and skip; torch's for-loop AdamW shown for contrast), and the
+   skipped step changing nothing (bar).
 
 Prints the markdown to paste into benchmarks/RESULTS.md and writes it to ``--out`` (default
 ``$OUT/gpu_check.md`` when OUT is set). Exits 1 if a parity or memory check fails or a section errs, 2
@@ -440,8 +448,160 @@ def loop(env: Env) -> tuple[bool, str]:
     return ok, text
 
 
-SECTIONS = {"parity": parity, "speed": speed, "memory": memory, "loop": loop}
-GATING = {"parity", "memory"}  # speed targets are reported, not gating (one run is one sample)
+# -- 5. CUDA graphs ------------------------------------------------------------------------------------
+REPLAYS = 10
+REPLAY_CASES = {
+    "sgd": ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True)),
+    "lars": ("lars", dict(lr=0.5, momentum=0.9, weight_decay=1e-4)),
+    "adamw capturable": ("adamw", dict(lr=1e-3, weight_decay=0.05, capturable=True)),
+    "adamw capturable, tensor lr": ("adamw", dict(lr="tensor", weight_decay=0.05, capturable=True)),
+}
+
+
+def _replay_pair(name: str, kwargs: dict, shapes, dtype, env: Env):
+    """Two identical optimizers on identical parameters, each warmed up by one eager step on the same gradients."""
+    from fused_ft.testing.specs import OPTIMIZERS
+
+    made = []
+    for _ in range(2):
+        ps = _params(shapes, env, dtype=dtype)
+        for p, g in zip(ps, _params(shapes, env, seed=1, dtype=dtype)):
+            p.grad = g.detach().mul(1e-3)
+        lr = torch.tensor(1e-3, device=env.device) if kwargs["lr"] == "tensor" else kwargs["lr"]
+        opt = OPTIMIZERS[name].cls(ps, **{**kwargs, "lr": lr}, backend=env.backend)
+        opt.step()
+        made.append((ps, opt))
+    return made
+
+
+def _state_equal(a, b) -> bool:
+    return all(torch.equal(x, y) for pa, pb in zip(a.state, b.state) for x, y in
+               zip(a.state[pa].values(), b.state[pb].values()) if isinstance(x, torch.Tensor))
+
+
+def _captured(step: Callable[[], None], env: Env) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph (on a side stream, as torch's docs capture), or ``step`` itself on the CPU."""
+    if not env.cuda:
+        return step
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph.replay
+
+
+def _on_a_side_stream(step: Callable[[], None], times: int, env: Env) -> None:
+    if not env.cuda:
+        for _ in range(times):
+            step()
+        return
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(times):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+def replay(env: Env) -> tuple[bool, str]:
+    ok, rows = True, []
+    shapes = _slice_shapes(env)
+    for case, (name, kwargs) in REPLAY_CASES.items():
+        for dtype_name, dtype in DTYPES.items():
+            (ps_a, opt_a), (ps_b, opt_b) = _replay_pair(name, kwargs, shapes, dtype, env)
+            replayed = _captured(opt_a.step, env)
+            for _ in range(REPLAYS):
+                replayed()
+                opt_b.step()
+            env.sync()
+            equal = all(torch.equal(a, b) for a, b in zip(ps_a, ps_b)) and _state_equal(opt_a, opt_b)
+            steps = [int(opt_a.state[p]["step"].item()) for p in ps_a[:1] if "step" in opt_a.state[p]]
+            ok &= equal and (not steps or steps[0] == 1 + REPLAYS)
+            rows.append([case, dtype_name, f"{rel_error(ps_a, ps_b):.1e}", steps[0] if steps else "n/a",
+                         "ok" if equal else "FAILED"])
+    # a whole iteration: forward, backward and a capturable AdamW step, the gradients kept between iterations
+    finals = []
+    for capture in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)).to(env.device)
+        from fused_ft import AdamW
+
+        opt = AdamW(model.parameters(), lr=torch.tensor(1e-3, device=env.device), capturable=True, backend=env.backend)
+        x, y = torch.randn(32, 64, device=env.device), torch.randint(0, 10, (32,), device=env.device)
+
+        def iteration():
+            opt.zero_grad(set_to_none=False)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        _on_a_side_stream(iteration, 3, env)  # the warm-up, as torch's docs warm up before a capture: state exists
+        fn = _captured(iteration, env) if capture else iteration
+        for _ in range(REPLAYS):
+            fn()
+        env.sync()
+        finals.append([p.detach().clone() for p in model.parameters()])
+    equal = all(torch.equal(a, b) for a, b in zip(*finals))
+    ok &= equal
+    rows.append(["whole iteration (MLP, AdamW capturable)", "fp32", f"{rel_error(*finals):.1e}", 3 + REPLAYS,
+                 "ok" if equal else "FAILED"])
+    text = markdown(["captured step", "params", f"replayed x{REPLAYS} vs eager (max rel)", "step count",
+                     "bit-equal"], rows)
+    return ok, text + ("" if env.cuda else "\n(smoke: no capture on the CPU, the step itself is repeated)")
+
+
+# -- 6. GradScaler without a host sync ---------------------------------------------------------------
+SCALER_CASES = {
+    "SGD momentum": ("sgd", dict(lr=0.05, momentum=0.9)),
+    "AdamW fused=True": ("adamw", dict(lr=1e-3, fused=True)),
+    "AdamW capturable=True": ("adamw", dict(lr=1e-3, capturable=True)),
+    "torch.optim.AdamW (for-loop, contrast)": (None, dict(lr=1e-3, foreach=False)),
+}
+
+
+def scaler(env: Env) -> tuple[bool, str]:
+    import warnings
+
+    from fused_ft.testing.specs import OPTIMIZERS
+
+    ok, rows = True, []
+    for case, (name, kwargs) in SCALER_CASES.items():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)).to(env.device)
+        opt = (OPTIMIZERS[name].cls(model.parameters(), **kwargs, backend=env.backend) if name else
+               torch.optim.AdamW(model.parameters(), **kwargs))
+        grad_scaler = torch.amp.GradScaler(env.device)
+        x, y = torch.randn(32, 64, device=env.device), torch.randint(0, 10, (32,), device=env.device)
+        syncs, skipped_ok = 0, True
+        for i in range(6):
+            with torch.autocast(env.device, dtype=torch.float16 if env.cuda else torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            grad_scaler.scale(loss * (float("inf") if i == 3 else 1.0)).backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if env.cuda:
+                    torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    grad_scaler.step(opt)
+                finally:
+                    if env.cuda:
+                        torch.cuda.set_sync_debug_mode("default")
+            syncs += sum("synchroniz" in str(w.message) for w in caught) if i > 0 else 0  # the first creates state
+            if i == 3:
+                skipped_ok = all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+            grad_scaler.update()
+            opt.zero_grad()
+        met = skipped_ok and (name is None or syncs == 0 or not env.cuda)
+        ok &= met
+        rows.append([case, syncs if env.cuda else "n/a", "yes" if skipped_ok else "NO", "ok" if met else "FAILED"])
+    text = markdown(["optimizer", "host syncs in scaler.step (steps 2-6)", "inf step skipped, weights unchanged",
+                     "bar"], rows)
+    return ok, text
+
+
+SECTIONS = {"parity": parity, "speed": speed, "memory": memory, "loop": loop, "replay": replay, "scaler": scaler}
+GATING = {"parity", "memory", "replay", "scaler"}  # speed targets are reported, not gating (one run is one sample)
 
 
 def run(env: Env, sections: list[str], command: str = "python -m benchmarks.gpu_check") -> tuple[int, str]:

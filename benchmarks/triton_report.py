@@ -99,6 +99,7 @@ def capture() -> dict:
         cases = [(u.optimizer, name, dict(u.kwargs)) for name, u in UPDATES.items()]
         if list_name == "ViT-B/16":
             cases += [(s.name, f"{s.name}:{v}", dict(kw)) for s in OPTIMIZERS.values() for v, kw in s.variants.items()]
+            cases += LOOP_SCALAR_CASES
         for optimizer, case, kwargs in cases:
             for dtype_name in PARAM_DTYPES if list_name == "ViT-B/16" else ("float32",):
                 dtype = getattr(torch, dtype_name)
@@ -106,7 +107,11 @@ def capture() -> dict:
                 params = [torch.empty(s, dtype=dtype) for s in shapes]  # never touched: launches are stubbed
                 for p in params:
                     p.grad = torch.empty_like(p)
-                opt = OPTIMIZERS[optimizer].cls(params, **kwargs, backend="triton")
+                scaled = kwargs.get("scaler", False)
+                opt = OPTIMIZERS[optimizer].cls(params, **{k: v for k, v in kwargs.items() if k != "scaler"},
+                                                backend="triton")
+                if scaled:  # what GradScaler.step sets before it calls step()
+                    opt.grad_scale, opt.found_inf = torch.ones(1), torch.zeros(1)
                 opt.step()  # creates state (first-step momentum)
                 launched.clear()
                 opt.step()  # the steady state
@@ -285,10 +290,25 @@ def compile_all(variants: list[dict], archs=ARCHS, workers: int = 2) -> list[tup
 
 
 # -- 3. the report ------------------------------------------------------------------------------
+# The training loop's device scalars (GradScaler's, AdamW's capturable step counts and tensor lr): the kernels
+# read each through a pointer, None where absent (then a constexpr)
+LOOP_SCALAR_CASES = [
+    ("sgd", "sgd+GradScaler", dict(lr=0.1, momentum=0.9, scaler=True)),
+    ("adamw", "adamw capturable", dict(lr=1e-3, capturable=True)),
+    ("adamw", "adamw fused+GradScaler", dict(lr=1e-3, fused=True, scaler=True)),
+]
+LOOP_ARGS = ("grad_scale", "found_inf", "step_ptrs", "lr_ptr")
+
+
 def describe(variant: dict) -> str:
-    """The variant's constexprs and specializations that differ between variants, compactly."""
+    """The variant's constexprs and specializations that differ between variants, compactly (with the loop's
+    device scalars it reads, by name)."""
     parts = []
     for name, kind, attr, value in variant["args"]:
+        if name in LOOP_ARGS:
+            if kind != "constexpr":
+                parts.append(name)
+            continue
         if kind == "constexpr" and name not in ("BLOCK", "RBLOCK", "CHUNK") and value is not None:
             shown = value["dtype"] if isinstance(value, dict) else value
             parts.append(f"{name}={shown}")

@@ -18,7 +18,7 @@ def test_every_section_runs_and_reports_on_its_own(tmp_path):
     assert gpu_check.main(["--smoke", "--out", str(out)]) == 0
     text = out.read_text()
     assert "Command: `python -m benchmarks.gpu_check --smoke`" in text
-    for section in ("parity", "speed", "memory", "loop"):
+    for section in ("parity", "speed", "memory", "loop", "replay", "scaler"):
         assert f"### {section}" in text
         assert f"\n{section}: ran (smoke run: no verdict)" in text  # a smoke run claims nothing
     rows = sum(3 if u.optimizer in ("sgd", "adamw") else 2 for u in UPDATES.values())
@@ -29,9 +29,23 @@ def test_every_section_runs_and_reports_on_its_own(tmp_path):
     pairs = [line.split(" | ")[3:5] for line in memory.splitlines() if line.startswith("| test_vit")]
     assert len(pairs) == len(gpu_check.MEMORY_ROWS)
     assert all(abs(float(b) - float(a) - 64 / 1024) < 1.5e-3 for a, b in pairs), pairs
-    loop = text.split("### loop")[1]  # every case ran, step_in_backward ones with a verdict column
+    loop = text.split("### loop")[1].split("### replay")[0]  # every case ran, step_in_backward ones with a verdict
     assert [line.split(" | ")[2] for line in loop.splitlines() if line.startswith("| test_vit")] == list(
         gpu_check.LOOP_CASES)
+    replay = text.split("### replay")[1].split("### scaler")[0]  # every case and dtype, and the whole iteration
+    assert replay.count(" | ok |") == 2 * len(gpu_check.REPLAY_CASES) + 1
+    scaler = text.split("### scaler")[1]
+    assert all(f"| {case} | n/a | yes | ok |" in scaler for case in gpu_check.SCALER_CASES)
+
+
+def test_the_replay_bar_fails_a_replay_that_is_not_the_eager_step(monkeypatch):
+    """A replay that repeats the captured values (here: a step run twice per replay) is reported FAILED."""
+    def twice(step, env):
+        return lambda: (step(), step())
+
+    monkeypatch.setattr(gpu_check, "_captured", twice)
+    ok, text = gpu_check.replay(gpu_check.Env("cpu", "cpu", True, steps=2, rounds=1))
+    assert not ok and text.count("FAILED") == 2 * len(gpu_check.REPLAY_CASES) + 1
 
 
 def test_a_subset_of_sections_is_run_and_named_in_the_command(tmp_path):
