@@ -18,7 +18,12 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import fused_ft
 from fused_ft.kernels.native import _C
 
-BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(_C is None, reason="needs fused_ft._C"))]
+# triton: the kernels in Triton's interpreter (conftest sets TRITON_INTERPRET=1), launched through the same ops
+# as on CUDA
+TRITON = pytest.mark.skipif("triton" not in fused_ft.available_backends("cpu"),
+                            reason="needs triton and TRITON_INTERPRET=1 (set by conftest)")
+BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(_C is None, reason="needs fused_ft._C")),
+            pytest.param("triton", marks=TRITON)]
 
 # each optimizer with options that take its kernels' main paths: momentum, trust ratios, LAMB's global clip
 OPTIMIZERS = {
@@ -116,9 +121,9 @@ def test_compiled_step_equals_eager_and_a_new_lr_does_not_recompile(name, backen
     (eager_model, eager), (compiled_model, compiled) = _eager_against_compiled(
         name, backend, counter, 5, after_step=lambda i: compiles.append(counter.frame_count))
     assert counter.frame_count == compiles[1] == 2, "a new lr value recompiled the step"
-    # the cpu backend's kernels get the same doubles either way; the reference's foreach ops are fused by
+    # the kernel backends' kernels get the same doubles either way; the reference's foreach ops are fused by
     # Inductor (one rounding fewer or more)
-    tol = dict(rtol=0, atol=0) if backend == "cpu" else dict(rtol=1e-6, atol=1e-7)
+    tol = dict(rtol=0, atol=0) if backend != "reference" else dict(rtol=1e-6, atol=1e-7)
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(q, p, **tol)
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
@@ -174,30 +179,6 @@ def test_compiled_training_step_equals_eager(backend):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
-TRITON = pytest.mark.skipif("triton" not in fused_ft.available_backends("cpu"),
-                            reason="needs triton and TRITON_INTERPRET=1 (set by conftest)")
-
-
-@TRITON
-@pytest.mark.xfail(strict=True, reason="the triton launches run eagerly past a graph break under torch.compile (their "
-                   "address tables need data pointers, which fake tensors lack); custom ops around whole launches, "
-                   "as the cpu backend has, are still to be written and proven on a GPU")
-def test_explain_triton_step_has_no_graph_break():
-    model = _model()
-    optimizer = OPTIMIZERS["adamw"](model.parameters(), lr=torch.tensor(0.01), backend="triton")
-    _assert_no_break(_explain(optimizer, model), "adamw backend=triton")
-
-
-@TRITON
-@pytest.mark.parametrize("name", ["sgd", "lamb"])
-def test_compiled_triton_step_equals_eager(name):
-    """Meanwhile a compiled step with the triton backend runs (in Triton's interpreter here), each launch past a
-    graph break, and gives the eager step's bits, also as lr changes."""
-    (eager_model, _), (compiled_model, _) = _eager_against_compiled(name, "triton", "eager", 3)
-    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(q, p, rtol=0, atol=0)
-
-
 @pytest.mark.skipif(_C is None, reason="needs fused_ft._C")
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_kernel_ops_declare_what_they_write(name):
@@ -234,6 +215,50 @@ def test_kernel_ops_declare_what_they_write(name):
     op, kwargs = calls[name]
     torch.library.opcheck(op, (), kwargs)
     torch.library.opcheck(torch.ops.fused_ft.sum_squares, (grads,))
+
+
+@TRITON
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_triton_ops_declare_what_they_write(name):
+    """The same for the triton backend's ops (the launches in Triton's interpreter), GradScaler's tensors and
+    AdamW's capturable step counts included: the gradients are written where grad_scale is given."""
+    from fused_ft.kernels import triton_launch  # noqa: F401  (defines the ops)
+
+    torch.manual_seed(3)
+    params = [torch.randn(5), torch.randn(2, 3)]
+    grads = [torch.randn_like(p) for p in params]
+
+    def state():
+        return [torch.rand_like(p) for p in params]
+
+    f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    rounding = dict(rounding_mode=0, rounding_key=0, compensations=[])
+    scaler = dict(grad_scale=torch.full((1,), 4.0), found_inf=torch.zeros(1))
+    momentum = dict(lr=f64(0.1), momentum=f64(0.9), dampening=f64(0.0), weight_decay=f64(0.01), nesterov=False)
+    adamw = dict(params=params, grads=grads, exp_avgs=state(), exp_avg_sqs=state(), max_exp_avg_sqs=state(),
+                 lr=f64(0.1), beta1=f64(0.9), beta2=f64(0.999), eps=f64(1e-8), weight_decay=f64(0.01), amsgrad=True,
+                 maximize=False, **rounding, **scaler)
+    calls = {
+        "sgd": [(torch.ops.fused_ft.triton_sgd_, dict(params=params, grads=grads, momentum_buffers=state(),
+                                                      new_buffer=[False, True], maximize=False, **momentum,
+                                                      **rounding, **scaler))],
+        "adamw": [(torch.ops.fused_ft.triton_adamw_, dict(**adamw, step_sizes=f64([0.1, 0.2]),
+                                                          bias_correction2_sqrts=f64([0.5, 0.6]), state_steps=[])),
+                  (torch.ops.fused_ft.triton_adamw_, dict(**adamw, step_sizes=None, bias_correction2_sqrts=None,
+                                                          state_steps=[torch.tensor(3.0), torch.tensor(4.0)]))],
+        "lars": [(torch.ops.fused_ft.triton_lars_, dict(params=params, grads=grads, momentum_buffers=state(),
+                                                        new_buffer=[False, False], trust_coeff=f64(0.001),
+                                                        eps=f64(1e-8), trust_clip=False, adapt=True, **momentum,
+                                                        **rounding))],
+        "lamb": [(torch.ops.fused_ft.triton_lamb_, dict(
+            params=params, grads=grads, exp_avgs=state(), exp_avg_sqs=state(), clip_sumsq=f64([4.0]).float(),
+            max_grad_norm=f64(1.0), lr=f64(0.1), beta1=f64(0.9), beta2=f64(0.999), beta3=f64(0.1),
+            bias_correction1=f64(0.1), bias_correction2=f64(0.001), eps=f64(1e-6), weight_decay=f64(0.01),
+            decay=f64(1.0), adapt=True, trust_clip=False, **rounding)),
+            (torch.ops.fused_ft.triton_lamb_sumsq, dict(grads=grads))],
+    }
+    for op, kwargs in calls[name]:
+        torch.library.opcheck(op, (), kwargs)
 
 
 @pytest.mark.parametrize("bucket_bytes", [None, 1], ids=["one-bucket", "a-bucket-per-parameter"])

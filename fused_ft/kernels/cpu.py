@@ -20,6 +20,7 @@ from fused_ft.kernels.native import IMPORT_ERROR as _IMPORT_ERROR
 from fused_ft.kernels.native import _C, fix
 from fused_ft._precision import Rounding
 from fused_ft.kernels._layout import compensation_slot, flat_slots, momentum_slots
+from fused_ft.kernels._ops import dispatch, host, per_tensor
 from fused_ft.kernels.capabilities import kernel_unsupported_reason
 
 __all__ = ["UPDATES", "sgd", "adamw", "lars", "lamb", "lamb_clip", "unavailable_reason", "unsupported_reason"]
@@ -38,35 +39,11 @@ def unsupported_reason(optimizer: str, options: Mapping[str, Any], dtypes: froze
     return kernel_unsupported_reason("cpu", optimizer, options, dtypes)
 
 
-# -- the C++ calls as custom ops, for torch.compile --------------------------------------------------------
-# Each op takes the extension's arguments by the same names, every real scalar as a float64 tensor (0-dim; a
-# list of per-tensor scalars 1-D): under torch.compile lr and what derives from it are tensors in the graph
-# (fused_ft._validation.step_scalar), and a tensor argument lets a scheduler change lr without a recompile.
+# -- the C++ calls as custom ops, for torch.compile (see fused_ft.kernels._ops) ----------------------------
 # ``mutates_args`` names exactly the lists the kernel writes (torch.library.opcheck checks it in the tests).
-def _host(args: dict[str, Any]) -> dict[str, Any]:
-    """An op's arguments as the extension takes them: scalar tensors as Python floats (or lists of floats)."""
-    return {k: (v.item() if v.dim() == 0 else v.tolist()) if isinstance(v, Tensor) else v for k, v in args.items()}
-
-
-def _traced(value: Any) -> Any:
-    """A kernel argument as the ops take it: a real scalar as a 0-dim float64 tensor, anything else as is."""
-    if isinstance(value, float):
-        return torch.tensor(value, dtype=torch.float64)
-    if isinstance(value, Tensor):
-        return value.to(torch.float64)
-    return value
-
-
 def _launch(kernel: str, **args: Any) -> Any:
     """Call the extension's ``kernel``: directly, or under torch.compile through its custom op."""
-    if torch.compiler.is_compiling():
-        return getattr(torch.ops.fused_ft, kernel)(**{k: _traced(v) for k, v in args.items()})
-    return getattr(_C, kernel)(**args)
-
-
-def _per_tensor(values: list) -> Any:
-    """Per-tensor scalars for ``_launch``: the floats, or under torch.compile their tensors stacked into one."""
-    return torch.stack(values).to(torch.float64) if values and isinstance(values[0], Tensor) else values
+    return dispatch(kernel, getattr(_C, kernel), **args)
 
 
 # locals() at a function's first line is its arguments: each op forwards them all to the extension
@@ -75,7 +52,7 @@ def _per_tensor(values: list) -> Any:
 def _sgd_op(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], new_buffer: list[bool],
             lr: Tensor, momentum: Tensor, dampening: Tensor, weight_decay: Tensor, nesterov: bool, maximize: bool,
             rounding_mode: int, rounding_key: int, compensations: list[Tensor]) -> None:
-    _C.sgd_(**_host(locals()))
+    _C.sgd_(**host(locals()))
 
 
 @torch.library.custom_op("fused_ft::adamw_", device_types="cpu",
@@ -84,7 +61,7 @@ def _adamw_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
               max_exp_avg_sqs: list[Tensor], step_sizes: Tensor, bias_correction2_sqrts: Tensor, lr: Tensor,
               beta1: Tensor, beta2: Tensor, eps: Tensor, weight_decay: Tensor, amsgrad: bool, maximize: bool,
               rounding_mode: int, rounding_key: int, compensations: list[Tensor]) -> None:
-    _C.adamw_(**_host(locals()))
+    _C.adamw_(**host(locals()))
 
 
 @torch.library.custom_op("fused_ft::lars_", mutates_args=("params", "momentum_buffers", "compensations"),
@@ -93,7 +70,7 @@ def _lars_op(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[T
              lr: Tensor, momentum: Tensor, dampening: Tensor, weight_decay: Tensor, nesterov: bool,
              trust_coeff: Tensor, eps: Tensor, trust_clip: bool, adapt: bool, rounding_mode: int, rounding_key: int,
              compensations: list[Tensor]) -> None:
-    _C.lars_(**_host(locals()))
+    _C.lars_(**host(locals()))
 
 
 @torch.library.custom_op("fused_ft::lamb_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "compensations"),
@@ -102,7 +79,7 @@ def _lamb_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], 
              clip_divisor: Tensor, lr: Tensor, beta1: Tensor, beta2: Tensor, beta3: Tensor, bias_correction1: Tensor,
              bias_correction2: Tensor, eps: Tensor, weight_decay: Tensor, decay: Tensor, adapt: bool, trust_clip: bool,
              rounding_mode: int, rounding_key: int, compensations: list[Tensor]) -> None:
-    _C.lamb_(**_host(locals()))
+    _C.lamb_(**host(locals()))
 
 
 @torch.library.custom_op("fused_ft::sum_squares", mutates_args=(), device_types="cpu")
@@ -151,8 +128,8 @@ def adamw(
              **({"max_exp_avg_sqs": max_exp_avg_sqs} if amsgrad else {}), **compensation_slot(rounding)}
     with _flat(slots, written=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "compensations")) as s:
         _launch("adamw_", params=s["params"], grads=s["grads"], exp_avgs=s["exp_avgs"], exp_avg_sqs=s["exp_avg_sqs"],
-                max_exp_avg_sqs=s.get("max_exp_avg_sqs", []), step_sizes=_per_tensor(step_sizes),
-                bias_correction2_sqrts=_per_tensor(bias_correction2_sqrts), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                max_exp_avg_sqs=s.get("max_exp_avg_sqs", []), step_sizes=per_tensor(step_sizes),
+                bias_correction2_sqrts=per_tensor(bias_correction2_sqrts), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                   weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, **_rounding_args(rounding, s))
 
 

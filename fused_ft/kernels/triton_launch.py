@@ -26,15 +26,17 @@ import os
 import re
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import triton
+from torch import Tensor
 import triton.language as tl
 
-from fused_ft._precision import Rounding, tensor_key
+from fused_ft._precision import BF16_UPDATES, Rounding, tensor_key
 from fused_ft.kernels import triton_kernels as K
 from fused_ft.kernels._layout import compensation_slot, flat_addresses, flat_slots, momentum_slots
+from fused_ft.kernels._ops import dispatch, host, per_tensor
 from fused_ft.kernels.capabilities import kernel_unsupported_reason
 
 __all__ = ["UPDATES", "sgd", "adamw", "lars", "lamb", "lamb_clip", "launches", "compiled_variants",
@@ -379,24 +381,56 @@ def _sgd_launch(t: _Tables, config: LaunchConfig, sums: torch.Tensor | None, rou
     )
 
 
-def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-        rounding=None, grad_scale=None, found_inf=None):
-    if not params:
-        return
-    config = launch_config(params[0].device)
-    slots, written, new = momentum_slots(params, grads, momentum_buffers, momentum)
-    slots.update(compensation_slot(rounding))
+# Each update is the backend contract's function (below: it prepares what the step created, such as new
+# momentum buffers) around its launches (``_<update>_launches``), which it calls directly in an eager step and
+# through a torch custom op under torch.compile (fused_ft.kernels._ops): the launches build address tables from
+# data pointers, which Dynamo's fake tensors lack, so they are not traced, and the op is not a graph break.
+# (``torch.library.triton_op`` would trace each launch with its tensor arguments; ours take address tables.)
+def _rounding_call_args(rounding: Rounding | None) -> dict[str, Any]:
+    return dict(rounding_mode=0 if rounding is None else rounding.mode_code,
+                rounding_key=0 if rounding is None else rounding.key,
+                compensations=list(rounding.compensations) if rounding is not None else [])
 
-    def body(t: _Tables) -> None:
-        _sgd_launch(t, config, None, rounding, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                    nesterov=nesterov, grad_sign=-1.0 if maximize else 1.0, grad_scale=grad_scale, found_inf=found_inf)
 
-    _run(slots, (*written, "compensations", *_unscaled(grad_scale)), body, config.block, extra=new)
+def _rounding_of(rounding_mode: int, rounding_key: int, compensations: list[torch.Tensor]) -> Rounding | None:
+    return None if rounding_mode == 0 else Rounding(BF16_UPDATES[rounding_mode], rounding_key, compensations)
 
 
 def _unscaled(grad_scale: torch.Tensor | None) -> tuple[str, ...]:
     """The grads are a written slot where the kernel stores them unscaled."""
     return () if grad_scale is None else ("grads",)
+
+
+def sgd(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+        rounding=None, grad_scale=None, found_inf=None):
+    if not params:
+        return
+    slots, _, new = momentum_slots(params, grads, momentum_buffers, momentum)
+    dispatch("triton_sgd_", _sgd_launches, params=params, grads=grads,
+             momentum_buffers=slots.get("momentum_buffers", []), new_buffer=new or [], lr=lr, momentum=momentum,
+             dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+             **_rounding_call_args(rounding), grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _momentum_run_slots(params, grads, momentum_buffers, momentum, rounding):
+    slots, written = {"params": params, "grads": grads}, ("params",)
+    if momentum != 0:
+        slots["momentum_buffers"], written = momentum_buffers, ("params", "momentum_buffers")
+    slots.update(compensation_slot(rounding))
+    return slots, (*written, "compensations")
+
+
+def _sgd_launches(params, grads, momentum_buffers, new_buffer, *, lr, momentum, dampening, weight_decay, nesterov,
+                  maximize, rounding_mode, rounding_key, compensations, grad_scale, found_inf):
+    config = launch_config(params[0].device)
+    rounding = _rounding_of(rounding_mode, rounding_key, compensations)
+    slots, written = _momentum_run_slots(params, grads, momentum_buffers, momentum, rounding)
+
+    def body(t: _Tables) -> None:
+        _sgd_launch(t, config, None, rounding, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                    nesterov=nesterov, grad_sign=-1.0 if maximize else 1.0, grad_scale=grad_scale, found_inf=found_inf)
+
+    _run(slots, (*written, *_unscaled(grad_scale)), body, config.block, extra=new_buffer if momentum != 0 else None)
 
 
 def adamw(
@@ -408,8 +442,19 @@ def adamw(
     kernel computes them, with ``lr`` a float or a tensor on the device."""
     if not params:
         return
+    dispatch("triton_adamw_", _adamw_launches, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+             max_exp_avg_sqs=max_exp_avg_sqs if amsgrad else [], step_sizes=per_tensor(step_sizes),
+             bias_correction2_sqrts=per_tensor(bias_correction2_sqrts), state_steps=state_steps or [], lr=lr,
+             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+             **_rounding_call_args(rounding), grad_scale=grad_scale, found_inf=found_inf)
+
+
+def _adamw_launches(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step_sizes, bias_correction2_sqrts,
+                    state_steps, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, rounding_mode, rounding_key,
+                    compensations, grad_scale, found_inf):
     config = launch_config(params[0].device)
-    capturable = state_steps is not None
+    rounding = _rounding_of(rounding_mode, rounding_key, compensations)
+    capturable = bool(state_steps)
     lr_ptr = lr if isinstance(lr, torch.Tensor) else None
     if capturable:
         scalars = dict(decay=0.0, step_size=0.0, bias_correction2_sqrt=1.0,
@@ -460,10 +505,18 @@ def lars(
 ):
     if not params:
         return
+    slots, _, new = momentum_slots(params, grads, momentum_buffers, momentum)
+    dispatch("triton_lars_", _lars_launches, params=params, grads=grads,
+             momentum_buffers=slots.get("momentum_buffers", []), new_buffer=new or [], lr=lr, momentum=momentum,
+             dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, trust_coeff=trust_coeff, eps=eps,
+             trust_clip=trust_clip, adapt=weight_decay != 0 or always_adapt, **_rounding_call_args(rounding))
+
+
+def _lars_launches(params, grads, momentum_buffers, new_buffer, *, lr, momentum, dampening, weight_decay, nesterov,
+                   trust_coeff, eps, trust_clip, adapt, rounding_mode, rounding_key, compensations):
     config = launch_config(params[0].device)
-    adapt = weight_decay != 0 or always_adapt
-    slots, written, new = momentum_slots(params, grads, momentum_buffers, momentum)
-    slots.update(compensation_slot(rounding))
+    rounding = _rounding_of(rounding_mode, rounding_key, compensations)
+    slots, written = _momentum_run_slots(params, grads, momentum_buffers, momentum, rounding)
 
     def body(t: _Tables) -> None:
         sums = None
@@ -481,7 +534,7 @@ def lars(
         _sgd_launch(t, config, sums, rounding, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                     nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip)
 
-    _run(slots, (*written, "compensations"), body, config.block, extra=new)
+    _run(slots, written, body, config.block, extra=new_buffer if momentum != 0 else None)
 
 
 @dataclass
@@ -496,6 +549,10 @@ def lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> _Clip |
     """The sum of squares of all gradients, reduced once: one launch per gradient dtype, no host sync."""
     if max_grad_norm is None or not grads:
         return None
+    return _Clip(dispatch("triton_lamb_sumsq", _lamb_sumsq, grads=grads), float(max_grad_norm))
+
+
+def _lamb_sumsq(grads: list[torch.Tensor]) -> torch.Tensor:
     config = launch_config(grads[0].device)
     total = torch.zeros(1, device=grads[0].device)  # stays 0 when every gradient is empty
     launched = []
@@ -515,7 +572,7 @@ def lamb_clip(grads: list[torch.Tensor], max_grad_norm: float | None) -> _Clip |
         launched.append(t)
 
     _run({"grads": grads}, (), body, config.block)
-    return _Clip(total, float(max_grad_norm))
+    return total
 
 
 def lamb(
@@ -526,11 +583,24 @@ def lamb(
         raise AssertionError("dispatch routes caution=True to the reference backend")
     if not params:
         return
+    dispatch("triton_lamb_", _lamb_launches, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+             clip_sumsq=None if clip is None else clip.sumsq, max_grad_norm=1.0 if clip is None else clip.max_grad_norm,
+             lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, bias_correction1=bias_correction1,
+             bias_correction2=bias_correction2, eps=eps, weight_decay=weight_decay,
+             decay=1.0 - decoupled_decay_factor, adapt=adapt, trust_clip=trust_clip, **_rounding_call_args(rounding))
+
+
+def _lamb_launches(params, grads, exp_avgs, exp_avg_sqs, *, clip_sumsq, max_grad_norm, lr, beta1, beta2, beta3,
+                   bias_correction1, bias_correction2, eps, weight_decay, decay, adapt, trust_clip, rounding_mode,
+                   rounding_key, compensations):
     config = launch_config(params[0].device)
+    rounding = _rounding_of(rounding_mode, rounding_key, compensations)
     slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
              **compensation_slot(rounding)}
+    # the square root taken here, on the host's double, in eager and compiled steps alike (Inductor's sqrt of a
+    # float64 tensor differed from Python's ** 0.5 in the last bit, and so some updates after fp32 narrowing)
     update = dict(bias_correction1=bias_correction1, bias_correction2_sqrt=bias_correction2**0.5, eps=eps,
-                  weight_decay=weight_decay, decay=1.0 - decoupled_decay_factor)
+                  weight_decay=weight_decay, decay=decay)
 
     def body(t: _Tables) -> None:
         block_sums = t.blocks.scratch("block_sums", (2, t.blocks.num_blocks)) if adapt else None
@@ -541,12 +611,11 @@ def lamb(
             param_ptrs=t.slot["params"], grad_ptrs=t.slot["grads"], exp_avg_ptrs=t.slot["exp_avgs"],
             exp_avg_sq_ptrs=t.slot["exp_avg_sqs"],
             compensation_ptrs=rounding_args["compensation_ptrs"] if reads_kahan else None,
-            **t.blocks.geometry(),
-            clip_sumsq=None if clip is None else clip.sumsq, max_grad_norm=1.0 if clip is None else clip.max_grad_norm,
+            **t.blocks.geometry(), clip_sumsq=clip_sumsq, max_grad_norm=max_grad_norm,
             param_block_sums=None if block_sums is None else block_sums[0],
             update_block_sums=None if block_sums is None else block_sums[1],
             beta1=beta1, beta2=beta2, beta3=beta3, **update,
-            P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], HAS_CLIP=clip is not None,
+            P_DTYPE=t.dtype["params"], G_DTYPE=t.dtype["grads"], HAS_CLIP=clip_sumsq is not None,
             AVERAGING=beta3 == 1 - beta1, ADAPT=adapt, ROUNDING=2 if reads_kahan else 0,
         )
         sums = _tensor_sums(t, block_sums, config.num_warps) if adapt else None
@@ -561,35 +630,62 @@ def lamb(
     _run(slots, ("params", "exp_avgs", "exp_avg_sqs", "compensations"), body, config.block)
 
 
-def _eager_under_compile(update: Callable[..., Any]) -> Callable[..., Any]:
-    """``update``, which a step that torch.compile traces runs eagerly, past a graph break (its scalars, tensors
-    in the graph, read as floats there): the kernels take address tables built from the tensors' data pointers,
-    which a graph's fake tensors do not have. (Custom ops around whole launches would remove the break; not yet:
-    see tests/test_compile.py.) An eager step pays one ``is_compiling()`` per update."""
-    eager = torch.compiler.disable(
-        lambda *args, **kwargs: update(*args, **{k: v if k in _ON_DEVICE else _host_scalar(v)
-                                                 for k, v in kwargs.items()}),
-        reason="fused_ft's triton launches read data pointers; they run eagerly under torch.compile",
-    )
-
-    @functools.wraps(update)
-    def run(*args, **kwargs):
-        return eager(*args, **kwargs) if torch.compiler.is_compiling() else update(*args, **kwargs)
-
-    return run
+# -- the custom ops (see fused_ft.kernels._ops; locals() at an op's first line is its arguments) ---------------
+# ``mutates_args`` names exactly the lists each op's kernels write (torch.library.opcheck checks it in the tests);
+# the gradients are written where GradScaler's grad_scale is given (stored unscaled).
+_MOMENTUM_WRITES = ("params", "grads", "momentum_buffers", "compensations")
 
 
-# arguments the kernels read on the device: never turned into host values
-_ON_DEVICE = frozenset({"state_steps", "grad_scale", "found_inf"})
+@torch.library.custom_op("fused_ft::triton_sgd_", mutates_args=_MOMENTUM_WRITES)
+def _sgd_op(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], new_buffer: list[bool],
+            lr: Tensor, momentum: Tensor, dampening: Tensor, weight_decay: Tensor, nesterov: bool, maximize: bool,
+            rounding_mode: int, rounding_key: int, compensations: list[Tensor], grad_scale: Optional[Tensor],
+            found_inf: Optional[Tensor]) -> None:
+    _sgd_launches(**host(locals()))
 
 
-def _host_scalar(value: Any) -> Any:
-    """A keyword argument of an update as the launches take it: scalar tensors (and lists of them) as floats."""
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    if isinstance(value, list):
-        return [v.item() if isinstance(v, torch.Tensor) else v for v in value]
-    return value
+@torch.library.custom_op("fused_ft::triton_adamw_", mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs",
+                                                                   "max_exp_avg_sqs", "compensations"))
+def _adamw_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+              max_exp_avg_sqs: list[Tensor], step_sizes: Optional[Tensor], bias_correction2_sqrts: Optional[Tensor],
+              state_steps: list[Tensor], lr: Tensor, beta1: Tensor, beta2: Tensor, eps: Tensor, weight_decay: Tensor,
+              amsgrad: bool, maximize: bool, rounding_mode: int, rounding_key: int, compensations: list[Tensor],
+              grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+    args = host({k: v for k, v in locals().items() if k != "lr"})
+    # a capturable step reads a tensor lr on the device, where it is
+    device_lr = state_steps and lr.device == params[0].device
+    _adamw_launches(**args, lr=lr if device_lr else lr.item())
+
+
+@torch.library.custom_op("fused_ft::triton_lars_", mutates_args=_MOMENTUM_WRITES[:1] + _MOMENTUM_WRITES[2:])
+def _lars_op(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], new_buffer: list[bool],
+             lr: Tensor, momentum: Tensor, dampening: Tensor, weight_decay: Tensor, nesterov: bool,
+             trust_coeff: Tensor, eps: Tensor, trust_clip: bool, adapt: bool, rounding_mode: int, rounding_key: int,
+             compensations: list[Tensor]) -> None:
+    _lars_launches(**host(locals()))
+
+
+@torch.library.custom_op("fused_ft::triton_lamb_sumsq", mutates_args=())
+def _lamb_sumsq_op(grads: list[Tensor]) -> Tensor:
+    return _lamb_sumsq(grads)
+
+
+@torch.library.custom_op("fused_ft::triton_lamb_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "compensations"))
+def _lamb_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+             clip_sumsq: Optional[Tensor], max_grad_norm: Tensor, lr: Tensor, beta1: Tensor, beta2: Tensor,
+             beta3: Tensor, bias_correction1: Tensor, bias_correction2: Tensor, eps: Tensor, weight_decay: Tensor,
+             decay: Tensor, adapt: bool, trust_clip: bool, rounding_mode: int, rounding_key: int,
+             compensations: list[Tensor]) -> None:
+    _lamb_launches(**host(locals()))
+
+
+for _op in (_sgd_op, _adamw_op, _lars_op, _lamb_op):
+    _op.register_fake(lambda *args, **kwargs: None)  # they only write their arguments in place
+
+
+@_lamb_sumsq_op.register_fake
+def _(grads):
+    return grads[0].new_empty((1,), dtype=torch.float32)
 
 
 # The updates whose kernels take GradScaler's grad_scale and found_inf (see fused_ft.optim._dispatch); LARS's
@@ -597,6 +693,5 @@ def _host_scalar(value: Any) -> Any:
 SCALER_IN_KERNEL = frozenset({"sgd", "adamw"})
 
 # The backend contract (see fused_ft.optim._dispatch): update name -> function.
-UPDATES = {name: _eager_under_compile(fn) for name, fn in
-           {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}.items()}
-UPDATES["adamw"].capturable = True  # computes the bias corrections from step counts on the device
+UPDATES = {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}
+adamw.capturable = True  # computes the bias corrections from step counts on the device
