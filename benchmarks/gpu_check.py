@@ -32,7 +32,7 @@ Sections (each runs on its own: one that fails is reported as such and the other
    captured whole iteration (forward, backward, AdamW capturable step; gradients kept between iterations)
    replayed against the eager iteration. Bar: bit-equal weights and state, step counts included.
 6. ``scaler``: GradScaler with fp16 autocast on a small model, one of 6 steps with an inf: host syncs counted
-   with ``torch.cuda.set_sync_debug_mode`` over ``scaler.step`` (bar: 0 for SGD and AdamW fused=True or
+   with ``torch.cuda.set_sync_debug_mode`` over ``scaler.step`` (bar: 0 for SGD, LARS and AdamW fused=True or
    capturable=True, whose kernels unscale and skip; torch's for-loop AdamW shown for contrast), and the
    skipped step changing nothing (bar).
 
@@ -553,6 +553,7 @@ def replay(env: Env) -> tuple[bool, str]:
 # -- 6. GradScaler without a host sync ---------------------------------------------------------------
 SCALER_CASES = {
     "SGD momentum": ("sgd", dict(lr=0.05, momentum=0.9)),
+    "LARS": ("lars", dict(lr=0.5, momentum=0.9, weight_decay=1e-4)),
     "AdamW fused=True": ("adamw", dict(lr=1e-3, fused=True)),
     "AdamW capturable=True": ("adamw", dict(lr=1e-3, capturable=True)),
     "torch.optim.AdamW (for-loop, contrast)": (None, dict(lr=1e-3, foreach=False)),

@@ -294,10 +294,11 @@ def compile_all(variants: list[dict], archs=ARCHS, workers: int = 2) -> list[tup
 # read each through a pointer, None where absent (then a constexpr)
 LOOP_SCALAR_CASES = [
     ("sgd", "sgd+GradScaler", dict(lr=0.1, momentum=0.9, scaler=True)),
+    ("lars", "lars+GradScaler", dict(lr=0.5, momentum=0.9, weight_decay=1e-4, scaler=True)),
     ("adamw", "adamw capturable", dict(lr=1e-3, capturable=True)),
     ("adamw", "adamw fused+GradScaler", dict(lr=1e-3, fused=True, scaler=True)),
 ]
-LOOP_ARGS = ("grad_scale", "found_inf", "step_ptrs", "lr_ptr")
+LOOP_ARGS = ("grad_scale", "found_inf", "step_ptrs", "lr_ptr", "b_scale")
 
 
 def describe(variant: dict) -> str:

@@ -22,7 +22,7 @@ Families of launches (each a function below, named in the report):
   model's gradients in one) and bf16 with stochastic rounding with a bucket per parameter (single-tensor
   launches), beside a frozen layer.
 - ``loop_scalars``: what the training loop hands the kernels on the device: GradScaler's grad_scale and
-  found_inf (SGD, AdamW with fused=True; also found_inf alone, after ``unscale_``), and AdamW's
+  found_inf (SGD, LARS, AdamW with fused=True; also found_inf alone, after ``unscale_``), and AdamW's
   capturable step counts, with a float lr and with a tensor lr; fp32, fp16 and bf16.
 - ``memory_profile``: the memory profiler's measured step (``fused_ft.memory.training_step``) for
   the rows gpu_check measures: sgd-freeze-embed and adamw, plain and step_in_backward, fp32 and bf16
@@ -157,6 +157,7 @@ def memory_profile():
 def loop_scalars():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for cls, kwargs in [(OPTIMIZERS["sgd"].cls, dict(lr=0.1, momentum=0.9)),
+                            (OPTIMIZERS["lars"].cls, dict(lr=0.5, momentum=0.9, weight_decay=1e-4)),
                             (OPTIMIZERS["adamw"].cls, dict(lr=1e-3, fused=True)),
                             (OPTIMIZERS["adamw"].cls, dict(lr=1e-3, capturable=True)),
                             (OPTIMIZERS["adamw"].cls, dict(lr=torch.tensor(1e-3), capturable=True))]:

@@ -249,7 +249,7 @@ def test_triton_ops_declare_what_they_write(name):
         "lars": [(torch.ops.fused_ft.triton_lars_, dict(params=params, grads=grads, momentum_buffers=state(),
                                                         new_buffer=[False, False], trust_coeff=f64(0.001),
                                                         eps=f64(1e-8), trust_clip=False, adapt=True, **momentum,
-                                                        **rounding))],
+                                                        **rounding, **scaler))],
         "lamb": [(torch.ops.fused_ft.triton_lamb_, dict(
             params=params, grads=grads, exp_avgs=state(), exp_avg_sqs=state(), clip_sumsq=f64([4.0]).float(),
             max_grad_norm=f64(1.0), lr=f64(0.1), beta1=f64(0.9), beta2=f64(0.999), beta3=f64(0.1),

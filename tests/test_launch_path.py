@@ -110,11 +110,13 @@ def test_every_launch_goes_through_tritons_launch_path(arch, tmp_path):
     for launch in launches:
         if launch["family"] == "loop_scalars":
             sig = launch["signature"]
-            pointers = tuple(name for name in ("grad_scale", "found_inf", "step_ptrs", "lr_ptr")
+            pointers = tuple(name for name in ("grad_scale", "found_inf", "step_ptrs", "lr_ptr", "b_scale")
                              if sig.get(name, "constexpr") != "constexpr")
-            device_args[launch["kernel"], launch["constants"]["P_DTYPE"]].add(pointers)
-    for dtype in DTYPES:
+            constants = launch["constants"]
+            device_args[launch["kernel"], constants.get("P_DTYPE", constants.get("A_DTYPE"))].add(pointers)
+    for dtype in DTYPES:  # (sgd_kernel: SGD's and LARS's)
         assert device_args["sgd_kernel", dtype] == {("grad_scale", "found_inf"), ("found_inf",), ()}, dtype
+        assert device_args["block_sumsq_kernel", dtype] == {("b_scale",), ()}, dtype  # LARS's gradient norms
         assert device_args["adamw_kernel", dtype] == {
             ("grad_scale", "found_inf", "step_ptrs"), ("found_inf", "step_ptrs"), ("step_ptrs",),
             ("grad_scale", "found_inf", "step_ptrs", "lr_ptr"), ("found_inf", "step_ptrs", "lr_ptr"),

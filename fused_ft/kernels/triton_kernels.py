@@ -279,7 +279,8 @@ def adamw_kernel(
 
 # -- norms -----------------------------------------------------------------------------------------
 @triton.jit
-def _sumsq_block(a_ptr, b_ptr, mask, other, TWO: tl.constexpr, a_comp_ptr=None, A_KAHAN: tl.constexpr = False):
+def _sumsq_block(a_ptr, b_ptr, mask, other, TWO: tl.constexpr, a_comp_ptr=None, A_KAHAN: tl.constexpr = False,
+                 b_scale=None):
     if A_KAHAN:
         x = _load_param(a_ptr, a_comp_ptr, mask, 2)
         if mask is not None:
@@ -289,6 +290,8 @@ def _sumsq_block(a_ptr, b_ptr, mask, other, TWO: tl.constexpr, a_comp_ptr=None, 
     sum_b = 0.0
     if TWO:
         y = tl.load(b_ptr, mask=mask, other=other).to(tl.float32)
+        if b_scale is not None:  # GradScaler's: the norm of the unscaled gradient, as the update uses it
+            y = y / tl.load(b_scale)
         sum_b = tl.sum(y * y, axis=0)
     return tl.sum(x * x, axis=0), sum_b
 
@@ -297,11 +300,12 @@ def _sumsq_block(a_ptr, b_ptr, mask, other, TWO: tl.constexpr, a_comp_ptr=None, 
 # model for nothing.
 @triton.jit(do_not_specialize=["num_blocks"])
 def block_sumsq_kernel(
-    a_ptrs, b_ptrs, a_compensation_ptrs, numels, block_tensor, block_start, num_blocks, a_sums, b_sums,
+    a_ptrs, b_ptrs, a_compensation_ptrs, numels, block_tensor, block_start, num_blocks, a_sums, b_sums, b_scale,
     A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, TWO: tl.constexpr, A_KAHAN: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Sum of squares of every block of the tensors of address table ``a_ptrs`` (and ``b_ptrs`` when TWO),
-    stored per block; with A_KAHAN, ``a_ptrs`` holds bf16 parameters merged with their ``a_compensation_ptrs``.
+    """Sum of squares of every block of the tensors of address table ``a_ptrs`` (and ``b_ptrs`` when TWO, divided
+    by ``b_scale[0]`` where given: GradScaler's scale of the gradients), stored per block; with A_KAHAN,
+    ``a_ptrs`` holds bf16 parameters merged with their ``a_compensation_ptrs``.
 
     Grid-strides over the blocks, so any number of programs gives the same bits.
     """
@@ -315,9 +319,9 @@ def block_sumsq_kernel(
         if A_KAHAN:
             c_ptr = _slot(a_compensation_ptrs, t, tl.int16) + offs
         if start + BLOCK <= numel:
-            sum_a, sum_b = _sumsq_block(a_ptr, b_ptr, None, None, TWO, c_ptr, A_KAHAN)
+            sum_a, sum_b = _sumsq_block(a_ptr, b_ptr, None, None, TWO, c_ptr, A_KAHAN, b_scale)
         else:
-            sum_a, sum_b = _sumsq_block(a_ptr, b_ptr, offs < numel, 0.0, TWO, c_ptr, A_KAHAN)
+            sum_a, sum_b = _sumsq_block(a_ptr, b_ptr, offs < numel, 0.0, TWO, c_ptr, A_KAHAN, b_scale)
         tl.store(a_sums + blk, sum_a)
         if TWO:
             tl.store(b_sums + blk, sum_b)

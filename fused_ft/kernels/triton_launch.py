@@ -501,7 +501,7 @@ def _tensor_sums(t: _Tables, block_sums: torch.Tensor, num_warps: int) -> torch.
 
 def lars(
     params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, trust_coeff, eps,
-    trust_clip, always_adapt, rounding=None,
+    trust_clip, always_adapt, rounding=None, grad_scale=None, found_inf=None,
 ):
     if not params:
         return
@@ -509,11 +509,13 @@ def lars(
     dispatch("triton_lars_", _lars_launches, params=params, grads=grads,
              momentum_buffers=slots.get("momentum_buffers", []), new_buffer=new or [], lr=lr, momentum=momentum,
              dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, trust_coeff=trust_coeff, eps=eps,
-             trust_clip=trust_clip, adapt=weight_decay != 0 or always_adapt, **_rounding_call_args(rounding))
+             trust_clip=trust_clip, adapt=weight_decay != 0 or always_adapt, **_rounding_call_args(rounding),
+             grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _lars_launches(params, grads, momentum_buffers, new_buffer, *, lr, momentum, dampening, weight_decay, nesterov,
-                   trust_coeff, eps, trust_clip, adapt, rounding_mode, rounding_key, compensations):
+                   trust_coeff, eps, trust_clip, adapt, rounding_mode, rounding_key, compensations, grad_scale,
+                   found_inf):
     config = launch_config(params[0].device)
     rounding = _rounding_of(rounding_mode, rounding_key, compensations)
     slots, written = _momentum_run_slots(params, grads, momentum_buffers, momentum, rounding)
@@ -528,13 +530,14 @@ def _lars_launches(params, grads, momentum_buffers, new_buffer, *, lr, momentum,
                 a_ptrs=t.slot["params"], b_ptrs=t.slot["grads"],
                 a_compensation_ptrs=t.slot["compensations"] if kahan else None,
                 **t.blocks.geometry(), num_blocks=t.blocks.num_blocks, a_sums=block_sums[0], b_sums=block_sums[1],
-                A_DTYPE=t.dtype["params"], B_DTYPE=t.dtype["grads"], TWO=True, A_KAHAN=kahan,
+                b_scale=grad_scale, A_DTYPE=t.dtype["params"], B_DTYPE=t.dtype["grads"], TWO=True, A_KAHAN=kahan,
             )
             sums = _tensor_sums(t, block_sums, config.num_warps)
         _sgd_launch(t, config, sums, rounding, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                    nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip)
+                    nesterov=nesterov, trust_coeff=trust_coeff, eps=eps, trust_clip=trust_clip, grad_scale=grad_scale,
+                    found_inf=found_inf)
 
-    _run(slots, written, body, config.block, extra=new_buffer if momentum != 0 else None)
+    _run(slots, (*written, *_unscaled(grad_scale)), body, config.block, extra=new_buffer if momentum != 0 else None)
 
 
 @dataclass
@@ -657,11 +660,11 @@ def _adamw_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
     _adamw_launches(**args, lr=lr if device_lr else lr.item())
 
 
-@torch.library.custom_op("fused_ft::triton_lars_", mutates_args=_MOMENTUM_WRITES[:1] + _MOMENTUM_WRITES[2:])
+@torch.library.custom_op("fused_ft::triton_lars_", mutates_args=_MOMENTUM_WRITES)
 def _lars_op(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], new_buffer: list[bool],
              lr: Tensor, momentum: Tensor, dampening: Tensor, weight_decay: Tensor, nesterov: bool,
              trust_coeff: Tensor, eps: Tensor, trust_clip: bool, adapt: bool, rounding_mode: int, rounding_key: int,
-             compensations: list[Tensor]) -> None:
+             compensations: list[Tensor], grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
     _lars_launches(**host(locals()))
 
 
@@ -688,9 +691,9 @@ def _(grads):
     return grads[0].new_empty((1,), dtype=torch.float32)
 
 
-# The updates whose kernels take GradScaler's grad_scale and found_inf (see fused_ft.optim._dispatch); LARS's
-# and LAMB's norms would need the unscaled gradients in their reduction kernels too (not yet).
-SCALER_IN_KERNEL = frozenset({"sgd", "adamw"})
+# The updates whose kernels take GradScaler's grad_scale and found_inf (see fused_ft.optim._dispatch). Not LAMB:
+# its step count is a number in its group (timm's), which a skip on the device would leave counted.
+SCALER_IN_KERNEL = frozenset({"sgd", "adamw", "lars"})
 
 # The backend contract (see fused_ft.optim._dispatch): update name -> function.
 UPDATES = {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}

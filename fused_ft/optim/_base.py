@@ -160,6 +160,12 @@ class GroupPlan:
     grad_scale: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
 
+    def scaler_args(self) -> dict[str, torch.Tensor | None]:
+        """GradScaler's tensors as keyword arguments of a functional update, where the kernels take them."""
+        if self.grad_scale is None and self.found_inf is None:
+            return {}
+        return dict(grad_scale=self.grad_scale, found_inf=self.found_inf)
+
 
 class FusedOptimizer(Optimizer):
     """Base of fused_ft.SGD, AdamW, LARS and LAMB (see those for the math).

@@ -34,6 +34,14 @@ def with_momentum_buffers(
         state[params[i]]["momentum_buffer"] = buffers[i]
 
 
+def skip_needs_the_host(group: Mapping[str, Any], columns: Mapping[str, list]) -> bool:
+    """Must the host know whether GradScaler skips this step? A new buffer starts at the first gradient,
+    undampened. The kernels create it as zeros (b = 0*m + 1*g), so a first step they skip leaves zeros, which
+    the next step, no longer new, fills with b = m*0 + (1 - dampening)*g: the same buffer, except with
+    dampening. There found_inf is read on the host, once (the buffer's first step)."""
+    return group["dampening"] != 0 and any(b is None for b in columns.get("momentum_buffer", ()))
+
+
 def check_nesterov(group: Mapping[str, Any]) -> None:
     """torch.optim.SGD's rule, which timm's LARS shares."""
     if group.get("nesterov") and (group["momentum"] <= 0 or group["dampening"] != 0):

@@ -14,7 +14,7 @@ from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG, step_scalar
 from fused_ft import _precision
 from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
 from fused_ft.kernels import reference
-from fused_ft.optim._momentum import check_nesterov, momentum_state, with_momentum_buffers
+from fused_ft.optim._momentum import check_nesterov, momentum_state, skip_needs_the_host, with_momentum_buffers
 
 __all__ = ["LARS", "lars"]
 
@@ -99,7 +99,10 @@ class LARS(FusedOptimizer):
                                        "eps", "trust_clip", "always_adapt")}
         with_momentum_buffers(self.state, plan.params, plan.state,
                               lambda buffers: lars(plan.params, plan.grads, buffers, update=plan.update,
-                                                   rounding=self._rounding(plan), **hyper))
+                                                   rounding=self._rounding(plan), **hyper, **plan.scaler_args()))
+
+    def _scaler_in_kernel(self, plan: GroupPlan) -> bool:
+        return super()._scaler_in_kernel(plan) and not skip_needs_the_host(plan.group, plan.state)
 
 
 LARS.__doc__ = LARS.__doc__.replace("{shared_args}", SHARED_ARGS_DOC)
@@ -122,12 +125,17 @@ def lars(
     always_adapt: bool,
     update: UpdateFn | None = None,
     rounding: _precision.Rounding | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
-    """Functional LARS over lists of tensors; see :class:`LARS`."""
+    """Functional LARS over lists of tensors; see :class:`LARS`. ``grad_scale`` and ``found_inf``: GradScaler's,
+    for an update whose kernels take them (the triton backend's), which unscale the gradients (for the trust
+    ratio's norm too) and skip the update on the device."""
+    scaler = {} if found_inf is None and grad_scale is None else dict(grad_scale=grad_scale, found_inf=found_inf)
     (update or reference.lars)(
         params, grads, momentum_buffers, lr=step_scalar(lr), momentum=float(momentum), dampening=float(dampening),
         weight_decay=float(weight_decay), nesterov=nesterov, trust_coeff=float(trust_coeff), eps=float(eps),
-        trust_clip=trust_clip, always_adapt=always_adapt, rounding=rounding,
+        trust_clip=trust_clip, always_adapt=always_adapt, rounding=rounding, **scaler,
     )
 
 

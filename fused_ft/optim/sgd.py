@@ -14,7 +14,7 @@ from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG, Rule, step_scalar
 from fused_ft import _precision
 from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
 from fused_ft.kernels import reference
-from fused_ft.optim._momentum import check_nesterov, momentum_state, with_momentum_buffers
+from fused_ft.optim._momentum import check_nesterov, momentum_state, skip_needs_the_host, with_momentum_buffers
 
 __all__ = ["SGD", "sgd"]
 
@@ -94,18 +94,12 @@ class SGD(FusedOptimizer):
     def _update_group(self, plan: GroupPlan) -> None:
         group = plan.group
         hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")}
-        if plan.found_inf is not None or plan.grad_scale is not None:
-            hyper.update(grad_scale=plan.grad_scale, found_inf=plan.found_inf)
         with_momentum_buffers(self.state, plan.params, plan.state,
                               lambda buffers: sgd(plan.params, plan.grads, buffers, update=plan.update,
-                                                  rounding=self._rounding(plan), **hyper))
+                                                  rounding=self._rounding(plan), **hyper, **plan.scaler_args()))
 
     def _scaler_in_kernel(self, plan: GroupPlan) -> bool:
-        # A new buffer starts at the first gradient, undampened. The kernel creates it as zeros, b = 0*m + 1*g, so
-        # a skipped first step leaves zeros that the next step, not new, fills with b = m*0 + (1 - dampening)*g:
-        # the same buffer, except with dampening. There the host must know (found_inf is read once).
-        new_dampened = plan.group["dampening"] != 0 and any(b is None for b in plan.state.get("momentum_buffer", ()))
-        return super()._scaler_in_kernel(plan) and not new_dampened
+        return super()._scaler_in_kernel(plan) and not skip_needs_the_host(plan.group, plan.state)
 
 
 SGD.__doc__ = SGD.__doc__.replace("{shared_args}", SHARED_ARGS_DOC)
