@@ -74,6 +74,40 @@ def test_capturable_gives_the_numbers_of_capturable_false(backend, variant):
         assert opt.state[q]["step"].item() == 30 and opt.state[q]["step"].device == q.device
 
 
+def test_capturable_with_mixed_dtypes_and_unequal_step_counts_gives_the_numbers_of_false():
+    """One group of fp32 and bf16 parameters (a launch per dtype, each with its own rows of step counts), one
+    of which joins later (its count lags): still the numbers of capturable=False, on the triton backend."""
+    runs = []
+    for capturable in (False, True):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(40, dtype=d)) for d in (torch.float32, torch.bfloat16) * 2]
+        opt = AdamW(params, lr=1e-2, capturable=capturable, backend="triton")
+        for step in range(6):
+            for i, p in enumerate(params):
+                p.grad = None if (i == 3 and step < 3) else torch.randn(40, generator=torch.Generator().manual_seed(
+                    step * 10 + i)).to(p.dtype)
+            opt.step()
+        runs.append(params)
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
+def test_a_float64_step_count_is_read_as_fp32_where_the_kernels_read_it():
+    """torch writes float64 step counts under torch.set_default_dtype(torch.float64), and fused_ft loads them: a
+    capturable (or fused) group moves them to fp32 on the device, which the kernels read (they read NaNs from
+    the float64 bits before)."""
+    runs = []
+    for flags in ({}, dict(capturable=True), dict(fused=True)):
+        model = _model()
+        opt = AdamW(model.parameters(), lr=1e-2, backend="triton", **flags)
+        _train(model, opt, 2)
+        for state in opt.state.values():
+            state["step"] = state["step"].to(torch.float64)
+        _train(model, opt, 3)
+        runs.append(model)
+    for model in runs[1:]:
+        assert all(torch.equal(p, q) for p, q in zip(runs[0].parameters(), model.parameters()))
+
+
 @pytest.mark.parametrize("name, kwargs", [("adamw", dict(lr=torch.tensor(1e-3), capturable=True)),
                                           ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True)),
                                           ("lars", dict(lr=0.5, momentum=0.9, weight_decay=1e-4))],
@@ -102,9 +136,11 @@ def test_a_warm_triton_step_reads_nothing_on_the_host(name, kwargs, no_host_read
             host.step()
 
 
-def test_a_warm_capturable_step_is_accepted_inside_a_capture_and_equals_an_eager_one(monkeypatch):
+@pytest.mark.parametrize("flags", [dict(capturable=True), dict(fused=True)], ids=["capturable", "fused"])
+def test_a_warm_capturable_step_is_accepted_inside_a_capture_and_equals_an_eager_one(flags, monkeypatch):
+    """capturable=True, and fused=True, whose step counts live on the device too (torch refuses the latter)."""
     models = [_model(), _model()]
-    opts = [AdamW(m.parameters(), lr=torch.tensor(1e-3), capturable=True, backend="triton") for m in models]
+    opts = [AdamW(m.parameters(), lr=torch.tensor(1e-3), backend="triton", **flags) for m in models]
     for model, opt in zip(models, opts):
         _train(model, opt, 1)  # the warm-up step: state exists
     _loss(models[1]).backward()
@@ -134,6 +170,11 @@ REFUSALS = {
                       r"group 0 has a tensor lr, which the step reads on the host; pass a float"),
     "lamb": (OPTIMIZERS["lamb"].cls, dict(lr=1e-3, backend="triton"), 1, r"group 0 counts its step in the group on "
                                                                          r"the host, as timm's Lamb does"),
+    "amsgrad-turned-on": (AdamW, dict(lr=1e-3, capturable=True, backend="triton"), 1,
+                          r"group 0 has parameters without optimizer state yet"),
+    "sgd-scaler-dampening-first-step": (OPTIMIZERS["sgd"].cls, dict(lr=0.1, momentum=0.9, dampening=0.5,
+                                                                    backend="triton"), 0,
+                                        r"group 0 has parameters without optimizer state yet"),
 }
 
 
@@ -143,6 +184,8 @@ def test_a_step_a_replay_would_get_wrong_is_refused_before_any_change(case, monk
     model = _model(torch.bfloat16 if case == "stochastic" else torch.float32)
     opt = cls(model.parameters(), **kwargs)
     _train(model, opt, warm)
+    if case == "amsgrad-turned-on":
+        opt.param_groups[0]["amsgrad"] = True  # its running maximum is created by the next step, on the host
     _loss(model).backward()
     before = ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()))
     _capture(monkeypatch)
@@ -176,3 +219,17 @@ def test_checkpoints_move_between_capturable_and_torchs_adamw(direction):
     if second == "capturable":
         assert all(loader.state[p]["step"].device == p.device for p in model.parameters())
         assert loader.param_groups[0]["capturable"] is True  # the loader keeps its own flag
+
+
+def test_a_capture_that_would_read_the_scalers_found_inf_on_the_host_is_refused(monkeypatch):
+    """Every step a capture accepts takes GradScaler's tensors in its kernels today; one that would take the host
+    route (here made so) is refused, where its found_inf.item() would fail inside the capture."""
+    model = _model()
+    opt = AdamW(model.parameters(), lr=1e-3, capturable=True, backend="triton")
+    _train(model, opt, 1)
+    _loss(model).backward()
+    monkeypatch.setattr(opt, "_scaler_in_kernel", lambda plan: False)
+    opt.grad_scale, opt.found_inf = torch.ones(1), torch.zeros(1)
+    _capture(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"group 0 takes GradScaler's found_inf on the host"):
+        opt.step()

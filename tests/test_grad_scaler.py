@@ -47,7 +47,7 @@ def _unchanged_state(before: dict, after: dict) -> bool:
 def _train(make_opt, *, dtype=torch.float32, autocast=False, inf_at=(2,), steps=6, unscale_first=False):
     """A GradScaler loop; each step with an inf in its loss is checked to change nothing."""
     model = _model(dtype)
-    opt = make_opt(model.parameters())
+    opt = make_opt(model.parameters() if getattr(make_opt, "takes", "parameters") == "parameters" else model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(32, 8, generator=g).to(dtype), torch.randn(32, 4, generator=g).to(dtype)
@@ -240,3 +240,80 @@ def test_the_triton_kernels_unscale_and_skip_without_a_host_read(name, flags, no
     no_host_reads["guarded"] = _device_tensors(reference)
     with pytest.raises(_HostRead):
         reference.step()
+
+
+def test_several_groups_take_the_scaler_one_way_and_follow_torch():
+    """Groups whose kernels take the scaler beside one whose do not: the whole step takes the host route (each
+    group unscaled, found_inf read once), equal to torch's AdamW with the same groups."""
+    def groups(model, flags):
+        return [{"params": model[0].parameters(), "lr": 1e-2, **flags[0]},
+                {"params": model[2].parameters(), "lr": 3e-3, **flags[1]}]
+
+    def by_module(make):
+        make.takes = "module"
+        return make
+
+    for flags in ([dict(capturable=True), dict()], [dict(capturable=True), dict(fused=True)]):
+        ours, _ = _train(by_module(lambda m: OPTIMIZERS["adamw"].cls(groups(m, flags), backend="triton")),
+                         inf_at=(0, 3))
+        theirs, _ = _train(by_module(lambda m: torch.optim.AdamW(groups(m, [{}, {}]), fused=True)), inf_at=(0, 3))
+        _close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("route", ["reference", "cpu-fused", "triton-host", "triton-kernel"])
+def test_fp16_gradients_that_fp16_cannot_hold_unscaled_still_update(route):
+    """A tiny loss: its fp16 gradients, unscaled, are below fp16's range. The host route used to unscale them in
+    fp16, flushing them to zero (no update at all); unscaled in fp32 on either route, the weights move, and the
+    routes agree (torch's fused AdamW keeps fp16 moments, which differ; its for-loop AdamW refuses fp16 unscaling)."""
+    backend, flags = {"reference": ("reference", {}), "cpu-fused": ("cpu", dict(fused=True)),
+                      "triton-host": ("triton", {}), "triton-kernel": ("triton", dict(fused=True))}[route]
+    moved = []
+    for make in (lambda ps: OPTIMIZERS["adamw"].cls(ps, backend=backend, lr=1e-3, **flags),
+                 lambda ps: OPTIMIZERS["adamw"].cls(ps, backend="triton", lr=1e-3, fused=True)):
+        model = _model(torch.float16)
+        start = [p.detach().float().clone() for p in model.parameters()]
+        opt = make(model.parameters())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+        x = torch.randn(8, 8, generator=torch.Generator().manual_seed(2)).half()
+        for _ in range(3):
+            scaler.scale(model(x).float().square().mean() * 1e-9).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        moved.append([p.detach().float() - s for p, s in zip(model.parameters(), start)])
+    assert max(d.abs().max().item() for d in moved[0]) > 1e-5
+    for a, b in zip(*moved):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-3 * 2**-10)  # one fp16 ulp of these weights
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_a_skipped_step_leaves_stochastic_rounding_where_the_reference_leaves_it(name):
+    """bf16 with stochastic rounding: the random stream's counter advances on the host with each update, so a
+    step the kernels would skip on the device goes the host route, and every backend keeps the reference's bits."""
+    flags = dict(lr=0.05, momentum=0.9) if name == "sgd" else dict(lr=1e-2, fused=True)
+    runs = {}
+    for backend in BACKENDS:
+        kwargs = {k: v for k, v in flags.items() if not (backend == "reference" and k == "fused")}
+        model, opt = _train(lambda ps: OPTIMIZERS[name].cls(ps, backend=backend, bf16_update="stochastic", bf16_seed=7,
+                                                             **kwargs), dtype=torch.bfloat16, inf_at=(3,))
+        runs[backend] = ([p.detach().clone() for p in model.parameters()], opt.param_groups[0]["bf16_step"])
+    for backend in ("cpu", "triton"):
+        assert runs[backend][1] == runs["reference"][1] == 5
+        assert all(torch.equal(a, b) for a, b in zip(runs[backend][0], runs["reference"][0])), backend
+
+
+@pytest.mark.parametrize("name, flags", [("sgd", dict(lr=0.1, momentum=0.9)), ("adamw", dict(fused=True)),
+                                         ("lars", dict(lr=0.5, momentum=0.9, weight_decay=1e-4))],
+                         ids=["sgd", "adamw", "lars"])
+def test_a_parameter_that_is_not_aligned_gets_its_gradient_back_unscaled(name, flags):
+    """A view 4 bytes into its storage goes through an aligned copy: the kernel's unscaled gradient is copied back
+    too, as for an aligned one."""
+    base = torch.randn(1001)
+    params = [torch.nn.Parameter(base[1:]), torch.nn.Parameter(torch.randn(64))]
+    opt = OPTIMIZERS[name].cls(params, backend="triton", **flags)
+    for p in params:
+        p.grad = torch.randn(p.shape) * 1024.0
+    scaled = [p.grad.clone() for p in params]
+    opt.grad_scale, opt.found_inf = torch.full((1,), 1024.0), torch.zeros(1)
+    opt.step()
+    assert params[0].data_ptr() % 16 and all(torch.equal(p.grad, g / 1024.0) for p, g in zip(params, scaled))

@@ -606,6 +606,10 @@ class FusedOptimizer(Optimizer):
         if capturing:
             for plan in plans:
                 reason = self._capture_refusal(plan)
+                if reason is None and self._scaled() and not all(self._scaler_in_kernel(q) for q in plans):
+                    reason = ("takes GradScaler's found_inf on the host (see _take_scaler: the triton kernels of SGD, "
+                              "LARS and AdamW with capturable=True take it on the device, without stochastic "
+                              "rounding)")
                 if reason is not None:
                     index = next(i for i, g in enumerate(self.param_groups) if g is plan.group)
                     _refuse_graph_capture(self, "step()", f"group {index} {reason}", _CAPTURE_ADVICE)
@@ -669,9 +673,9 @@ class FusedOptimizer(Optimizer):
         on the device when ``found_inf`` is set: no host sync. Otherwise ``found_inf`` is read on the host,
         once (a sync on a GPU, as GradScaler itself makes for torch.optim's for-loop and foreach
         implementations), and the gradients are unscaled in place as ``GradScaler.unscale_`` does."""
-        grad_scale, found_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
-        if grad_scale is None and found_inf is None:
+        if not self._scaled():
             return True
+        grad_scale, found_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
         if plans and all(self._scaler_in_kernel(plan) for plan in plans):
             for plan in plans:
                 device = plan.params[0].device
@@ -683,10 +687,12 @@ class FusedOptimizer(Optimizer):
         if grad_scale is not None:
             for plan in plans:
                 if plan.grads:
-                    inv_scale = grad_scale.double().reciprocal().float().to(plan.grads[0].device)
-                    no_inf = torch.zeros(1, device=plan.grads[0].device)  # GradScaler's check, done already
-                    torch._amp_foreach_non_finite_check_and_unscale_(plan.grads, no_inf, inv_scale)
+                    _unscale_(plan, grad_scale.double().reciprocal().float().to(plan.grads[0].device))
         return True
+
+    def _scaled(self) -> bool:
+        """Has GradScaler set its grad_scale or found_inf on this optimizer for this step()?"""
+        return self.__dict__.get("grad_scale") is not None or self.__dict__.get("found_inf") is not None
 
     def _capture_refusal(self, plan: GroupPlan, device_lr: bool = False) -> str | None:
         """Why a CUDA graph replaying this plan's update would get it wrong (a host value baked into the graph,
@@ -706,14 +712,19 @@ class FusedOptimizer(Optimizer):
         device = plan.params[0].device
         for name in sorted(self._RULES):
             value = plan.group.get(name)
+            if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+                return f"has tensors in {name}, which the step reads on the host; pass floats"
             if isinstance(value, torch.Tensor) and not (name == "lr" and device_lr and value.device == device):
                 where = f"a tensor lr on {device}" if name == "lr" and device_lr else "a float"
                 return f"has a tensor {name}, which the step reads on the host; pass {where}"
         return None
 
     def _scaler_in_kernel(self, plan: GroupPlan) -> bool:
-        """Do the plan's kernels take GradScaler's grad_scale and found_inf (see ``_take_scaler``)?"""
-        return _dispatch.scaler_in_kernel(plan.backend, self._NAME)
+        """Do the plan's kernels take GradScaler's grad_scale and found_inf (see ``_take_scaler``)? Not with
+        stochastic rounding of bf16 parameters: its stream's counter advances on the host with each update, and
+        a step skipped on the device would advance it all the same."""
+        stochastic = plan.group["bf16_update"] == "stochastic" and torch.bfloat16 in plan.dtypes
+        return _dispatch.scaler_in_kernel(plan.backend, self._NAME) and not stochastic
 
     def _plan_group(self, index: int, group: dict, params: list[torch.Tensor] | None = None) -> list[GroupPlan]:
         self._check_group_for_step(group)
@@ -784,6 +795,23 @@ class FusedOptimizer(Optimizer):
                                                                           memory_format=torch.preserve_format)
             compensations.append(_dtensor.local(comp))
         return Rounding(mode, compensations=compensations)
+
+
+def _unscale_(plan: GroupPlan, inv_scale: torch.Tensor) -> None:
+    """The host route's unscale, as ``GradScaler.unscale_`` does it (``g * inv_scale`` in fp32, stored back), except
+    for fp16 gradients, which GradScaler refuses to unscale for torch's for-loop optimizers: unscaled in fp16, the
+    small ones GradScaler exists for would flush to zero. The update takes fp32 unscaled copies of those instead
+    (one fp32 copy of the fp16 gradients, for the step), and ``p.grad`` gets the unscaled values stored back, as
+    torch's fused kernels leave it."""
+    no_inf = torch.zeros(1, device=inv_scale.device)  # GradScaler's check is done already
+    wide = [i for i, g in enumerate(plan.grads) if g.dtype == torch.float16]
+    if len(wide) < len(plan.grads):
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            [g for g in plan.grads if g.dtype != torch.float16], no_inf, inv_scale)
+    for i in wide:
+        unscaled = plan.grads[i].float() * inv_scale
+        plan.grads[i].copy_(unscaled)
+        plan.grads[i] = unscaled
 
 
 def _position(group: dict, p: torch.Tensor) -> int:

@@ -99,7 +99,7 @@ class AdamW(FusedOptimizer):
         return _WITH_MAX if group["amsgrad"] else _MOMENTS
 
     def _capture_refusal(self, plan: GroupPlan) -> str | None:
-        if not plan.group["capturable"]:
+        if not _device_steps(plan.group):  # (fused=True keeps them on the device too, so it captures as well)
             return ("keeps its step counts on the host (capturable=False), and its bias corrections with them; "
                     "pass capturable=True, as to torch.optim.AdamW")
         return super()._capture_refusal(plan, device_lr=True)
@@ -121,10 +121,10 @@ class AdamW(FusedOptimizer):
             state["step"] = steps[j] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
             state["exp_avg"] = exp_avgs[j] = new_state(p)
             state["exp_avg_sq"] = exp_avg_sqs[j] = new_state(p)
-        if on_device:  # loaded (checkpoints keep steps on the CPU), or capturable turned on: moved once
+        if on_device:  # loaded (checkpoints keep steps on the CPU, maybe float64), or capturable turned on: once
             for j, (p, t) in enumerate(zip(plan.params, steps)):
-                if t.device != p.device:
-                    self.state[p]["step"] = steps[j] = t.to(p.device)
+                if t.device != p.device or t.dtype != torch.float32:  # the kernels read fp32 counts
+                    self.state[p]["step"] = steps[j] = t.to(p.device, torch.float32)
         # amsgrad turned on mid-run (or a new parameter): the running maximum starts at the next v
         for j in [j for j, m in enumerate(max_exp_avg_sqs) if m is None]:
             self.state[plan.params[j]]["max_exp_avg_sq"] = max_exp_avg_sqs[j] = new_state(plan.params[j])
@@ -189,8 +189,8 @@ def adamw(
                state_steps=state_steps, lr=device_lr, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                weight_decay=float(weight_decay), amsgrad=amsgrad, maximize=maximize, rounding=rounding,
                grad_scale=grad_scale, found_inf=found_inf)
-        if found_inf is not None:
-            torch._foreach_sub_(state_steps, [found_inf.reshape(())] * len(state_steps))
+        if found_inf is not None:  # (GradScaler sums the devices' flags: 2 is one skipped step too)
+            torch._foreach_sub_(state_steps, [found_inf.reshape(()).clamp(max=1.0)] * len(state_steps))
         return
     if grad_scale is not None or found_inf is not None:
         raise ValueError("Invalid grad_scale/found_inf: only an update that takes them in its kernel with "
