@@ -179,13 +179,12 @@ def test_compiled_training_step_equals_eager(backend):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(_C is None, reason="needs fused_ft._C")
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_kernel_ops_declare_what_they_write(name):
-    """torch.library.opcheck runs each op of the cpu backend and checks its schema: an argument the kernel
-    writes but the op does not declare (or the reverse) fails here."""
-    from fused_ft.kernels import cpu  # noqa: F401  (defines the ops)
+def f64(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float64)
 
+
+def _op_inputs():
+    """A small list for opcheck: (params, grads, a maker of state lists, nearest rounding's and momentum's op args)."""
     torch.manual_seed(3)
     params = [torch.randn(5), torch.randn(2, 3)]
     grads = [torch.randn_like(p) for p in params]
@@ -193,9 +192,19 @@ def test_kernel_ops_declare_what_they_write(name):
     def state():
         return [torch.rand_like(p) for p in params]
 
-    f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
     rounding = dict(rounding_mode=0, rounding_key=0, compensations=[])
     momentum = dict(lr=f64(0.1), momentum=f64(0.9), dampening=f64(0.0), weight_decay=f64(0.01), nesterov=False)
+    return params, grads, state, rounding, momentum
+
+
+@pytest.mark.skipif(_C is None, reason="needs fused_ft._C")
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_kernel_ops_declare_what_they_write(name):
+    """torch.library.opcheck runs each op of the cpu backend and checks its schema: an argument the kernel
+    writes but the op does not declare (or the reverse) fails here."""
+    from fused_ft.kernels import cpu  # noqa: F401  (defines the ops)
+
+    params, grads, state, rounding, momentum = _op_inputs()
     calls = {
         "sgd": (torch.ops.fused_ft.sgd_, dict(params=params, grads=grads, momentum_buffers=state(),
                                               new_buffer=[False, True], maximize=False, **momentum, **rounding)),
@@ -224,17 +233,8 @@ def test_triton_ops_declare_what_they_write(name):
     AdamW's capturable step counts included: the gradients are written where grad_scale is given."""
     from fused_ft.kernels import triton_launch  # noqa: F401  (defines the ops)
 
-    torch.manual_seed(3)
-    params = [torch.randn(5), torch.randn(2, 3)]
-    grads = [torch.randn_like(p) for p in params]
-
-    def state():
-        return [torch.rand_like(p) for p in params]
-
-    f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    rounding = dict(rounding_mode=0, rounding_key=0, compensations=[])
+    params, grads, state, rounding, momentum = _op_inputs()
     scaler = dict(grad_scale=torch.full((1,), 4.0), found_inf=torch.zeros(1))
-    momentum = dict(lr=f64(0.1), momentum=f64(0.9), dampening=f64(0.0), weight_decay=f64(0.01), nesterov=False)
     adamw = dict(params=params, grads=grads, exp_avgs=state(), exp_avg_sqs=state(), max_exp_avg_sqs=state(),
                  lr=f64(0.1), beta1=f64(0.9), beta2=f64(0.999), eps=f64(1e-8), weight_decay=f64(0.01), amsgrad=True,
                  maximize=False, **rounding, **scaler)
