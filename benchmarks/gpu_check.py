@@ -27,13 +27,15 @@ Sections (each runs on its own: one that fails is reported as such and the other
 4. ``loop``: a training iteration of timm ViT-B/16 (sgd-freeze-embed, bf16 autocast, batch 8 and 64):
    step_in_backward against the plain step (goal: within 3%), and ``torch.compile`` of the whole
    iteration, plain and step_in_backward, against the same eager iteration.
-5. ``replay``: CUDA graphs. A captured step (SGD, LARS, AdamW with capturable=True, a float and a tensor lr;
+5. ``replay``: CUDA graphs. A captured step (SGD, LARS, AdamW with capturable=True, a float and a tensor lr, LAMB
+   with capturable=True;
    ViT-B/16's slice, fp32 and bf16), replayed 10 times, against 10 eager steps on the same gradients; and a
    captured whole iteration (forward, backward, AdamW capturable step; gradients kept between iterations)
    replayed against the eager iteration. Bar: bit-equal weights and state, step counts included.
 6. ``scaler``: GradScaler with fp16 autocast on a small model, one of 6 steps with an inf: host syncs counted
-   with ``torch.cuda.set_sync_debug_mode`` over ``scaler.step`` (bar: 0 for SGD, LARS and AdamW fused=True or
-   capturable=True, whose kernels unscale and skip; torch's for-loop AdamW shown for contrast), and the
+   with ``torch.cuda.set_sync_debug_mode`` over ``scaler.step`` (bar: 0 for SGD, LARS, AdamW fused=True or
+   capturable=True and LAMB capturable=True, whose kernels unscale and skip; torch's for-loop AdamW shown for
+   contrast), and the
    skipped step changing nothing (bar).
 
 Prints the markdown to paste into benchmarks/RESULTS.md and writes it to ``--out`` (default
@@ -455,6 +457,7 @@ REPLAY_CASES = {
     "lars": ("lars", dict(lr=0.5, momentum=0.9, weight_decay=1e-4)),
     "adamw capturable": ("adamw", dict(lr=1e-3, weight_decay=0.05, capturable=True)),
     "adamw capturable, tensor lr": ("adamw", dict(lr="tensor", weight_decay=0.05, capturable=True)),
+    "lamb capturable": ("lamb", dict(lr=1e-3, capturable=True)),
 }
 
 
@@ -517,6 +520,7 @@ def replay(env: Env) -> tuple[bool, str]:
             env.sync()
             equal = all(torch.equal(a, b) for a, b in zip(ps_a, ps_b)) and _state_equal(opt_a, opt_b)
             steps = [int(opt_a.state[p]["step"].item()) for p in ps_a[:1] if "step" in opt_a.state[p]]
+            steps += [int(g["step"].item()) for g in opt_a.param_groups[:1] if "step" in g]  # LAMB's group step
             ok &= equal and (not steps or steps[0] == 1 + REPLAYS)
             rows.append([case, dtype_name, f"{rel_error(ps_a, ps_b):.1e}", steps[0] if steps else "n/a",
                          "ok" if equal else "FAILED"])
@@ -556,6 +560,7 @@ SCALER_CASES = {
     "LARS": ("lars", dict(lr=0.5, momentum=0.9, weight_decay=1e-4)),
     "AdamW fused=True": ("adamw", dict(lr=1e-3, fused=True)),
     "AdamW capturable=True": ("adamw", dict(lr=1e-3, capturable=True)),
+    "LAMB capturable=True": ("lamb", dict(lr=1e-3, capturable=True)),
     "torch.optim.AdamW (for-loop, contrast)": (None, dict(lr=1e-3, foreach=False)),
 }
 

@@ -297,8 +297,9 @@ LOOP_SCALAR_CASES = [
     ("lars", "lars+GradScaler", dict(lr=0.5, momentum=0.9, weight_decay=1e-4, scaler=True)),
     ("adamw", "adamw capturable", dict(lr=1e-3, capturable=True)),
     ("adamw", "adamw fused+GradScaler", dict(lr=1e-3, fused=True, scaler=True)),
+    ("lamb", "lamb capturable+GradScaler", dict(lr=1e-3, capturable=True, scaler=True)),
 ]
-LOOP_ARGS = ("grad_scale", "found_inf", "step_ptrs", "lr_ptr", "b_scale")
+LOOP_ARGS = ("grad_scale", "found_inf", "step_ptrs", "lr_ptr", "b_scale", "step_ptr")
 
 
 def describe(variant: dict) -> str:

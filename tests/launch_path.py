@@ -23,7 +23,8 @@ Families of launches (each a function below, named in the report):
   launches), beside a frozen layer.
 - ``loop_scalars``: what the training loop hands the kernels on the device: GradScaler's grad_scale and
   found_inf (SGD, LARS, AdamW with fused=True; also found_inf alone, after ``unscale_``), and AdamW's
-  capturable step counts, with a float lr and with a tensor lr; fp32, fp16 and bf16.
+  capturable step counts, with a float lr and with a tensor lr, and LAMB's capturable group step; fp32, fp16
+  and bf16.
 - ``memory_profile``: the memory profiler's measured step (``fused_ft.memory.training_step``) for
   the rows gpu_check measures: sgd-freeze-embed and adamw, plain and step_in_backward, fp32 and bf16
   with stochastic rounding, on timm's test ViT.
@@ -160,7 +161,8 @@ def loop_scalars():
                             (OPTIMIZERS["lars"].cls, dict(lr=0.5, momentum=0.9, weight_decay=1e-4)),
                             (OPTIMIZERS["adamw"].cls, dict(lr=1e-3, fused=True)),
                             (OPTIMIZERS["adamw"].cls, dict(lr=1e-3, capturable=True)),
-                            (OPTIMIZERS["adamw"].cls, dict(lr=torch.tensor(1e-3), capturable=True))]:
+                            (OPTIMIZERS["adamw"].cls, dict(lr=torch.tensor(1e-3), capturable=True)),
+                            (OPTIMIZERS["lamb"].cls, dict(lr=1e-3, capturable=True))]:
             opt = cls(_odd_list(dtype, seed=5), **kwargs, backend="triton")
             for grad_scale in (torch.full((1,), 1024.0), None, "none"):  # scaler.step, after unscale_, no scaler
                 if grad_scale != "none":

@@ -49,29 +49,33 @@ def _train(model, opt, steps: int, scheduler=None) -> None:
 
 
 VARIANTS = {
-    "tensor-lr-scheduled": dict(lr=torch.tensor(3e-3), weight_decay=0.1, betas=(0.8, 0.99)),
-    "amsgrad-maximize": dict(lr=1e-3, amsgrad=True, maximize=True),
-    "bf16-nearest": dict(lr=1e-2, dtype=torch.bfloat16),
+    "tensor-lr-scheduled": (AdamW, dict(lr=torch.tensor(3e-3), weight_decay=0.1, betas=(0.8, 0.99))),
+    "amsgrad-maximize": (AdamW, dict(lr=1e-3, amsgrad=True, maximize=True)),
+    "bf16-nearest": (AdamW, dict(lr=1e-2, dtype=torch.bfloat16)),
+    "lamb-clip": (OPTIMIZERS["lamb"].cls, dict(lr=1e-2, max_grad_norm=0.5, betas=(0.8, 0.99))),
+    "lamb-no-bias-correction": (OPTIMIZERS["lamb"].cls, dict(lr=1e-2, bias_correction=False, trust_clip=True)),
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_capturable_gives_the_numbers_of_capturable_false(backend, variant):
-    kwargs = dict(VARIANTS[variant])
+    cls, kwargs = VARIANTS[variant]
+    kwargs = dict(kwargs)
     dtype = kwargs.pop("dtype", torch.float32)
     runs = []
     for capturable in (False, True):
         model = _model(dtype)
         lr = kwargs["lr"].clone() if isinstance(kwargs["lr"], torch.Tensor) else kwargs["lr"]
-        opt = AdamW(model.parameters(), **{**kwargs, "lr": lr}, capturable=capturable, backend=backend)
+        opt = cls(model.parameters(), **{**kwargs, "lr": lr}, capturable=capturable, backend=backend)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 30) if variant == "tensor-lr-scheduled" else None
         _train(model, opt, 30, scheduler)
         runs.append((model, opt))
     (plain, _), (captured, opt) = runs
     for p, q in zip(plain.parameters(), captured.parameters()):
         assert torch.equal(p, q)
-        assert opt.state[q]["step"].item() == 30 and opt.state[q]["step"].device == q.device
+        step = opt.param_groups[0]["step"] if cls is not AdamW else opt.state[q]["step"]
+        assert step.item() == 30 and step.device == q.device
 
 
 def test_capturable_with_mixed_dtypes_and_unequal_step_counts_gives_the_numbers_of_false():
@@ -110,8 +114,9 @@ def test_a_float64_step_count_is_read_as_fp32_where_the_kernels_read_it():
 
 @pytest.mark.parametrize("name, kwargs", [("adamw", dict(lr=torch.tensor(1e-3), capturable=True)),
                                           ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True)),
-                                          ("lars", dict(lr=0.5, momentum=0.9, weight_decay=1e-4))],
-                         ids=["adamw", "sgd", "lars"])
+                                          ("lars", dict(lr=0.5, momentum=0.9, weight_decay=1e-4)),
+                                          ("lamb", dict(lr=1e-3, capturable=True))],
+                         ids=["adamw", "sgd", "lars", "lamb"])
 def test_a_warm_triton_step_reads_nothing_on_the_host(name, kwargs, no_host_reads):  # noqa: F811
     """What a CUDA graph replays is the device work: a value read on the host would be baked in (and is a sync).
     The first step creates state on the host; the next ones read no device tensor there. The cpu backend's
@@ -122,7 +127,8 @@ def test_a_warm_triton_step_reads_nothing_on_the_host(name, kwargs, no_host_read
     for _ in range(2):
         _loss(model).backward()
         no_host_reads["guarded"] = _device_tensors(opt) | {kwargs["lr"].untyped_storage().data_ptr()
-                                                           if isinstance(kwargs["lr"], torch.Tensor) else 0}
+                                                           if isinstance(kwargs["lr"], torch.Tensor) else 0} | {
+            g["step"].untyped_storage().data_ptr() for g in opt.param_groups if "step" in g}
         opt.step()
         no_host_reads["guarded"] = set()
         opt.zero_grad()
@@ -136,11 +142,16 @@ def test_a_warm_triton_step_reads_nothing_on_the_host(name, kwargs, no_host_read
             host.step()
 
 
-@pytest.mark.parametrize("flags", [dict(capturable=True), dict(fused=True)], ids=["capturable", "fused"])
+@pytest.mark.parametrize("flags", [dict(capturable=True), dict(fused=True), dict(lamb=True)],
+                         ids=["capturable", "fused", "lamb-capturable"])
 def test_a_warm_capturable_step_is_accepted_inside_a_capture_and_equals_an_eager_one(flags, monkeypatch):
-    """capturable=True, and fused=True, whose step counts live on the device too (torch refuses the latter)."""
+    """capturable=True, and fused=True, whose step counts live on the device too (torch refuses the latter);
+    LAMB with capturable=True (its group step on the device)."""
     models = [_model(), _model()]
-    opts = [AdamW(m.parameters(), lr=torch.tensor(1e-3), backend="triton", **flags) for m in models]
+    if flags.pop("lamb", False):
+        opts = [OPTIMIZERS["lamb"].cls(m.parameters(), lr=1e-3, capturable=True, backend="triton") for m in models]
+    else:
+        opts = [AdamW(m.parameters(), lr=torch.tensor(1e-3), backend="triton", **flags) for m in models]
     for model, opt in zip(models, opts):
         _train(model, opt, 1)  # the warm-up step: state exists
     _loss(models[1]).backward()
@@ -169,7 +180,8 @@ REFUSALS = {
     "sgd-tensor-lr": (OPTIMIZERS["sgd"].cls, dict(lr=torch.tensor(0.1), momentum=0.9, backend="triton"), 1,
                       r"group 0 has a tensor lr, which the step reads on the host; pass a float"),
     "lamb": (OPTIMIZERS["lamb"].cls, dict(lr=1e-3, backend="triton"), 1, r"group 0 counts its step in the group on "
-                                                                         r"the host, as timm's Lamb does"),
+                                                                         r"the host, as timm's Lamb does.*pass "
+                                                                         r"capturable=True"),
     "amsgrad-turned-on": (AdamW, dict(lr=1e-3, capturable=True, backend="triton"), 1,
                           r"group 0 has parameters without optimizer state yet"),
     "sgd-scaler-dampening-first-step": (OPTIMIZERS["sgd"].cls, dict(lr=0.1, momentum=0.9, dampening=0.5,
@@ -196,31 +208,6 @@ def test_a_step_a_replay_would_get_wrong_is_refused_before_any_change(case, monk
     assert str(opt.state_dict()) == str(before[1])
 
 
-@pytest.mark.parametrize("direction", ["torch-to-capturable", "capturable-to-torch"])
-def test_checkpoints_move_between_capturable_and_torchs_adamw(direction):
-    """10 steps, saved, loaded into the other, 10 more: equal to 20 steps of the loader alone (the reference
-    backend equals torch bit for bit, so the two halves may come from either)."""
-    kwargs = dict(lr=1e-2, weight_decay=0.05)
-    make = {"torch": lambda ps: torch.optim.AdamW(ps, **kwargs),
-            "capturable": lambda ps: AdamW(ps, **kwargs, capturable=True, backend="reference")}
-    first, second = direction.split("-to-")
-    model = _model()
-    saver = make[first](model.parameters())
-    _train(model, saver, 10)
-    loader = make[second](model.parameters())
-    loader.load_state_dict(copy.deepcopy(saver.state_dict()))
-    if second == "torch":  # torch takes the saver's flags; it steps capturable=True on a GPU only
-        loader.param_groups[0]["capturable"] = False
-    _train(model, loader, 10)
-    alone = _model()
-    _train(alone, make[second](alone.parameters()), 20)
-    for p, q in zip(model.parameters(), alone.parameters()):
-        assert torch.equal(p, q)
-    if second == "capturable":
-        assert all(loader.state[p]["step"].device == p.device for p in model.parameters())
-        assert loader.param_groups[0]["capturable"] is True  # the loader keeps its own flag
-
-
 def test_a_capture_that_would_read_the_scalers_found_inf_on_the_host_is_refused(monkeypatch):
     """Every step a capture accepts takes GradScaler's tensors in its kernels today; one that would take the host
     route (here made so) is refused, where its found_inf.item() would fail inside the capture."""
@@ -233,3 +220,40 @@ def test_a_capture_that_would_read_the_scalers_found_inf_on_the_host_is_refused(
     _capture(monkeypatch)
     with pytest.raises(RuntimeError, match=r"group 0 takes GradScaler's found_inf on the host"):
         opt.step()
+
+
+# name -> (the other library's optimizer, fused_ft's capturable one, the group key that holds the step)
+CHECKPOINT_PAIRS = {
+    # the reference backend equals torch bit for bit, so the halves may come from either
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05),
+              lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.05, capturable=True, backend="reference")),
+    # LAMB's group step: a tensor on the device with capturable, a CPU tensor in timm's (the triton kernels)
+    "lamb": (lambda ps: OPTIMIZERS["lamb"].reference(ps, lr=1e-2),
+             lambda ps: OPTIMIZERS["lamb"].cls(ps, lr=1e-2, capturable=True, backend="triton")),
+}
+
+
+@pytest.mark.parametrize("saved_by", ["theirs", "capturable"])
+@pytest.mark.parametrize("name", list(CHECKPOINT_PAIRS))
+def test_checkpoints_move_between_capturable_and_torch_or_timm(name, saved_by):
+    """5 steps, saved, loaded into the other, 5 more: equal to 10 steps of the loader alone."""
+    make = dict(zip(("theirs", "capturable"), CHECKPOINT_PAIRS[name]))
+    loaded_by = "capturable" if saved_by == "theirs" else "theirs"
+    model = _model()
+    saver = make[saved_by](model.parameters())
+    _train(model, saver, 5)
+    loader = make[loaded_by](model.parameters())
+    loader.load_state_dict(copy.deepcopy(saver.state_dict()))
+    if loaded_by == "theirs" and name == "adamw":
+        loader.param_groups[0]["capturable"] = False  # torch takes the saver's flags; steps capturable on a GPU only
+    _train(model, loader, 5)
+    alone = _model()
+    _train(alone, make[loaded_by](alone.parameters()), 10)
+    tol = dict(rtol=0, atol=0) if name == "adamw" else dict(rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), alone.parameters()):
+        torch.testing.assert_close(p, q, **tol)
+    if loaded_by == "capturable":
+        steps = [loader.state[p]["step"] for p in model.parameters()] if name == "adamw" else [
+            loader.param_groups[0]["step"]]
+        assert all(int(t) == 10 and t.device == model[0].weight.device for t in steps)
+        assert loader.param_groups[0]["capturable"] is True  # the loader keeps its own flag

@@ -254,7 +254,7 @@ def test_triton_ops_declare_what_they_write(name):
             params=params, grads=grads, exp_avgs=state(), exp_avg_sqs=state(), clip_sumsq=f64([4.0]).float(),
             max_grad_norm=f64(1.0), lr=f64(0.1), beta1=f64(0.9), beta2=f64(0.999), beta3=f64(0.1),
             bias_correction1=f64(0.1), bias_correction2=f64(0.001), eps=f64(1e-6), weight_decay=f64(0.01),
-            decay=f64(1.0), adapt=True, trust_clip=False, **rounding)),
+            decay=f64(1.0), adapt=True, trust_clip=False, **rounding, **scaler, state_step=torch.tensor(3.0))),
             (torch.ops.fused_ft.triton_lamb_sumsq, dict(grads=grads))],
     }
     for op, kwargs in calls[name]:

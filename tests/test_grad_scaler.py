@@ -206,8 +206,9 @@ def _scaled_step(opt, model, found_inf: float) -> None:
 
 @pytest.mark.parametrize("name, flags", [("sgd", dict(lr=0.1, momentum=0.9)), ("adamw", dict(fused=True)),
                                          ("adamw", dict(capturable=True)),
-                                         ("lars", dict(lr=0.5, momentum=0.9, weight_decay=1e-4))],
-                         ids=["sgd", "adamw-fused", "adamw-capturable", "lars"])
+                                         ("lars", dict(lr=0.5, momentum=0.9, weight_decay=1e-4)),
+                                         ("lamb", dict(capturable=True, max_grad_norm=0.5))],
+                         ids=["sgd", "adamw-fused", "adamw-capturable", "lars", "lamb-capturable"])
 def test_the_triton_kernels_unscale_and_skip_without_a_host_read(name, flags, no_host_reads):
     """The triton kernels take both tensors: a step, and one with an inf, read nothing on the host (a sync on a
     GPU), and the skipped step still launches its kernels (the skip happens in them). The reference backend
@@ -317,3 +318,15 @@ def test_a_parameter_that_is_not_aligned_gets_its_gradient_back_unscaled(name, f
     opt.grad_scale, opt.found_inf = torch.full((1,), 1024.0), torch.zeros(1)
     opt.step()
     assert params[0].data_ptr() % 16 and all(torch.equal(p.grad, g / 1024.0) for p, g in zip(params, scaled))
+
+
+@pytest.mark.parametrize("loop", ["fp32", "unscale-then-clip", "first-step-inf"])
+def test_capturable_lamb_takes_the_scaler_in_its_kernels_and_follows_timm(loop):
+    """LAMB with capturable=True on the triton backend: the group step on the device, GradScaler's tensors in the
+    kernels (the global clip's norm divided by the scale), against timm's Lamb under the same loop."""
+    kwargs = dict(lr=1e-2, max_grad_norm=0.5)
+    ours, opt = _train(lambda ps: OPTIMIZERS["lamb"].cls(ps, backend="triton", capturable=True, **kwargs),
+                       **LOOPS[loop])
+    theirs, ref = _train(lambda ps: OPTIMIZERS["lamb"].reference(ps, **kwargs), **LOOPS[loop])
+    _close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert int(opt.param_groups[0]["step"]) == int(ref.param_groups[0]["step"])

@@ -110,7 +110,7 @@ def test_every_launch_goes_through_tritons_launch_path(arch, tmp_path):
     for launch in launches:
         if launch["family"] == "loop_scalars":
             sig = launch["signature"]
-            pointers = tuple(name for name in ("grad_scale", "found_inf", "step_ptrs", "lr_ptr", "b_scale")
+            pointers = tuple(name for name in ("grad_scale", "found_inf", "step_ptrs", "lr_ptr", "b_scale", "step_ptr")
                              if sig.get(name, "constexpr") != "constexpr")
             constants = launch["constants"]
             device_args[launch["kernel"], constants.get("P_DTYPE", constants.get("A_DTYPE"))].add(pointers)
@@ -118,9 +118,15 @@ def test_every_launch_goes_through_tritons_launch_path(arch, tmp_path):
     # double, so only the compiled signature shows an fp32 one (whose lr moved the fp32 step size in ~0.5% of steps)
     assert {(launch["signature"][n]) for launch in launches if launch["kernel"] == "adamw_kernel"
             for n in ("lr", "weight_decay", "log2_beta1", "log2_beta2")} == {"fp64"}
+    assert {(launch["signature"][n]) for launch in launches if launch["kernel"].startswith("lamb_")
+            for n in ("log2_beta1", "log2_beta2")} == {"fp64"}
     for dtype in DTYPES:  # (sgd_kernel: SGD's and LARS's)
         assert device_args["sgd_kernel", dtype] == {("grad_scale", "found_inf"), ("found_inf",), ()}, dtype
         assert device_args["block_sumsq_kernel", dtype] == {("b_scale",), ()}, dtype  # LARS's gradient norms
+        # LAMB capturable: its group step, GradScaler's in the moments (the clip's norm, the gradients) and apply
+        assert device_args["lamb_moments_kernel", dtype] == {("grad_scale", "found_inf", "step_ptr"),
+                                                             ("found_inf", "step_ptr"), ("step_ptr",)}, dtype
+        assert device_args["lamb_apply_kernel", dtype] == {("found_inf", "step_ptr"), ("step_ptr",)}, dtype
         assert device_args["adamw_kernel", dtype] == {
             ("grad_scale", "found_inf", "step_ptrs"), ("found_inf", "step_ptrs"), ("step_ptrs",),
             ("grad_scale", "found_inf", "step_ptrs", "lr_ptr"), ("found_inf", "step_ptrs", "lr_ptr"),

@@ -20,7 +20,7 @@ __all__ = ["DEVICE_ARGS", "host", "traced", "per_tensor", "dispatch"]
 
 # the kernels read these where they are (on the device): never turned into host values or float64 copies (a
 # float64 copy of LAMB's fp32 clip sum changed its square root in the last bit)
-DEVICE_ARGS = frozenset({"state_steps", "grad_scale", "found_inf", "clip_sumsq"})
+DEVICE_ARGS = frozenset({"state_steps", "state_step", "grad_scale", "found_inf", "clip_sumsq"})
 
 
 def host(args: dict[str, Any]) -> dict[str, Any]:

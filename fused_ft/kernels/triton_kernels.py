@@ -218,6 +218,14 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, c_ptr, key, offs, mask, d
 
 
 @triton.jit
+def _bias_corrections(step, log2_beta1, log2_beta2):
+    """``1 - beta1^step`` and ``sqrt(1 - beta2^step)`` in fp64 from a step count on the device (fp64 ``log2(beta)``
+    arguments): the host path's doubles, narrowed to fp32 by the caller where the host's are passed in."""
+    bias_correction1 = 1.0 - tl.exp2(step * tl.full((), log2_beta1, tl.float64))
+    return bias_correction1, tl.sqrt(1.0 - tl.exp2(step * tl.full((), log2_beta2, tl.float64)))
+
+
+@triton.jit
 def _adamw_corrections(step_ptrs, t, lr, log2_beta1, log2_beta2):
     """``lr / (1 - beta1^step)`` and ``sqrt(1 - beta2^step)`` of tensor ``t`` from its step count on the device
     (capturable: no host value changes from step to step), in fp64 from the fp64 ``lr`` and ``log2(beta)``, then
@@ -225,9 +233,8 @@ def _adamw_corrections(step_ptrs, t, lr, log2_beta1, log2_beta2):
     (``fused_ft.optim.adamw``) but where the two doubles straddle an fp32 rounding boundary (exp2 and C's pow
     differ in the last bits of a double)."""
     step = tl.load(tl.load(step_ptrs + t).to(tl.pointer_type(tl.float32))).to(tl.float64)  # (no alignment hint)
-    step_size = (lr / (1.0 - tl.exp2(step * tl.full((), log2_beta1, tl.float64)))).to(tl.float32)
-    bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * tl.full((), log2_beta2, tl.float64))).to(tl.float32)
-    return step_size, bias_correction2_sqrt
+    bias_correction1, bias_correction2_sqrt = _bias_corrections(step, log2_beta1, log2_beta2)
+    return (lr / bias_correction1).to(tl.float32), bias_correction2_sqrt.to(tl.float32)
 
 
 @triton.jit(do_not_specialize=["rounding_key"])
@@ -381,9 +388,12 @@ def _lamb_update(m, v, w, bias_correction1, bias_correction2_sqrt, eps, weight_d
 
 @triton.jit
 def _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, mask, other, clip, beta1, beta2, beta3, bias_correction1,
-                        bias_correction2_sqrt, eps, weight_decay, decay, AVERAGING: tl.constexpr, ADAPT: tl.constexpr,
-                        ROUNDING: tl.constexpr):
-    d = tl.load(g_ptr, mask=mask, other=other).to(tl.float32) / clip
+                        bias_correction2_sqrt, eps, weight_decay, decay, grad_scale, G_DTYPE: tl.constexpr,
+                        AVERAGING: tl.constexpr, ADAPT: tl.constexpr, ROUNDING: tl.constexpr):
+    if grad_scale is not None:
+        d = _load_grad(g_ptr, mask, grad_scale, G_DTYPE) / clip
+    else:  # (the masked-off lanes read ``other``: the reductions below sum them)
+        d = tl.load(g_ptr, mask=mask, other=other).to(tl.float32) / clip
     m = tl.load(m_ptr, mask=mask, other=other)
     if AVERAGING:
         m = m + beta3 * (d - m)  # torch's lerp, as timm uses when beta3 == 1 - beta1
@@ -406,16 +416,34 @@ def _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, mask, other, clip, be
 
 
 @triton.jit
+def _lamb_scalars(step_ptr, bias_correction1, bias_correction2_sqrt, log2_beta1, log2_beta2):
+    """The bias corrections: the host's (``step_ptr`` None), or from the group's step count on the device."""
+    if step_ptr is not None:
+        bc1, bc2_sqrt = _bias_corrections(tl.load(step_ptr).to(tl.float64), log2_beta1, log2_beta2)
+        bias_correction1 = bc1.to(tl.float32)
+        bias_correction2_sqrt = bc2_sqrt.to(tl.float32)
+    return bias_correction1, bias_correction2_sqrt
+
+
+@triton.jit
 def lamb_moments_kernel(
     param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, compensation_ptrs, numels, block_tensor, block_start,
-    clip_sumsq,
+    clip_sumsq, step_ptr, grad_scale, found_inf,
     max_grad_norm, param_block_sums, update_block_sums,
     beta1, beta2, beta3, bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
+    log2_beta1: tl.float64, log2_beta2: tl.float64,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, HAS_CLIP: tl.constexpr, AVERAGING: tl.constexpr,
     ADAPT: tl.constexpr, ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """LAMB phase 1: clip, update the moments (stored), and, for the trust ratio of phase 2, the
-    per-block sums of squares of the (decayed) weights and of the update."""
+    per-block sums of squares of the (decayed) weights and of the update. Capturable (``step_ptr``: the group's
+    fp32 step count, counted): the bias corrections from it; ``grad_scale``/``found_inf``: GradScaler's
+    (see ``_load_grad``; the clip's sum of squares is of the scaled gradients, its root divided by the scale)."""
+    if found_inf is not None:
+        if tl.load(found_inf) != 0:
+            return
+    bias_correction1, bias_correction2_sqrt = _lamb_scalars(step_ptr, bias_correction1, bias_correction2_sqrt,
+                                                            log2_beta1, log2_beta2)
     pid = tl.program_id(0)
     t, start, numel, offs = _block_of(pid, block_tensor, block_start, numels, BLOCK)
     p_ptr = _slot(param_ptrs, t, P_DTYPE) + offs
@@ -427,15 +455,18 @@ def lamb_moments_kernel(
         c_ptr = _slot(compensation_ptrs, t, tl.int16) + offs
     clip = 1.0
     if HAS_CLIP:
-        clip = tl.maximum(tl.sqrt(tl.load(clip_sumsq)) / max_grad_norm, 1.0)
+        norm = tl.sqrt(tl.load(clip_sumsq))
+        if grad_scale is not None:
+            norm = norm / tl.load(grad_scale)
+        clip = tl.maximum(norm / max_grad_norm, 1.0)
     if start + BLOCK <= numel:
         sum_w, sum_u = _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, None, None, clip, beta1, beta2, beta3,
                                            bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
-                                           AVERAGING, ADAPT, ROUNDING)
+                                           grad_scale, G_DTYPE, AVERAGING, ADAPT, ROUNDING)
     else:
         sum_w, sum_u = _lamb_moments_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, offs < numel, 0.0, clip, beta1, beta2,
                                            beta3, bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay,
-                                           AVERAGING, ADAPT, ROUNDING)
+                                           grad_scale, G_DTYPE, AVERAGING, ADAPT, ROUNDING)
     if ADAPT:
         tl.store(param_block_sums + pid, sum_w)
         tl.store(update_block_sums + pid, sum_u)
@@ -454,12 +485,19 @@ def _lamb_apply_block(p_ptr, m_ptr, v_ptr, c_ptr, key, offs, mask, ratio, lr, bi
 @triton.jit(do_not_specialize=["rounding_key"])
 def lamb_apply_kernel(
     param_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, compensation_ptrs, numels, block_tensor, block_start, param_sumsq,
-    update_sumsq,
+    update_sumsq, step_ptr, found_inf,
     lr, bias_correction1, bias_correction2_sqrt, eps, weight_decay, decay, rounding_key,
+    log2_beta1: tl.float64, log2_beta2: tl.float64,
     P_DTYPE: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr, ROUNDING: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """LAMB phase 2: recompute the update from the stored moments, apply it with the trust ratio."""
+    """LAMB phase 2: recompute the update from the stored moments, apply it with the trust ratio (the step count
+    and ``found_inf`` as in phase 1)."""
+    if found_inf is not None:
+        if tl.load(found_inf) != 0:
+            return
+    bias_correction1, bias_correction2_sqrt = _lamb_scalars(step_ptr, bias_correction1, bias_correction2_sqrt,
+                                                            log2_beta1, log2_beta2)
     t, start, numel, offs = _block_of(tl.program_id(0), block_tensor, block_start, numels, BLOCK)
     p_ptr = _slot(param_ptrs, t, P_DTYPE) + offs
     m_ptr = _slot(exp_avg_ptrs, t, tl.float32) + offs

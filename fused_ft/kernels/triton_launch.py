@@ -459,8 +459,7 @@ def _adamw_launches(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, st
     if capturable:
         scalars = dict(decay=0.0, step_size=0.0, bias_correction2_sqrt=1.0,
                        lr=0.0 if lr_ptr is not None else float(lr), weight_decay=float(weight_decay),
-                       log2_beta1=math.log2(beta1) if beta1 > 0 else -math.inf,
-                       log2_beta2=math.log2(beta2) if beta2 > 0 else -math.inf)
+                       log2_beta1=_log2(beta1), log2_beta2=_log2(beta2))
     else:
         scalars = dict(decay=1.0 - lr * weight_decay, lr=0.0, weight_decay=0.0, log2_beta1=0.0, log2_beta2=0.0)
     slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
@@ -580,22 +579,27 @@ def _lamb_sumsq(grads: list[torch.Tensor]) -> torch.Tensor:
 
 def lamb(
     params, grads, exp_avgs, exp_avg_sqs, *, clip, lr, beta1, beta2, beta3, bias_correction1, bias_correction2, eps,
-    weight_decay, decoupled_decay_factor, adapt, trust_clip, caution, rounding=None,
+    weight_decay, decoupled_decay_factor, adapt, trust_clip, caution, rounding=None, state_step=None,
+    grad_scale=None, found_inf=None,
 ):
+    """LAMB's launches. Capturable: ``state_step`` (the group's counted fp32 step, on the device; the bias
+    corrections None), from which the kernels compute them."""
     if caution:
         raise AssertionError("dispatch routes caution=True to the reference backend")
     if not params:
         return
     dispatch("triton_lamb_", _lamb_launches, params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
              clip_sumsq=None if clip is None else clip.sumsq, max_grad_norm=1.0 if clip is None else clip.max_grad_norm,
-             lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, bias_correction1=bias_correction1,
-             bias_correction2=bias_correction2, eps=eps, weight_decay=weight_decay,
-             decay=1.0 - decoupled_decay_factor, adapt=adapt, trust_clip=trust_clip, **_rounding_call_args(rounding))
+             lr=lr, beta1=beta1, beta2=beta2, beta3=beta3,
+             bias_correction1=1.0 if bias_correction1 is None else bias_correction1,
+             bias_correction2=1.0 if bias_correction2 is None else bias_correction2, eps=eps, weight_decay=weight_decay,
+             decay=1.0 - decoupled_decay_factor, adapt=adapt, trust_clip=trust_clip, **_rounding_call_args(rounding),
+             state_step=state_step, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def _lamb_launches(params, grads, exp_avgs, exp_avg_sqs, *, clip_sumsq, max_grad_norm, lr, beta1, beta2, beta3,
                    bias_correction1, bias_correction2, eps, weight_decay, decay, adapt, trust_clip, rounding_mode,
-                   rounding_key, compensations):
+                   rounding_key, compensations, state_step, grad_scale, found_inf):
     config = launch_config(params[0].device)
     rounding = _rounding_of(rounding_mode, rounding_key, compensations)
     slots = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
@@ -604,6 +608,7 @@ def _lamb_launches(params, grads, exp_avgs, exp_avg_sqs, *, clip_sumsq, max_grad
     # float64 tensor differed from Python's ** 0.5 in the last bit, and so some updates after fp32 narrowing)
     update = dict(bias_correction1=bias_correction1, bias_correction2_sqrt=bias_correction2**0.5, eps=eps,
                   weight_decay=weight_decay, decay=decay)
+    loop = dict(step_ptr=state_step, found_inf=found_inf, log2_beta1=_log2(beta1), log2_beta2=_log2(beta2))
 
     def body(t: _Tables) -> None:
         block_sums = t.blocks.scratch("block_sums", (2, t.blocks.num_blocks)) if adapt else None
@@ -614,7 +619,7 @@ def _lamb_launches(params, grads, exp_avgs, exp_avg_sqs, *, clip_sumsq, max_grad
             param_ptrs=t.slot["params"], grad_ptrs=t.slot["grads"], exp_avg_ptrs=t.slot["exp_avgs"],
             exp_avg_sq_ptrs=t.slot["exp_avg_sqs"],
             compensation_ptrs=rounding_args["compensation_ptrs"] if reads_kahan else None,
-            **t.blocks.geometry(), clip_sumsq=clip_sumsq, max_grad_norm=max_grad_norm,
+            **t.blocks.geometry(), clip_sumsq=clip_sumsq, max_grad_norm=max_grad_norm, grad_scale=grad_scale, **loop,
             param_block_sums=None if block_sums is None else block_sums[0],
             update_block_sums=None if block_sums is None else block_sums[1],
             beta1=beta1, beta2=beta2, beta3=beta3, **update,
@@ -626,11 +631,16 @@ def _lamb_launches(params, grads, exp_avgs, exp_avg_sqs, *, clip_sumsq, max_grad
             K.lamb_apply_kernel, t.blocks.num_blocks, config.num_warps,
             param_ptrs=t.slot["params"], exp_avg_ptrs=t.slot["exp_avgs"], exp_avg_sq_ptrs=t.slot["exp_avg_sqs"],
             **t.blocks.geometry(), param_sumsq=None if sums is None else sums[0],
-            update_sumsq=None if sums is None else sums[1], lr=lr, **update,
+            update_sumsq=None if sums is None else sums[1], lr=lr, **update, **loop,
             P_DTYPE=t.dtype["params"], ADAPT=adapt, TRUST_CLIP=trust_clip, **rounding_args,
         )
 
-    _run(slots, ("params", "exp_avgs", "exp_avg_sqs", "compensations"), body, config.block)
+    _run(slots, ("params", "exp_avgs", "exp_avg_sqs", "compensations", *_unscaled(grad_scale)), body, config.block)
+
+
+def _log2(beta: float) -> float:
+    """log2 of a beta in [0, 1), the kernels' form of it for beta^step on the device (-inf for 0: 0^step = 0)."""
+    return math.log2(beta) if beta > 0 else -math.inf
 
 
 # -- the custom ops (see fused_ft.kernels._ops; locals() at an op's first line is its arguments) ---------------
@@ -673,12 +683,14 @@ def _lamb_sumsq_op(grads: list[Tensor]) -> Tensor:
     return _lamb_sumsq(grads)
 
 
-@torch.library.custom_op("fused_ft::triton_lamb_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "compensations"))
+@torch.library.custom_op("fused_ft::triton_lamb_", mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs",
+                                                                  "compensations"))
 def _lamb_op(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
              clip_sumsq: Optional[Tensor], max_grad_norm: Tensor, lr: Tensor, beta1: Tensor, beta2: Tensor,
              beta3: Tensor, bias_correction1: Tensor, bias_correction2: Tensor, eps: Tensor, weight_decay: Tensor,
              decay: Tensor, adapt: bool, trust_clip: bool, rounding_mode: int, rounding_key: int,
-             compensations: list[Tensor]) -> None:
+             compensations: list[Tensor], state_step: Optional[Tensor], grad_scale: Optional[Tensor],
+             found_inf: Optional[Tensor]) -> None:
     _lamb_launches(**host(locals()))
 
 
@@ -691,10 +703,10 @@ def _(grads):
     return grads[0].new_empty((1,), dtype=torch.float32)
 
 
-# The updates whose kernels take GradScaler's grad_scale and found_inf (see fused_ft.optim._dispatch). Not LAMB:
-# its step count is a number in its group (timm's), which a skip on the device would leave counted.
-SCALER_IN_KERNEL = frozenset({"sgd", "adamw", "lars"})
+# The updates whose kernels take GradScaler's grad_scale and found_inf (see fused_ft.optim._dispatch): AdamW's and
+# LAMB's where their step counts live on the device (see each optimizer's _scaler_in_kernel).
+SCALER_IN_KERNEL = frozenset({"sgd", "adamw", "lars", "lamb"})
 
 # The backend contract (see fused_ft.optim._dispatch): update name -> function.
 UPDATES = {"sgd": sgd, "adamw": adamw, "lars": lars, "lamb": lamb, "lamb_clip": lamb_clip}
-adamw.capturable = True  # computes the bias corrections from step counts on the device
+adamw.capturable = lamb.capturable = True  # compute the bias corrections from step counts on the device

@@ -809,7 +809,7 @@ def _unscale_(plan: GroupPlan, inv_scale: torch.Tensor) -> None:
         torch._amp_foreach_non_finite_check_and_unscale_(
             [g for g in plan.grads if g.dtype != torch.float16], no_inf, inv_scale)
     for i in wide:
-        unscaled = plan.grads[i].float() * inv_scale
+        unscaled = plan.grads[i].float() * inv_scale.reshape(())  # (a 0-dim gradient stays 0-dim)
         plan.grads[i].copy_(unscaled)
         plan.grads[i] = unscaled
 

@@ -69,6 +69,10 @@ class LAMB(FusedOptimizer):
         decoupled_decay (bool): decoupled weight decay (default: False).
         corrected_weight_decay (bool): scale decoupled decay by ``lr**2 / max_lr`` (default: False).
         foreach (bool, optional): accepted for compatibility with timm.
+        capturable (bool): keep the group's step count on its parameters' device, as a fp32 tensor, and compute
+            the bias corrections there, so that a CUDA graph can capture the step and GradScaler skips it on the
+            device (triton backend; torch.optim's meaning; timm's Lamb has no such argument). Elsewhere the same
+            numbers as False (default: False).
         {shared_args}
 
     Example:
@@ -106,6 +110,7 @@ class LAMB(FusedOptimizer):
         corrected_weight_decay: bool = False,
         foreach: bool | None = None,
         *,
+        capturable: bool = False,
         backend: str = "auto",
         step_in_backward: bool = False,
         bf16_update: str = "nearest",
@@ -115,7 +120,7 @@ class LAMB(FusedOptimizer):
             lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
             grad_averaging=grad_averaging, max_grad_norm=max_grad_norm, trust_clip=trust_clip,
             always_adapt=always_adapt, caution=caution, decoupled_decay=decoupled_decay,
-            corrected_weight_decay=corrected_weight_decay, foreach=foreach,
+            corrected_weight_decay=corrected_weight_decay, foreach=foreach, capturable=capturable,
         )
         # checked before the snapshot is taken, so a bad lr reads "Invalid lr", not a float() error
         self._check_hyperparameters(defaults)
@@ -135,7 +140,20 @@ class LAMB(FusedOptimizer):
         return _MOMENTS
 
     def _capture_refusal(self, plan: GroupPlan) -> str | None:
-        return "counts its step in the group on the host, as timm's Lamb does, and its bias corrections with it"
+        if plan.group["bias_correction"] and not plan.group["capturable"]:
+            return ("counts its step in the group on the host, as timm's Lamb does, and its bias corrections with "
+                    "it; pass capturable=True")
+        if plan.group["bias_correction"] and not _device_step(plan):
+            return ("has its step count on the host still (a loaded checkpoint, capturable just turned on); run one "
+                    "step before capturing")
+        return super()._capture_refusal(plan)
+
+    def _scaler_in_kernel(self, plan: GroupPlan) -> bool:
+        # the kernels skip on found_inf without the host knowing, so the group's step count must live on the device:
+        # capturable, with the group on one device (_before_updates puts the count there before the kernels run)
+        device = plan.params[0].device
+        return (super()._scaler_in_kernel(plan) and plan.group["capturable"]
+                and all(p.device == device for p in plan.group["params"]))
 
     def _before_updates(self, plans: list[GroupPlan]) -> None:
         # timm reads max_grad_norm from the defaults and clips over all groups together; each backend
@@ -154,8 +172,12 @@ class LAMB(FusedOptimizer):
             group = plan.group
             if not self._first_tick(group):
                 continue
+            # on the CPU as timm keeps it, or on the parameters' device where the kernels read it (capturable)
+            device = plan.params[0].device if group["capturable"] and plan.params else torch.device("cpu")
             if "step" not in group:
-                group["step"] = torch.tensor(0.0, dtype=torch.float32)
+                group["step"] = torch.tensor(0.0, dtype=torch.float32, device=device)
+            elif group["step"].device != device or group["step"].dtype != torch.float32:  # loaded, or turned on
+                group["step"] = group["step"].to(device, torch.float32)
             group["step"].add_(1)
 
     def _update_group(self, plan: GroupPlan) -> None:
@@ -168,10 +190,14 @@ class LAMB(FusedOptimizer):
             state["exp_avg"] = exp_avgs[j] = new_state(plan.params[j])
             state["exp_avg_sq"] = exp_avg_sqs[j] = new_state(plan.params[j])
         beta1, beta2 = group["betas"]
-        step = step_scalar(group["step"])  # a float64 tensor under torch.compile (see step_scalar)
-        bias_correction1, bias_correction2 = (
-            (1 - beta1**step, 1 - beta2**step) if group["bias_correction"] else (1.0, 1.0)
-        )
+        device_step = _device_step(plan) and getattr(plan.update, "capturable", False)
+        if device_step:  # the kernels compute the corrections from the count on the device
+            bias_correction1 = bias_correction2 = None
+        elif group["bias_correction"]:
+            step = step_scalar(group["step"])  # a float64 tensor under torch.compile (see step_scalar)
+            bias_correction1, bias_correction2 = 1 - beta1**step, 1 - beta2**step
+        else:
+            bias_correction1 = bias_correction2 = 1.0
         corrected = group["decoupled_decay"] and group["corrected_weight_decay"]
         lamb(
             plan.params, plan.grads, exp_avgs, exp_avg_sqs, update=plan.update,
@@ -181,7 +207,16 @@ class LAMB(FusedOptimizer):
             weight_decay=group["weight_decay"], decoupled_decay=group["decoupled_decay"],
             max_lr=group["max_lr_snapshot"] if corrected else None, trust_clip=group["trust_clip"],
             always_adapt=group["always_adapt"], caution=group["caution"], rounding=self._rounding(plan),
+            state_step=group["step"] if device_step and group["bias_correction"] else None, **plan.scaler_args(),
         )
+        if device_step and plan.found_inf is not None:  # a skipped step is not counted (one plan per group here)
+            group["step"].sub_(plan.found_inf.reshape(()).clamp(max=1.0))
+
+
+def _device_step(plan: GroupPlan) -> bool:
+    """Does the plan's group keep its step count on the plan's device (capturable, one device)?"""
+    step = plan.group.get("step")
+    return bool(plan.group["capturable"]) and step is not None and step.device == plan.params[0].device
 
 
 LAMB.__doc__ = LAMB.__doc__.replace("{shared_args}", SHARED_ARGS_DOC)
@@ -199,8 +234,8 @@ def lamb(
     beta1: float,
     beta2: float,
     beta3: float,
-    bias_correction1: float,
-    bias_correction2: float,
+    bias_correction1: float | None,
+    bias_correction2: float | None,
     eps: float,
     weight_decay: float,
     decoupled_decay: bool,
@@ -210,23 +245,34 @@ def lamb(
     caution: bool = False,
     update: UpdateFn | None = None,
     rounding: _precision.Rounding | None = None,
+    state_step: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     """Functional LAMB over one group's tensors; see :class:`LAMB`.
 
     ``clip`` is the global gradient clipping over all groups as the backend's ``<backend>_lamb_clip``
-    computed it (None: no clipping); for the reference backend, the divisor tensor.
+    computed it (None: no clipping); for the reference backend, the divisor tensor. Capturable: ``state_step``
+    (the group's counted fp32 step on the device) with both bias corrections None, for an update that computes
+    them in its kernels (``update.capturable``); ``grad_scale`` and ``found_inf``: GradScaler's, for one whose
+    kernels take them (the triton backend's, where the step count lives on the device).
     """
     lr = step_scalar(lr)
+    loop = {k: v for k, v in dict(state_step=state_step, grad_scale=grad_scale, found_inf=found_inf).items()
+            if v is not None}
+    if bias_correction1 is not None:
+        bias_correction1, bias_correction2 = step_scalar(bias_correction1), step_scalar(bias_correction2)
     # the decoupled decay factor, resolved here once so that no backend restates timm's rule
     decay = 0.0
     if weight_decay != 0 and decoupled_decay:
         decay = (lr if max_lr is None else lr**2 / max_lr) * weight_decay
     (update or reference.lamb)(
         params, grads, exp_avgs, exp_avg_sqs, clip=clip, lr=lr, beta1=float(beta1),
-        beta2=float(beta2), beta3=float(beta3), bias_correction1=step_scalar(bias_correction1),
-        bias_correction2=step_scalar(bias_correction2), eps=float(eps),
+        beta2=float(beta2), beta3=float(beta3), bias_correction1=bias_correction1,
+        bias_correction2=bias_correction2, eps=float(eps),
         weight_decay=0.0 if decoupled_decay else float(weight_decay), decoupled_decay_factor=decay,
         adapt=weight_decay != 0 or always_adapt, trust_clip=trust_clip, caution=caution, rounding=rounding,
+        **loop,
     )
 
 
