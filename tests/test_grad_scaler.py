@@ -330,3 +330,31 @@ def test_capturable_lamb_takes_the_scaler_in_its_kernels_and_follows_timm(loop):
     theirs, ref = _train(lambda ps: OPTIMIZERS["lamb"].reference(ps, **kwargs), **LOOPS[loop])
     _close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert int(opt.param_groups[0]["step"]) == int(ref.param_groups[0]["step"])
+
+
+@pytest.mark.parametrize("name, flags", [("sgd", dict(momentum=0.9)), ("lars", {}), ("adamw", dict(fused=True)),
+                                         ("lamb", dict(capturable=True))], ids=["sgd", "lars", "adamw", "lamb"])
+def test_a_group_without_gradients_beside_one_with_takes_the_scaler_in_the_kernels(name, flags):
+    """A group whose parameters took no gradient this step (a backbone with requires_grad=False, not marked frozen)
+    plans no tensor: it raised IndexError where the scaler's tensors were placed on its first parameter's device
+    (a helper found it). The kernel route equals the reference's host route; LAMB counts the idle group's step."""
+    runs = []
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        head, backbone = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4).requires_grad_(False)
+        kwargs = {k: v for k, v in flags.items() if not (backend == "reference" and k == "fused")}
+        opt = OPTIMIZERS[name].cls([{"params": head.parameters()}, {"params": backbone.parameters()}], lr=0.1,
+                                   backend=backend, **kwargs)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        for i in range(3):
+            x = torch.randn(2, 4, generator=torch.Generator().manual_seed(i))
+            scaler.scale(head(x).square().sum() * (INF if i == 1 else 1.0)).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        runs.append((head, opt))
+    (ref_head, ref_opt), (head, opt) = runs
+    for p, q in zip(head.parameters(), ref_head.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    if name == "lamb":
+        assert [int(g["step"]) for g in opt.param_groups] == [int(g["step"]) for g in ref_opt.param_groups] == [2, 2]

@@ -130,8 +130,9 @@ def _by_device(index: int, params: list[torch.Tensor]) -> dict[torch.device, tup
         one_device, dtypes = len({p.device for p in kept}) <= 1, {p.dtype for p in kept}
     if sparse >= 0:
         raise _sparse_grad_error(index, sparse, params[sparse])
-    if not kept:
-        return {torch.device("cpu"): ([], [], frozenset())}  # groups without grads still tick (LAMB's step)
+    if not kept:  # groups without grads still tick (LAMB's step); planned on their parameters' device, where a
+        # named backend runs (on the CPU, backend='triton' was refused for a CUDA group without gradients)
+        return {params[0].device if params else torch.device("cpu"): ([], [], frozenset())}
     if one_device:
         return {kept[0].device: (kept, grads, frozenset(dtypes))}
     by_device: dict[torch.device, tuple[list, list, frozenset]] = {}
@@ -677,8 +678,10 @@ class FusedOptimizer(Optimizer):
             return True
         grad_scale, found_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
         if plans and all(self._scaler_in_kernel(plan) for plan in plans):
-            for plan in plans:
-                device = plan.params[0].device
+            for plan in plans:  # (a group without gradients this step: its parameters' device, for LAMB's count)
+                if not (plan.params or plan.group["params"]):
+                    continue  # an empty group
+                device = (plan.params or plan.group["params"])[0].device
                 plan.grad_scale = None if grad_scale is None else grad_scale.to(device, non_blocking=True)
                 plan.found_inf = None if found_inf is None else found_inf.to(device, non_blocking=True)
             return True
@@ -701,6 +704,8 @@ class FusedOptimizer(Optimizer):
         ``device_lr``, a tensor ``lr`` on the device is read there), once the state exists (a warm-up step
         before capturing, as torch's capturable optimizers need), without stochastic rounding (its random
         stream advances on the host). Subclasses add their own (step counts)."""
+        if not plan.params:  # a group without gradients this step launches nothing
+            return None
         if plan.backend != "triton":
             return (f"runs the {plan.backend!r} backend, which reads host values in each step; the triton backend "
                     "(CUDA) captures")
@@ -723,6 +728,8 @@ class FusedOptimizer(Optimizer):
         """Do the plan's kernels take GradScaler's grad_scale and found_inf (see ``_take_scaler``)? Not with
         stochastic rounding of bf16 parameters: its stream's counter advances on the host with each update, and
         a step skipped on the device would advance it all the same."""
+        if not plan.params:  # a group without gradients this step: nothing to unscale or skip
+            return True
         stochastic = plan.group["bf16_update"] == "stochastic" and torch.bfloat16 in plan.dtypes
         return _dispatch.scaler_in_kernel(plan.backend, self._NAME) and not stochastic
 

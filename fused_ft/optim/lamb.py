@@ -143,6 +143,8 @@ class LAMB(FusedOptimizer):
         if plan.group["bias_correction"] and not plan.group["capturable"]:
             return ("counts its step in the group on the host, as timm's Lamb does, and its bias corrections with "
                     "it; pass capturable=True")
+        if not plan.params:  # (its group still counts a step: on the device, where capturable keeps it)
+            return None
         if plan.group["bias_correction"] and not _device_step(plan):
             return ("has its step count on the host still (a loaded checkpoint, capturable just turned on); run one "
                     "step before capturing")
@@ -151,6 +153,8 @@ class LAMB(FusedOptimizer):
     def _scaler_in_kernel(self, plan: GroupPlan) -> bool:
         # the kernels skip on found_inf without the host knowing, so the group's step count must live on the device:
         # capturable, with the group on one device (_before_updates puts the count there before the kernels run)
+        if not plan.params:
+            return True
         device = plan.params[0].device
         return (super()._scaler_in_kernel(plan) and plan.group["capturable"]
                 and all(p.device == device for p in plan.group["params"]))
@@ -172,8 +176,9 @@ class LAMB(FusedOptimizer):
             group = plan.group
             if not self._first_tick(group):
                 continue
-            # on the CPU as timm keeps it, or on the parameters' device where the kernels read it (capturable)
-            device = plan.params[0].device if group["capturable"] and plan.params else torch.device("cpu")
+            # on the CPU as timm keeps it, or on the parameters' device where the kernels read it (capturable; also
+            # when this step brought the group no gradient: timm counts the step anyway)
+            device = group["params"][0].device if group["capturable"] and group["params"] else torch.device("cpu")
             if "step" not in group:
                 group["step"] = torch.tensor(0.0, dtype=torch.float32, device=device)
             elif group["step"].device != device or group["step"].dtype != torch.float32:  # loaded, or turned on
@@ -182,7 +187,10 @@ class LAMB(FusedOptimizer):
 
     def _update_group(self, plan: GroupPlan) -> None:
         group = plan.group
-        if not plan.params:
+        device_step = _device_step(plan) and getattr(plan.update, "capturable", False)
+        if not plan.params:  # the group counted a step all the same (timm's rule): taken back if it was skipped
+            if _device_step(plan) and plan.found_inf is not None:
+                group["step"].sub_(plan.found_inf.reshape(()).clamp(max=1.0))
             return
         exp_avgs, exp_avg_sqs = plan.state["exp_avg"], plan.state["exp_avg_sq"]
         for j in [j for j, m in enumerate(exp_avgs) if m is None]:  # new parameters (the plan checked the pair)
@@ -190,7 +198,6 @@ class LAMB(FusedOptimizer):
             state["exp_avg"] = exp_avgs[j] = new_state(plan.params[j])
             state["exp_avg_sq"] = exp_avg_sqs[j] = new_state(plan.params[j])
         beta1, beta2 = group["betas"]
-        device_step = _device_step(plan) and getattr(plan.update, "capturable", False)
         if device_step:  # the kernels compute the corrections from the count on the device
             bias_correction1 = bias_correction2 = None
         elif group["bias_correction"]:
@@ -215,8 +222,8 @@ class LAMB(FusedOptimizer):
 
 def _device_step(plan: GroupPlan) -> bool:
     """Does the plan's group keep its step count on the plan's device (capturable, one device)?"""
-    step = plan.group.get("step")
-    return bool(plan.group["capturable"]) and step is not None and step.device == plan.params[0].device
+    step, params = plan.group.get("step"), plan.params or plan.group["params"]
+    return bool(plan.group["capturable"]) and step is not None and bool(params) and step.device == params[0].device
 
 
 LAMB.__doc__ = LAMB.__doc__.replace("{shared_args}", SHARED_ARGS_DOC)
