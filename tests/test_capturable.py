@@ -184,6 +184,12 @@ REFUSALS = {
                                                                          r"capturable=True"),
     "amsgrad-turned-on": (AdamW, dict(lr=1e-3, capturable=True, backend="triton"), 1,
                           r"group 0 has parameters without optimizer state yet"),
+    "tensor-betas": (AdamW, dict(lr=1e-3, capturable=True, backend="triton"), 1,
+                     r"group 0 has tensors in betas, which the step reads on the host"),
+    "lamb-no-bias-correction": (OPTIMIZERS["lamb"].cls, dict(lr=1e-3, bias_correction=False, backend="triton"), 1,
+                                r"group 0 counts its step in the group on the host"),
+    "lamb-loaded-count": (OPTIMIZERS["lamb"].cls, dict(lr=1e-3, capturable=True, backend="triton"), 1,
+                          r"group 0 has its step count on the host still"),
     "sgd-scaler-dampening-first-step": (OPTIMIZERS["sgd"].cls, dict(lr=0.1, momentum=0.9, dampening=0.5,
                                                                     backend="triton"), 0,
                                         r"group 0 has parameters without optimizer state yet"),
@@ -198,6 +204,10 @@ def test_a_step_a_replay_would_get_wrong_is_refused_before_any_change(case, monk
     _train(model, opt, warm)
     if case == "amsgrad-turned-on":
         opt.param_groups[0]["amsgrad"] = True  # its running maximum is created by the next step, on the host
+    if case == "tensor-betas":
+        opt.param_groups[0]["betas"] = (torch.tensor(0.9), torch.tensor(0.999))
+    if case == "lamb-loaded-count":  # a checkpoint's count comes back on the CPU, away from CUDA parameters (here:
+        opt.param_groups[0]["step"] = opt.param_groups[0]["step"].to("meta")  # another device than the CPU's)
     _loss(model).backward()
     before = ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()))
     _capture(monkeypatch)
@@ -209,16 +219,18 @@ def test_a_step_a_replay_would_get_wrong_is_refused_before_any_change(case, monk
 
 
 def test_a_capture_that_would_read_the_scalers_found_inf_on_the_host_is_refused(monkeypatch):
-    """Every step a capture accepts takes GradScaler's tensors in its kernels today; one that would take the host
-    route (here made so) is refused, where its found_inf.item() would fail inside the capture."""
+    """Every step a capture accepts takes GradScaler's tensors in its kernels today; one whose second group would
+    take the host route (here made so) is refused, naming that group, where its found_inf.item() would fail."""
     model = _model()
-    opt = AdamW(model.parameters(), lr=1e-3, capturable=True, backend="triton")
+    opt = AdamW([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=1e-3, capturable=True,
+                backend="triton")
     _train(model, opt, 1)
     _loss(model).backward()
-    monkeypatch.setattr(opt, "_scaler_in_kernel", lambda plan: False)
+    in_kernel = opt._scaler_in_kernel
+    monkeypatch.setattr(opt, "_scaler_in_kernel", lambda plan: in_kernel(plan) and plan.group is opt.param_groups[0])
     opt.grad_scale, opt.found_inf = torch.ones(1), torch.zeros(1)
     _capture(monkeypatch)
-    with pytest.raises(RuntimeError, match=r"group 0 takes GradScaler's found_inf on the host"):
+    with pytest.raises(RuntimeError, match=r"group 1 takes GradScaler's found_inf on the host"):
         opt.step()
 
 

@@ -605,12 +605,13 @@ class FusedOptimizer(Optimizer):
         plans = [plan for index, group in enumerate(self.param_groups) if not group["frozen"]
                  for plan in self._plan_group(index, group)]
         if capturing:
+            host_scaled = self._scaled() and not all(self._scaler_in_kernel(q) for q in plans)
             for plan in plans:
                 reason = self._capture_refusal(plan)
-                if reason is None and self._scaled() and not all(self._scaler_in_kernel(q) for q in plans):
+                if reason is None and host_scaled and not self._scaler_in_kernel(plan):
                     reason = ("takes GradScaler's found_inf on the host (see _take_scaler: the triton kernels of SGD, "
-                              "LARS and AdamW with capturable=True take it on the device, without stochastic "
-                              "rounding)")
+                              "LARS, AdamW with capturable=True and LAMB with capturable=True take it on the device, "
+                              "without stochastic rounding)")
                 if reason is not None:
                     index = next(i for i, g in enumerate(self.param_groups) if g is plan.group)
                     _refuse_graph_capture(self, "step()", f"group {index} {reason}", _CAPTURE_ADVICE)

@@ -140,14 +140,15 @@ class LAMB(FusedOptimizer):
         return _MOMENTS
 
     def _capture_refusal(self, plan: GroupPlan) -> str | None:
-        if plan.group["bias_correction"] and not plan.group["capturable"]:
+        # the count ticks every step, with or without bias correction: on the host, a replay would freeze it
+        if not plan.group["capturable"]:
             return ("counts its step in the group on the host, as timm's Lamb does, and its bias corrections with "
                     "it; pass capturable=True")
-        if not plan.params:  # (its group still counts a step: on the device, where capturable keeps it)
-            return None
-        if plan.group["bias_correction"] and not _device_step(plan):
+        if not _device_step(plan):
             return ("has its step count on the host still (a loaded checkpoint, capturable just turned on); run one "
                     "step before capturing")
+        if not plan.params:  # (its group still counts a step, on the device)
+            return None
         return super()._capture_refusal(plan)
 
     def _scaler_in_kernel(self, plan: GroupPlan) -> bool:
