@@ -49,7 +49,7 @@ from fused_ft.optim import _checkpoint, _state
 from fused_ft.optim._state import Slot
 from fused_ft._validation import BOOL, OPTIONAL_BOOL, Rule, check_group, check_params
 
-__all__ = ["FusedOptimizer", "GroupPlan", "SHARED_ARGS_DOC", "UpdateFn"]
+__all__ = ["FusedOptimizer", "GroupPlan", "SHARED_ARGS_DOC", "UpdateFn", "present", "skipped_step"]
 
 # A backend's update function (see fused_ft.optim._dispatch): tensor lists and resolved scalars in, nothing out.
 UpdateFn = Callable[..., None]
@@ -144,6 +144,18 @@ def _by_device(index: int, params: list[torch.Tensor]) -> dict[torch.device, tup
     return {device: (ps, gs, frozenset(ds)) for device, (ps, gs, ds) in by_device.items()}
 
 
+def present(**kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments that are not None: the loop's device tensors (GradScaler's, a capturable step
+    count) go only to an update that takes them, so one that does not (reference, cpu) never sees them."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def skipped_step(found_inf: torch.Tensor) -> torch.Tensor:
+    """1.0 where GradScaler skipped the step, else 0.0, on the device: what a device step count takes back
+    (GradScaler sums the devices' flags, so found_inf may read 2.0 for one skipped step)."""
+    return found_inf.reshape(()).clamp(max=1.0)
+
+
 @dataclass
 class GroupPlan:
     """One param group's share of a step, on one device, checked and ready to run."""
@@ -161,11 +173,9 @@ class GroupPlan:
     grad_scale: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
 
-    def scaler_args(self) -> dict[str, torch.Tensor | None]:
+    def scaler_args(self) -> dict[str, torch.Tensor]:
         """GradScaler's tensors as keyword arguments of a functional update, where the kernels take them."""
-        if self.grad_scale is None and self.found_inf is None:
-            return {}
-        return dict(grad_scale=self.grad_scale, found_inf=self.found_inf)
+        return present(grad_scale=self.grad_scale, found_inf=self.found_inf)
 
 
 class FusedOptimizer(Optimizer):
@@ -605,10 +615,9 @@ class FusedOptimizer(Optimizer):
         plans = [plan for index, group in enumerate(self.param_groups) if not group["frozen"]
                  for plan in self._plan_group(index, group)]
         if capturing:
-            host_scaled = self._scaled() and not all(self._scaler_in_kernel(q) for q in plans)
             for plan in plans:
                 reason = self._capture_refusal(plan)
-                if reason is None and host_scaled and not self._scaler_in_kernel(plan):
+                if reason is None and self._scaled() and not self._scaler_in_kernel(plan):
                     reason = ("takes GradScaler's found_inf on the host (see _take_scaler: the triton kernels of SGD, "
                               "LARS, AdamW with capturable=True and LAMB with capturable=True take it on the device, "
                               "without stochastic rounding)")
@@ -680,9 +689,10 @@ class FusedOptimizer(Optimizer):
         grad_scale, found_inf = self.__dict__.get("grad_scale"), self.__dict__.get("found_inf")
         if plans and all(self._scaler_in_kernel(plan) for plan in plans):
             for plan in plans:  # (a group without gradients this step: its parameters' device, for LAMB's count)
-                if not (plan.params or plan.group["params"]):
+                params = plan.params or plan.group["params"]
+                if not params:
                     continue  # an empty group
-                device = (plan.params or plan.group["params"])[0].device
+                device = params[0].device
                 plan.grad_scale = None if grad_scale is None else grad_scale.to(device, non_blocking=True)
                 plan.found_inf = None if found_inf is None else found_inf.to(device, non_blocking=True)
             return True

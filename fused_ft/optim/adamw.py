@@ -15,7 +15,7 @@ from fused_ft._validation import BETAS, BOOL, LR, NONNEG, scalar_value, step_sca
 from fused_ft import _precision
 from fused_ft._precision import new_state
 from fused_ft.kernels import reference
-from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
+from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn, skipped_step
 from fused_ft.optim._state import Slot
 
 __all__ = ["AdamW", "adamw"]
@@ -190,7 +190,7 @@ def adamw(
                weight_decay=float(weight_decay), amsgrad=amsgrad, maximize=maximize, rounding=rounding,
                grad_scale=grad_scale, found_inf=found_inf)
         if found_inf is not None:  # (GradScaler sums the devices' flags: 2 is one skipped step too)
-            torch._foreach_sub_(state_steps, [found_inf.reshape(()).clamp(max=1.0)] * len(state_steps))
+            torch._foreach_sub_(state_steps, [skipped_step(found_inf)] * len(state_steps))
         return
     if grad_scale is not None or found_inf is not None:
         raise ValueError("Invalid grad_scale/found_inf: only an update that takes them in its kernel with "

@@ -16,7 +16,7 @@ from fused_ft import _precision
 from fused_ft import _dtensor
 from fused_ft._precision import new_state
 from fused_ft.kernels import reference
-from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
+from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn, present, skipped_step
 from fused_ft.optim._state import Slot
 
 __all__ = ["LAMB", "lamb"]
@@ -187,12 +187,16 @@ class LAMB(FusedOptimizer):
             group["step"].add_(1)
 
     def _update_group(self, plan: GroupPlan) -> None:
+        if plan.params:
+            self._update_params(plan)
+        # a step skipped on the device is not counted, also for a group without gradients, whose step timm counts
+        # all the same (found_inf reaches a plan only on the kernel route: one device per group there)
+        if plan.found_inf is not None and _device_step(plan):
+            plan.group["step"].sub_(skipped_step(plan.found_inf))
+
+    def _update_params(self, plan: GroupPlan) -> None:
         group = plan.group
         device_step = _device_step(plan) and getattr(plan.update, "capturable", False)
-        if not plan.params:  # the group counted a step all the same (timm's rule): taken back if it was skipped
-            if _device_step(plan) and plan.found_inf is not None:
-                group["step"].sub_(plan.found_inf.reshape(()).clamp(max=1.0))
-            return
         exp_avgs, exp_avg_sqs = plan.state["exp_avg"], plan.state["exp_avg_sq"]
         for j in [j for j, m in enumerate(exp_avgs) if m is None]:  # new parameters (the plan checked the pair)
             state = self.state[plan.params[j]]
@@ -217,8 +221,6 @@ class LAMB(FusedOptimizer):
             always_adapt=group["always_adapt"], caution=group["caution"], rounding=self._rounding(plan),
             state_step=group["step"] if device_step and group["bias_correction"] else None, **plan.scaler_args(),
         )
-        if device_step and plan.found_inf is not None:  # a skipped step is not counted (one plan per group here)
-            group["step"].sub_(plan.found_inf.reshape(()).clamp(max=1.0))
 
 
 def _device_step(plan: GroupPlan) -> bool:
@@ -266,8 +268,6 @@ def lamb(
     kernels take them (the triton backend's, where the step count lives on the device).
     """
     lr = step_scalar(lr)
-    loop = {k: v for k, v in dict(state_step=state_step, grad_scale=grad_scale, found_inf=found_inf).items()
-            if v is not None}
     if bias_correction1 is not None:
         bias_correction1, bias_correction2 = step_scalar(bias_correction1), step_scalar(bias_correction2)
     # the decoupled decay factor, resolved here once so that no backend restates timm's rule
@@ -280,7 +280,7 @@ def lamb(
         bias_correction2=bias_correction2, eps=float(eps),
         weight_decay=0.0 if decoupled_decay else float(weight_decay), decoupled_decay_factor=decay,
         adapt=weight_decay != 0 or always_adapt, trust_clip=trust_clip, caution=caution, rounding=rounding,
-        **loop,
+        **present(state_step=state_step, grad_scale=grad_scale, found_inf=found_inf),
     )
 
 

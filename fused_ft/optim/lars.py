@@ -12,7 +12,7 @@ import torch
 
 from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG, step_scalar
 from fused_ft import _precision
-from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
+from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn, present
 from fused_ft.kernels import reference
 from fused_ft.optim._momentum import check_nesterov, momentum_state, skip_needs_the_host, with_momentum_buffers
 
@@ -131,11 +131,11 @@ def lars(
     """Functional LARS over lists of tensors; see :class:`LARS`. ``grad_scale`` and ``found_inf``: GradScaler's,
     for an update whose kernels take them (the triton backend's), which unscale the gradients (for the trust
     ratio's norm too) and skip the update on the device."""
-    scaler = {} if found_inf is None and grad_scale is None else dict(grad_scale=grad_scale, found_inf=found_inf)
     (update or reference.lars)(
         params, grads, momentum_buffers, lr=step_scalar(lr), momentum=float(momentum), dampening=float(dampening),
         weight_decay=float(weight_decay), nesterov=nesterov, trust_coeff=float(trust_coeff), eps=float(eps),
-        trust_clip=trust_clip, always_adapt=always_adapt, rounding=rounding, **scaler,
+        trust_clip=trust_clip, always_adapt=always_adapt, rounding=rounding,
+        **present(grad_scale=grad_scale, found_inf=found_inf),
     )
 
 

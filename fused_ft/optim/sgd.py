@@ -12,7 +12,7 @@ import torch
 
 from fused_ft._validation import ANY_NUMBER, BOOL, LR, NONNEG, Rule, step_scalar
 from fused_ft import _precision
-from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn
+from fused_ft.optim._base import SHARED_ARGS_DOC, FusedOptimizer, GroupPlan, UpdateFn, present
 from fused_ft.kernels import reference
 from fused_ft.optim._momentum import check_nesterov, momentum_state, skip_needs_the_host, with_momentum_buffers
 
@@ -129,10 +129,10 @@ def sgd(
     ``grad_scale`` and ``found_inf``: GradScaler's, for an update whose kernel takes them (the triton
     backend's: see ``SCALER_IN_KERNEL``), which unscales the gradients and skips the update on the device.
     """
-    scaler = {} if found_inf is None and grad_scale is None else dict(grad_scale=grad_scale, found_inf=found_inf)
     (update or reference.sgd)(
         params, grads, momentum_buffers, lr=step_scalar(lr), momentum=float(momentum), dampening=float(dampening),
-        weight_decay=step_scalar(weight_decay), nesterov=nesterov, maximize=maximize, rounding=rounding, **scaler,
+        weight_decay=step_scalar(weight_decay), nesterov=nesterov, maximize=maximize, rounding=rounding,
+        **present(grad_scale=grad_scale, found_inf=found_inf),
     )
 
 
